@@ -1,0 +1,35 @@
+# `make setup` does ALL set-up (venv, dependencies, default model); `make demo` and `make test` run it first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+	@$(VENV)/bin/tradeoff fetch
+
+# Reinstalls only when pyproject.toml changes. A machine whose Python already has torch (a GPU box)
+# gets a venv that sees it; elsewhere the local CPU wheel torch==2.13.0 goes in before anything needs torch.
+$(STAMP): pyproject.toml
+	@if [ ! -x $(PY) ]; then \
+		if $(PYTHON) -c "import torch" 2>/dev/null; then $(PYTHON) -m venv --system-site-packages $(VENV); \
+		else $(PYTHON) -m venv $(VENV); fi; \
+	fi
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/tradeoff chat --demo
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+bench: setup
+	$(VENV)/bin/tradeoff bench decode
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,14 @@
+"""`tradeoff bench ...`: the benchmark subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+from bench import decode
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks: print a table and write JSON",
+                       description="Benchmarks. Each prints a table and writes JSON; figures are medians.")
+    benches = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    decode.add_parser(benches)

@@ -1,0 +1,131 @@
+"""Engine subcommands of `tradeoff`: fetch, generate, chat."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from engine.engine import Engine, Request
+from engine.loader import EXPECTED
+from engine.metrics import RequestMetrics
+from engine.registry import DEFAULT_MODEL, REGISTRY, fetch
+from engine.sampling import SamplingParams
+
+DEMO_QUESTIONS = (
+    "What is the capital of France?",
+    "Give me three tips for staying focused while working.",
+    "Explain in two sentences why the sky is blue.",
+)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model to run: {EXPECTED} (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="most tokens to generate (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling, for reproducible output")
+
+
+def sampling_from(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fetch", help="download the default model into the user cache (make setup runs this)",
+                       description="Fetch a registry model into the user cache and convert it once,"
+                       " so later starts take seconds.")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, choices=sorted(REGISTRY))
+    p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("generate", help="stream one reply to a prompt",
+                       description="Stream the model's reply to one chat message, then print TTFT and TBT.")
+    p.add_argument("prompt", help="the user message (wrapped in the model's chat template)")
+    p.add_argument("--raw", action="store_true", help="send the prompt as raw text, without the chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, metrics) instead")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="a streamed conversation in the terminal, with TTFT/TBT per turn",
+                       description="Chat with the model; each reply shows its TTFT and TBT. --demo plays built-in questions.")
+    p.add_argument("--demo", action="store_true", help="ask a few built-in questions instead of reading stdin")
+    p.add_argument("--system", default=None, help="system prompt (default: the model template's own)")
+    add_model_args(p)
+    add_sampling_args(p, max_tokens=200)
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from engine.loader import gguf_folder
+
+    path = fetch(args.model)
+    folder = gguf_folder(path)  # converts and caches the weights on first run only
+    print(f"{args.model}: {path} (weights cached in {folder})")
+    return 0
+
+
+def format_metrics(m: RequestMetrics) -> str:
+    s = m.summary()
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v * 1000:.0f} ms"
+
+    tps = f"{1 / s['tpot_s']:.1f} tok/s" if s["tpot_s"] else "-"
+    return (f"[{s['prompt_tokens']} prompt + {s['output_tokens']} output tokens | TTFT {ms(s['ttft_s'])} | "
+            f"TBT p50 {ms(s['itl_p50_s'])} p99 {ms(s['itl_p99_s'])} | {tps} | {s['finish_reason']}]")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    engine = Engine(args.model, device=args.device)
+    req = Request(prompt=args.prompt) if args.raw else Request(messages=[{"role": "user", "content": args.prompt}])
+    req.sampling = sampling_from(args)
+    if args.json:
+        c = engine.generate(req)
+        print(json.dumps({"model": engine.name, "text": c.text, "token_ids": c.token_ids, "metrics": c.metrics.summary()}))
+    else:
+        stream = engine.submit(req)
+        for ev in stream:
+            print(ev.text, end="", flush=True)
+        print("\n" + format_metrics(stream.metrics), file=sys.stderr)
+    engine.close()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    engine = Engine(args.model, device=args.device)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = not args.demo and sys.stdin.isatty()
+    questions = iter(DEMO_QUESTIONS) if args.demo else None
+    print(f"tradeoff chat: {engine.name} on {engine.device} ({engine.dtype}). "
+          + ("Ctrl-D to quit." if interactive else ""), file=sys.stderr)
+    while True:
+        if questions is not None:
+            text = next(questions, None)
+            if text is None:
+                break
+            print(f"\nyou> {text}")
+        else:
+            try:
+                text = input("\nyou> " if interactive else "")
+            except EOFError:
+                break
+            if not text.strip():
+                continue
+        history.append({"role": "user", "content": text})
+        stream = engine.submit(Request(messages=history, sampling=sampling_from(args)))
+        print("bot> ", end="", flush=True)
+        reply = []
+        for ev in stream:
+            reply.append(ev.text)
+            print(ev.text, end="", flush=True)
+        print("\n     " + format_metrics(stream.metrics))
+        history.append({"role": "assistant", "content": "".join(reply)})
+    engine.close()
+    return 0

@@ -1,0 +1,175 @@
+"""One Llama-family transformer (Llama, Mistral, Qwen2, SmolLM) for inference.
+
+Weights use the Hugging Face layout (Q/K rows in rotate-half order); the GGUF loader un-permutes
+llama.cpp's interleaved rows into it, so there is exactly one RoPE path. Tokens are a flat 1-D
+sequence with explicit positions, and attention is delegated to a KV-cache object, so the same
+module serves batch-1 decode, prefill and speculative verification.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    rope_theta: float
+    norm_eps: float
+    max_seq_len: int
+    tie_embeddings: bool
+    qkv_bias: bool
+    # Llama 3.x "llama3" rope scaling: (factor, low_freq_factor, high_freq_factor, original_max_pos).
+    rope_scaling: tuple[float, float, float, int] | None = None
+
+    @property
+    def q_size(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    def weight_bytes(self, bytes_per_param: float) -> float:
+        """Bytes of weights read per decode step (embedding row lookups excluded, head included)."""
+        per_layer = self.dim * (self.q_size + 2 * self.kv_size) + self.q_size * self.dim + 3 * self.dim * self.ffn_dim
+        return (self.n_layers * per_layer + self.vocab_size * self.dim) * bytes_per_param
+
+
+class Attention(Protocol):
+    """What the model needs from a KV cache: store k/v for the new tokens, attend over the past."""
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q: [T, n_heads, D], k/v: [T, n_kv_heads, D] (already rotated) -> [T, n_heads * D]."""
+        ...
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Tensor:
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
+    if cfg.rope_scaling is not None:
+        factor, low_ff, high_ff, orig_max = cfg.rope_scaling
+        wavelen = 2 * math.pi / inv_freq
+        low_wavelen, high_wavelen = orig_max / low_ff, orig_max / high_ff
+        smooth = (orig_max / wavelen - low_ff) / (high_ff - low_ff)
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        mid = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where((wavelen <= low_wavelen) & (wavelen >= high_wavelen), mid, scaled)
+    return inv_freq
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer. Fused QKV and gate/up projections: fewer, larger GEMVs per layer."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        super().__init__()
+        self.cfg = cfg
+        kw = {"dtype": dtype, "device": device}
+        self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.dim, **kw), requires_grad=False)
+        self.layers = nn.ModuleList(Block(cfg, kw) for _ in range(cfg.n_layers))
+        self.norm = nn.Parameter(torch.ones(cfg.dim, **kw), requires_grad=False)
+        self.lm_head = (self.embed if cfg.tie_embeddings
+                        else nn.Parameter(torch.empty(cfg.vocab_size, cfg.dim, **kw), requires_grad=False))
+        angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), rope_inv_freq(cfg))
+        angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: both halves share a frequency
+        self.register_buffer("rope_cos", angles.cos().to(dtype=dtype, device=device), persistent=False)
+        self.register_buffer("rope_sin", angles.sin().to(dtype=dtype, device=device), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @torch.inference_mode()
+    def forward(self, tokens: Tensor, positions: Tensor, cache: Attention) -> Tensor:
+        """tokens, positions: [T] -> final hidden states [T, dim] (call `logits` on the rows you need)."""
+        x = F.embedding(tokens, self.embed)
+        cos = self.rope_cos[positions].unsqueeze(1)
+        sin = self.rope_sin[positions].unsqueeze(1)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i)
+        return F.rms_norm(x, (self.cfg.dim,), self.norm, self.cfg.norm_eps)
+
+    @torch.inference_mode()
+    def logits(self, hidden: Tensor) -> Tensor:
+        return F.linear(hidden, self.lm_head).float()
+
+    def load_canonical(self, weights: dict[str, Tensor]) -> None:
+        """Copy weights named in the canonical (Hugging Face) scheme into the fused parameters."""
+        cfg = self.cfg
+
+        def take(name: str) -> Tensor:
+            if name not in weights:
+                raise KeyError(f"missing weight {name!r}")
+            return weights[name]
+
+        with torch.no_grad():
+            self.embed.copy_(take("model.embed_tokens.weight"))
+            self.norm.copy_(take("model.norm.weight"))
+            if not cfg.tie_embeddings:
+                self.lm_head.copy_(take("lm_head.weight"))
+            for i, blk in enumerate(self.layers):
+                p = f"model.layers.{i}."
+                blk.attn_norm.copy_(take(p + "input_layernorm.weight"))
+                blk.ffn_norm.copy_(take(p + "post_attention_layernorm.weight"))
+                blk.wqkv.copy_(torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]))
+                if cfg.qkv_bias:
+                    blk.bqkv.copy_(torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
+                blk.wo.copy_(take(p + "self_attn.o_proj.weight"))
+                blk.w_gate_up.copy_(torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]))
+                blk.w_down.copy_(take(p + "mlp.down_proj.weight"))
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE: x [T, H, D], cos/sin [T, 1, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, kw: dict):
+        super().__init__()
+        self.cfg = cfg
+
+        def param(*shape: int, ones: bool = False) -> nn.Parameter:
+            return nn.Parameter((torch.ones if ones else torch.empty)(*shape, **kw), requires_grad=False)
+
+        self.attn_norm = param(cfg.dim, ones=True)
+        self.wqkv = param(cfg.q_size + 2 * cfg.kv_size, cfg.dim)
+        self.bqkv = param(cfg.q_size + 2 * cfg.kv_size) if cfg.qkv_bias else None
+        self.wo = param(cfg.dim, cfg.q_size)
+        self.ffn_norm = param(cfg.dim, ones=True)
+        self.w_gate_up = param(2 * cfg.ffn_dim, cfg.dim)
+        self.w_down = param(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Attention, layer: int) -> Tensor:
+        cfg = self.cfg
+        T = x.shape[0]
+        h = F.rms_norm(x, (cfg.dim,), self.attn_norm, cfg.norm_eps)
+        qkv = F.linear(h, self.wqkv, self.bqkv)
+        # q and k are rotated together: one RoPE pass over n_heads + n_kv_heads heads.
+        qk = rotate(qkv[:, : cfg.q_size + cfg.kv_size].view(T, cfg.n_heads + cfg.n_kv_heads, cfg.head_dim), cos, sin)
+        q, k = qk.split([cfg.n_heads, cfg.n_kv_heads], dim=1)
+        v = qkv[:, cfg.q_size + cfg.kv_size :].view(T, cfg.n_kv_heads, cfg.head_dim)
+        x = x + F.linear(cache.attend(layer, q, k, v), self.wo)
+        h = F.rms_norm(x, (cfg.dim,), self.ffn_norm, cfg.norm_eps)
+        gate, up = F.linear(h, self.w_gate_up).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, self.w_down)

@@ -1,0 +1,154 @@
+"""A request in flight: its tokens, sampling state, detokenizer, metrics and output stream.
+
+Runners (latency mode, batched mode) only decide which model steps to run. Everything that happens
+when tokens come out of a step (stop tokens, the max-token limit, text deltas, timestamps, metrics,
+finishing the stream) lives here, so both modes behave the same and a sequence can move between
+modes with its state intact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.metrics import RequestMetrics
+from engine.sampling import SamplingParams, make_generator, sample
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass
+class Request:
+    """Exactly one of `prompt` (raw text, no template), `messages` (chat) or `prompt_ids`."""
+
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    prompt_ids: list[int] | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    user_class: str = "user"  # metrics are aggregated per class ("user" = the real user, "synthetic" = load)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_ids: list[int]
+    text: str
+    t: float  # time.monotonic() when the tokens left the engine
+
+
+class EngineError(RuntimeError):
+    """A request failed inside the engine; the engine itself keeps serving."""
+
+
+_DONE = object()
+
+
+class Stream:
+    """The token events of one request, readable with `for` or `async for` (not both)."""
+
+    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop | None):
+        self.request = request
+        self.cancelled = False
+        self._loop = loop
+        self._events: asyncio.Queue | queue.SimpleQueue = asyncio.Queue() if loop else queue.SimpleQueue()
+        self.metrics: RequestMetrics  # set by the Sequence that feeds this stream
+
+    def cancel(self) -> None:
+        """Stop generating; the engine notices before its next step and ends the stream."""
+        self.cancelled = True
+
+    def put(self, item: object) -> None:
+        """Engine side: hand one event (or the end marker, or an exception) to the reader."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, item)
+        else:
+            self._events.put(item)
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        try:
+            while (item := self._events.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.cancel()  # a reader that stops early (break, close, exception) cancels the request
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        try:
+            while (item := await self._events.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.cancel()
+
+
+class Sequence:
+    def __init__(self, stream: Stream, prompt_ids: list[int], tokenizer: Tokenizer):
+        self.stream = stream
+        self.params: SamplingParams = stream.request.sampling
+        self.prompt_ids = prompt_ids
+        self.output_ids: list[int] = []
+        self.metrics = RequestMetrics(arrival=time.monotonic(), prompt_tokens=len(prompt_ids),
+                                      user_class=stream.request.user_class)
+        stream.metrics = self.metrics
+        self.generator = make_generator(self.params)
+        self.stop_ids = frozenset() if self.params.ignore_eos else tokenizer.stop_ids
+        self._detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self.finished = False
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def cancelled(self) -> bool:
+        return self.stream.cancelled
+
+    def sample(self, logits: torch.Tensor) -> int:
+        return sample(logits, self.params, self.generator)
+
+    def append(self, tokens: list[int], mode: str, t: float | None = None) -> None:
+        """Emit tokens produced by one step (all at time t); finish on a stop token or the token limit."""
+        t = time.monotonic() if t is None else t
+        accepted: list[int] = []
+        reason = None
+        for tok in tokens:
+            if tok in self.stop_ids:
+                reason = "stop"
+                break
+            accepted.append(tok)
+            if len(self.output_ids) + len(accepted) >= self.params.max_tokens:
+                reason = "length"
+                break
+        if accepted:
+            self.output_ids += accepted
+            self.metrics.record(t, len(accepted), mode)
+            self.stream.put(TokenEvent(accepted, self._detok.add(accepted), t))
+        if reason:
+            self.finish(reason)
+
+    def mark_scheduled(self) -> None:
+        if self.metrics.scheduled is None:
+            self.metrics.scheduled = time.monotonic()
+
+    def finish(self, reason: str) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.metrics.finish_reason = reason
+        if tail := self._detok.flush():
+            self.stream.put(TokenEvent([], tail, time.monotonic()))
+        self.stream.put(_DONE)
+
+    def fail(self, error: Exception) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.metrics.finish_reason = "error"
+        self.stream.put(EngineError(f"request {self.stream.request.id} failed: {type(error).__name__}: {error}"))

@@ -1,0 +1,41 @@
+"""The `tradeoff` command: one entry point that wires every package's subcommands together."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import bench.cli
+import engine.cli
+from engine.engine import ContextLengthError, OverloadedError
+from engine.loader import ModelLoadError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tradeoff",
+        description="See the LLM serving trade-off: batch-1 latency vs batched throughput, measured live.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    engine.cli.add_parsers(sub)
+    bench.cli.add_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except (ModelLoadError, ContextLengthError, OverloadedError, ValueError) as e:
+        print(f"tradeoff: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
