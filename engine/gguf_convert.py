@@ -91,7 +91,10 @@ def convert(gguf_path: Path, out: Path) -> None:
     """Write the HF-style folder for `gguf_path` into `out` (atomically: via a temporary sibling)."""
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(gguf_path))
+    try:
+        reader = GGUFReader(str(gguf_path))
+    except Exception as e:
+        raise ValueError(f"not a readable GGUF file ({type(e).__name__}: {e})") from e
 
     def field(key: str, default: object = None) -> object:
         f = reader.fields.get(key)

@@ -20,6 +20,7 @@ from engine.model import SUPPORTED_ARCHITECTURES, ModelConfig
 from engine.tokenizer import Tokenizer
 
 HF_FOLDER_EXPECTED = "a Hugging Face folder with config.json, *.safetensors and tokenizer.json"
+GGUF_EXPECTED = "a GGUF v2/v3 file of a llama, mistral or qwen2 model with a byte-level BPE tokenizer"
 EXPECTED = f"a registry name ({', '.join(registry.REGISTRY)}), a .gguf file, or {HF_FOLDER_EXPECTED}"
 
 
@@ -64,10 +65,8 @@ def gguf_folder(path: Path) -> Path:
         try:
             folder.parent.mkdir(parents=True, exist_ok=True)
             convert(path, folder)
-        except ValueError as e:
-            raise ModelLoadError(f"{path}: {e}") from e
         except Exception as e:
-            raise ModelLoadError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); expected {EXPECTED}") from e
+            raise ModelLoadError(f"{path}: {e}; expected {GGUF_EXPECTED}") from e
     return folder
 
 

@@ -1,0 +1,54 @@
+"""Tokenizer ids and chat template equal Hugging Face's; streamed text deltas never split a character."""
+
+import pytest
+import transformers
+
+from engine.tokenizer import IncrementalDetokenizer
+
+TEXTS = [
+    "Hello, world!",
+    "  leading spaces and\ttabs\nnew lines\r\n",
+    "Numbers: 1234567890, 3.14159, -42, 1e-5, 2026-11-27",
+    "Unicode: naïve café, Zürich, Ελληνικά, русский, 日本語のテキスト, 한국어, emoji 🤖🎉👩‍👩‍👧",
+    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # recursion\n",
+    "<|im_start|>user\nspecial tokens inline<|im_end|>",
+    "URLs https://example.com/a?b=c&d=e and e-mail a.b@c.org",
+]
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(default_gguf):
+    return transformers.AutoTokenizer.from_pretrained(default_gguf.parent, gguf_file=default_gguf.name)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_ids_match_hf(default_model, hf_tokenizer, text):
+    assert default_model.tokenizer.encode(text) == hf_tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_chat_template_matches_hf(default_model, hf_tokenizer):
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Hi there 🤖"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "What is 2+2?"},
+    ]
+    for msgs in (messages, messages[1:]):  # with and without a system message (the template adds its own)
+        ref = hf_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert default_model.tokenizer.render_chat(msgs) == ref
+        assert default_model.tokenizer.encode_chat(msgs) == hf_tokenizer.encode(ref, add_special_tokens=False)
+
+
+def test_stop_ids_include_end_of_turn(default_model):
+    tok = default_model.tokenizer
+    assert tok.tok.token_to_id("<|im_end|>") in tok.stop_ids
+
+
+@pytest.mark.parametrize("text", TEXTS[3:5])
+def test_incremental_detokenizer_reassembles_text(default_model, text):
+    tok = default_model.tokenizer
+    ids = tok.encode(text)
+    detok = IncrementalDetokenizer(tok, tok.encode("prompt: "))
+    deltas = [detok.add([i]) for i in ids] + [detok.flush()]
+    assert "".join(deltas) == tok.decode(ids)
+    assert not any("\ufffd" in d for d in deltas)
