@@ -8,9 +8,11 @@ import sys
 
 from engine.engine import Engine, Request
 from engine.loader import EXPECTED
+from engine.quant import QUANT_MODES
 from engine.metrics import RequestMetrics
 from engine.registry import DEFAULT_MODEL, REGISTRY, fetch
 from engine.sampling import SamplingParams
+from engine.speculative import SPEC_MODES
 
 DEMO_QUESTIONS = (
     "What is the capital of France?",
@@ -22,6 +24,17 @@ DEMO_QUESTIONS = (
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model to run: {EXPECTED} (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--quant", choices=QUANT_MODES, default=None,
+                   help="weight-only quantization (default: int4 on a CPU, none elsewhere; chosen by measurement)")
+    p.add_argument("--spec", choices=SPEC_MODES, default="auto",
+                   help="speculative decoding: off, ngram (prompt lookup), draft (a draft model), auto (both; default)")
+    p.add_argument("--draft", default=None,
+                   help="draft model for --spec draft/auto: a trained draft .safetensors or any model sharing the "
+                        "tokenizer (default: the committed trained draft of the default model)")
+
+
+def engine_from(args: argparse.Namespace) -> Engine:
+    return Engine(args.model, device=args.device, quant=args.quant, spec=args.spec, draft=args.draft)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
@@ -83,7 +96,7 @@ def format_metrics(m: RequestMetrics) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    engine = Engine(args.model, device=args.device)
+    engine = engine_from(args)
     req = Request(prompt=args.prompt) if args.raw else Request(messages=[{"role": "user", "content": args.prompt}])
     req.sampling = sampling_from(args)
     if args.json:
@@ -99,7 +112,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    engine = Engine(args.model, device=args.device)
+    engine = engine_from(args)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     interactive = not args.demo and sys.stdin.isatty()
     questions = iter(DEMO_QUESTIONS) if args.demo else None

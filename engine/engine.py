@@ -2,7 +2,9 @@
 
 The worker loops over: take newly submitted requests and control messages, then run one step of the
 current mode's runner. Every request becomes a `Sequence` (engine/sequence.py) that carries its own
-state, so cancellation is checked before every step and a mode switch can move sequences between runners.
+state, so cancellation is checked before every step and a mode switch can move sequences between runners:
+`set_mode` hands every unfinished sequence to the other runner, which recomputes its k/v from the tokens
+it has (prompt + output so far). Tokens leave only through `Sequence.append`, so none is lost or repeated.
 """
 
 from __future__ import annotations
@@ -10,16 +12,22 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from engine.batched import BatchedRunner, batched_model, choose_dtype
 from engine.latency import LatencyRunner
 from engine.loader import LoadedModel, load
 from engine.metrics import RequestMetrics
 from engine.model import Transformer
+from engine.scheduler import BatchPolicy
+from engine.speculative import build_drafter
+from engine.quant import quantize
 from engine.sequence import EngineError, Request, Sequence, Stream, TokenEvent
+from engine.stats import RollingStats
 
 __all__ = ["Completion", "ContextLengthError", "Engine", "EngineError", "OverloadedError", "Request", "Stream", "TokenEvent"]
 
@@ -29,7 +37,7 @@ class ContextLengthError(ValueError):
 
 
 class OverloadedError(RuntimeError):
-    """The waiting queue is full; retry later."""
+    """The waiting queue is full (`max_waiting` requests not yet running); retry later."""
 
 
 @dataclass
@@ -49,12 +57,27 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
+def default_quant(device: torch.device) -> str:
+    # Measured with `tradeoff bench decode` (bench/RESULTS.md): on the CPU, int4 weights (the GGUF's own Q4_1
+    # groups) decode fastest; torch's int4 kernel here is CPU-only, so other devices keep full weights.
+    return "int4" if device.type == "cpu" else "none"
+
+
+MODES = ("latency", "batched")
+
+
 class Engine:
+    """`dtype` applies to both modes when given; by default latency mode runs `default_dtype` and batched mode
+    `engine.batched.choose_dtype` (sharing the latency model's weights when the two agree)."""
+
     def __init__(self, model: str | LoadedModel = "smollm2-135m", device: str | None = None,
-                 dtype: torch.dtype | None = None, max_seq_len: int | None = None, max_waiting: int = 64):
+                 dtype: torch.dtype | None = None, max_seq_len: int | None = None, max_waiting: int = 64,
+                 mode: str = "latency", policy: BatchPolicy | None = None, kv_cache_tokens: int = 16384,
+                 quant: str | None = None, spec: str = "auto", draft: str | None = None):
         loaded = load(model) if isinstance(model, str) else model
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or default_dtype(self.device)
+        self.batched_dtype = dtype or choose_dtype(self.device)
         self.name = loaded.name
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
@@ -62,8 +85,21 @@ class Engine:
         self.model.load_canonical(loaded.weights)
         self.max_seq_len = min(max_seq_len or loaded.config.max_seq_len, loaded.config.max_seq_len)
         self.max_waiting = max_waiting
-        self.runner = LatencyRunner(self.model, self.max_seq_len)
+        self.policy = policy or BatchPolicy()  # batched mode's scheduling policy; `set_policy` changes it live
+        self.kv_cache_tokens = kv_cache_tokens
+        self.stats = RollingStats()
+        self.quant = quant or default_quant(self.device)
+        quantize(self.model, self.quant)
+        self.spec = spec
+        drafter = build_drafter(spec, self.model, self.name, draft, self.max_seq_len, self.quant)
+        self._latency = LatencyRunner(self.model, self.max_seq_len, drafter)
+        self._batched_model = batched_model(loaded, self.model, self.quant, self.batched_dtype)
+        self._batched: BatchedRunner | None = None  # built on first use: its KV pool is large
+        self.runner: LatencyRunner | BatchedRunner = self._latency
+        self.mode = "latency"  # the mode the worker runs now
+        self._switch(check_mode(mode))
         self._inbox: queue.SimpleQueue[Sequence | tuple | None] = queue.SimpleQueue()
+        self._submit_lock = threading.Lock()  # the queue-bound check and the enqueue are one step
         self._closed = False
         self._worker = threading.Thread(target=self._run, name="engine", daemon=True)
         self._worker.start()
@@ -91,10 +127,14 @@ class Engine:
             raise ContextLengthError(
                 f"prompt is {len(ids)} tokens; the context holds {self.max_seq_len} including at least one new token"
             )
-        if self._inbox.qsize() + self.runner.num_waiting() >= self.max_waiting:
-            raise OverloadedError(f"engine overloaded: {self.max_waiting} requests already waiting; retry later")
-        seq = Sequence(Stream(request, loop), ids, self.tokenizer)
-        self._inbox.put(seq)
+        with self._submit_lock:
+            if self._inbox.qsize() + self.runner.num_waiting() >= self.max_waiting:
+                self.stats.record_rejected()
+                raise OverloadedError(f"engine overloaded: {self.max_waiting} requests already waiting "
+                                      f"(max_waiting); request not queued, retry later")
+            seq = Sequence(Stream(request, loop), ids, self.tokenizer)
+            self.stats.track(seq.metrics)
+            self._inbox.put(seq)
         return seq.stream
 
     def stream(self, request: Request) -> Iterator[TokenEvent]:
@@ -116,6 +156,26 @@ class Engine:
     def clear_cache(self) -> None:
         """Drop cached k/v so the next request prefills from scratch (benchmarks use it)."""
         self._inbox.put(("clear_cache",))
+
+    def set_mode(self, mode: str) -> None:
+        """Switch to "latency" or "batched" before the next step; requests in flight move over and go on."""
+        self._inbox.put(("set_mode", check_mode(mode)))
+
+    def set_policy(self, chunked_prefill: bool | None = None, max_batch_size: int | None = None) -> None:
+        """Change batched mode's scheduling policy from the next step (kept for later while in latency mode)."""
+        changes = {"chunked_prefill": chunked_prefill, "max_batch_size": max_batch_size}
+        self.policy = replace(self.policy, **{k: v for k, v in changes.items() if v is not None})  # validates
+        self._inbox.put(("policy", self.policy))
+
+    def metrics_snapshot(self) -> dict:
+        """Live numbers for the dashboard: the rolling-window stats (engine/stats.py) plus the runner's state."""
+        snap = self.stats.snapshot()
+        snap.update(mode=self.mode, running=self.runner.num_running(), waiting=self.runner.num_waiting(),
+                    chunked_prefill=self.policy.chunked_prefill, max_batch_size=self.policy.max_batch_size)
+        if (batched := self._batched) is not None:
+            snap.update(kv_blocks_used=batched.blocks.num_used, kv_blocks_free=batched.blocks.num_free,
+                        preemptions=batched.scheduler.preemptions, prefix_cached_tokens=batched.scheduler.cached_tokens)
+        return snap
 
     def close(self) -> None:
         self._closed = True
@@ -139,13 +199,35 @@ class Engine:
                 pass
             if self.runner.has_work():
                 self.runner.step()
+                self.stats.record_step(time.monotonic(), self.runner.num_running())
 
     def _handle(self, item: Sequence | tuple) -> None:
         if isinstance(item, Sequence):
             self.runner.add(item)
         elif item[0] == "clear_cache":
             self.runner.clear_cache()
+        elif item[0] == "set_mode":
+            self._switch(item[1])
+        elif item[0] == "policy" and self._batched is not None:
+            self._batched.scheduler.policy = item[1]
+
+    def _switch(self, mode: str) -> None:
+        if mode == self.mode:
+            return
+        if mode == "batched" and self._batched is None:
+            self._batched = BatchedRunner(self._batched_model, self.max_seq_len, self.policy, self.kv_cache_tokens)
+        target = self._batched if mode == "batched" else self._latency
+        for seq in self.runner.take_all():
+            target.add(seq)
+        self.runner = target
+        self.mode = mode
 
     def _shutdown(self) -> None:
         for seq in self.runner.take_all():
             seq.finish("cancelled")
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    return mode

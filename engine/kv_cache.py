@@ -1,4 +1,5 @@
-"""KV caches. `StaticKVCache`: one preallocated sequence for batch-1 latency mode.
+"""KV caches. `StaticKVCache`: one preallocated sequence for batch-1 latency mode. `PagedKVCache` and
+`BlockManager`: fixed-size blocks shared by many sequences, with prefix caching, for batched mode.
 
 The cache owns both the storage and the attention over it (`attend`), so the model never sees the
 layout. `length` is the number of valid positions; rolling it back (`truncate`) is how speculative
@@ -7,10 +8,13 @@ decoding discards rejected tokens and how a cancelled request leaves the cache r
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import kernels
 from engine.model import ModelConfig
 
 
@@ -22,6 +26,7 @@ class StaticKVCache:
         self.max_seq_len = max_seq_len
         self.length = 0  # valid positions before the current forward
         self._start = 0  # where the current forward's tokens are written
+        self.ids: list[int] = []  # the tokens whose k/v are held, when added through `extend`
 
     def begin(self, n_new: int) -> Tensor:
         """Reserve room for `n_new` tokens and return their positions."""
@@ -31,18 +36,227 @@ class StaticKVCache:
         self.length += n_new
         return torch.arange(self._start, self.length, device=self.k.device)
 
+    def extend(self, ids: list[int]) -> Tensor:
+        """`begin` for these tokens, remembering them so a later sequence can reuse a common prefix."""
+        positions = self.begin(len(ids))
+        self.ids += ids
+        return positions
+
+    def reuse_prefix(self, ids: list[int]) -> int:
+        """Keep the k/v of the longest common prefix with `ids`, leaving at least one token of `ids` to run."""
+        n = 0
+        limit = min(len(ids) - 1, len(self.ids))
+        while n < limit and ids[n] == self.ids[n]:
+            n += 1
+        self.truncate(n)
+        return n
+
     def truncate(self, length: int) -> None:
         """Forget every position from `length` on."""
         self.length = min(self.length, length)
+        del self.ids[length:]
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        T = q.shape[0]
+        T, H, D = q.shape
         start, end = self._start, self._start + T
         self.k[layer, 0, :, start:end] = k.transpose(0, 1)
         self.v[layer, 0, :, start:end] = v.transpose(0, 1)
-        keys, values = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-        mask = None
-        if T > 1:  # query i sits at position start + i and sees keys 0..start + i
-            mask = torch.ones(T, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
-        out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys, values, attn_mask=mask, enable_gqa=True)
+        keys, values = self.k[layer, 0, :, :end], self.v[layer, 0, :, :end]  # [KV, end, D]
+        if T == 1:
+            # Decode: three small ops instead of SDPA's dispatch (which costs more than the math at batch 1).
+            kv = keys.shape[0]
+            scores = torch.bmm(q.view(kv, H // kv, D), keys.transpose(1, 2)).mul_(D**-0.5)  # [KV, G, end]
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+            return torch.bmm(probs, values).view(1, H * D)
+        # Prefill / verification: query i sits at position start + i and sees keys 0..start + i.
+        mask = torch.ones(T, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
+                                             attn_mask=mask, enable_gqa=True)
         return out[0].transpose(0, 1).reshape(T, -1)
+
+
+# ---- batched mode: a paged cache shared by many sequences ----------------------------------------------
+
+
+def block_key(parent_hash: int | None, tokens: list[int]) -> tuple:
+    """Prefix-cache key of a full block: the hash of the chain before it plus its own tokens, so two blocks
+    share a key only when every token up to their end is equal (the tokens are compared exactly)."""
+    return (parent_hash, tuple(tokens))
+
+
+class BlockManager:
+    """Which KV blocks each sequence holds: a free list, reference counts and a prefix cache (no tensors).
+
+    A sequence's block table lists its blocks in order; token i lives in block table[i // block_size].
+    When a full block has been computed its key is registered, and a later sequence whose tokens start the
+    same way shares it (reference count + 1) instead of computing it again. Freed blocks keep their key in
+    least-recently-freed order and are evicted only when a fresh block is needed, so a finished
+    conversation turn or a preempted sequence coming back finds its k/v still there.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int = 16, prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need at least one block of at least one token, got {num_blocks} x {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.prefix_caching = prefix_caching
+        self.ref_count = [0] * num_blocks
+        self.key_of: list[tuple | None] = [None] * num_blocks
+        self.cached: dict[tuple, int] = {}  # key -> block holding those tokens' k/v
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # evicted from the front
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self.free)
+
+    def blocks_for(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.block_size)
+
+    def share_prefix(self, ids: list[int]) -> tuple[list[int], list[int]]:
+        """Take a reference on the cached blocks holding the longest full-block prefix of `ids` (always
+        leaving at least one token to compute, whose logits the next step needs). Returns (blocks, hashes)."""
+        blocks: list[int] = []
+        hashes: list[int] = []
+        if not self.prefix_caching:
+            return blocks, hashes
+        bs = self.block_size
+        for i in range((len(ids) - 1) // bs):
+            key = block_key(hashes[-1] if hashes else None, ids[i * bs:(i + 1) * bs])
+            block = self.cached.get(key)
+            if block is None:
+                break
+            if self.ref_count[block] == 0:
+                del self.free[block]
+            self.ref_count[block] += 1
+            blocks.append(block)
+            hashes.append(hash(key))
+        return blocks, hashes
+
+    def grow(self, table: list[int], n_tokens: int) -> bool:
+        """Append fresh blocks to `table` until it covers `n_tokens`; False, with nothing changed, if too few are free."""
+        need = self.blocks_for(n_tokens) - len(table)
+        if need > len(self.free):
+            return False
+        for _ in range(need):
+            block, _ = self.free.popitem(last=False)
+            if (key := self.key_of[block]) is not None:  # its cached k/v is about to be overwritten
+                del self.cached[key]
+                self.key_of[block] = None
+            self.ref_count[block] = 1
+            table.append(block)
+        return True
+
+    def release(self, table: list[int]) -> None:
+        """Drop one reference on every block of `table` and empty it."""
+        for block in reversed(table):  # the tail is freed first, so it is evicted before the shared prefix
+            self.ref_count[block] -= 1
+            if self.ref_count[block] == 0:
+                self.free[block] = None
+        table.clear()
+
+    def cache_full_blocks(self, table: list[int], hashes: list[int], ids: list[int], n_computed: int) -> None:
+        """Register the blocks of `table` that became full and computed (the first n_computed tokens of
+        `ids`); `hashes` holds the chain hashes of the ones registered before and is extended."""
+        bs = self.block_size
+        while (len(hashes) + 1) * bs <= n_computed:
+            i = len(hashes)
+            key = block_key(hashes[-1] if hashes else None, ids[i * bs:(i + 1) * bs])
+            hashes.append(hash(key))
+            if self.prefix_caching and key not in self.cached:  # first writer wins; an equal twin stays private
+                self.cached[key] = table[i]
+                self.key_of[table[i]] = key
+
+    def clear_prefix_cache(self) -> None:
+        """Forget the k/v of blocks nobody holds, so the next request prefills from scratch."""
+        for block in self.free:
+            if (key := self.key_of[block]) is not None:
+                del self.cached[key]
+                self.key_of[block] = None
+
+
+class PagedKVCache:
+    """k/v of many sequences in fixed-size blocks, and attention for one ragged batch step over them.
+
+    Layout per layer: [num_blocks, block_size, n_kv_heads, head_dim] (the kernels package's layout). Before
+    each forward, `prepare` is told every sequence's new-token count, context length and block table; then
+    `attend` (called by the model per layer) writes the new k/v into their slots and attends each new token
+    over its own sequence. Single-token queries (decodes) run together as one padded attention; prefill chunks
+    run one sequence at a time. On CUDA the decodes go through the Triton paged-attention kernel.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                 device: str | torch.device = "cpu"):
+        # zeros, not empty: padded key slots are masked out, but 0 * NaN garbage would still poison the sum
+        shape = (cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size = block_size
+        self.device = self.k.device
+
+    def prepare(self, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]]) -> Tensor:
+        """Set up one step: sequence i runs query_lens[i] new tokens ending at position context_lens[i] - 1.
+        Returns the positions of all new tokens, concatenated in sequence order."""
+        bs, dev = self.block_size, self.device
+        positions: list[int] = []
+        slots: list[int] = []
+        decode_rows: list[int] = []
+        decode_seqs: list[int] = []
+        self._prefills: list[tuple[int, int, Tensor, int, Tensor]] = []  # (first row, rows, blocks, context, mask)
+        row = 0
+        for i, (q_len, ctx, table) in enumerate(zip(query_lens, context_lens, block_tables)):
+            start = ctx - q_len
+            positions += range(start, ctx)
+            slots += [table[p // bs] * bs + p % bs for p in range(start, ctx)]
+            if q_len == 1:
+                decode_rows.append(row)
+                decode_seqs.append(i)
+            else:  # query j sits at position start + j and sees keys 0..start + j
+                mask = torch.ones(q_len, ctx, dtype=torch.bool, device=dev).tril(diagonal=start)
+                blocks = torch.tensor(table[: -(-ctx // bs)], device=dev)
+                self._prefills.append((row, q_len, blocks, ctx, mask))
+            row += q_len
+        self._n_tokens = row
+        self._slots = torch.tensor(slots, device=dev)
+        self._decode_rows = torch.tensor(decode_rows, device=dev)
+        self._decodes_first = decode_rows == list(range(len(decode_rows)))  # then rows are a slice, no gather
+        if decode_seqs:
+            width = max(-(-context_lens[i] // bs) for i in decode_seqs)
+            tables = [block_tables[i][: -(-context_lens[i] // bs)] for i in decode_seqs]
+            self._decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev)
+            self._decode_lens = torch.tensor([context_lens[i] for i in decode_seqs], dtype=torch.int32, device=dev)
+            # [B, 1, 1, keys]: True where a padded key position is a real one
+            self._decode_mask = (torch.arange(width * bs, device=dev) < self._decode_lens[:, None])[:, None, None, :]
+        return torch.tensor(positions, device=dev)
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        k_cache, v_cache = self.k[layer], self.v[layer]
+        if self.device.type == "cuda":
+            kernels.write_kv_cache(k, v, k_cache, v_cache, self._slots)
+        else:
+            k_cache.view(-1, *k.shape[1:])[self._slots] = k
+            v_cache.view(-1, *v.shape[1:])[self._slots] = v
+        out = torch.empty_like(q)
+        n_dec = len(self._decode_rows)
+        if n_dec:
+            rows = slice(0, n_dec) if self._decodes_first else self._decode_rows
+            out[rows] = self._attend_decodes(q[rows], k_cache, v_cache)
+        for row, n, blocks, ctx, mask in self._prefills:
+            keys = k_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)  # [KV, ctx, D]
+            values = v_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)
+            o = F.scaled_dot_product_attention(q[row:row + n].transpose(0, 1), keys, values, attn_mask=mask, enable_gqa=True)
+            out[row:row + n] = o.transpose(0, 1)
+        return out.view(q.shape[0], -1)
+
+    def _attend_decodes(self, q: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        """q [B, H, D], one new token per sequence -> [B, H, D]."""
+        if self.device.type == "cuda":
+            return kernels.paged_decode_attention(q.unsqueeze(1), k_cache, v_cache, self._decode_tables, self._decode_lens)[:, 0]
+        B, width = self._decode_tables.shape
+        keys = k_cache[self._decode_tables].view(B, width * self.block_size, *k_cache.shape[2:]).transpose(1, 2)
+        values = v_cache[self._decode_tables].view(B, width * self.block_size, *v_cache.shape[2:]).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=self._decode_mask, enable_gqa=True)
+        return o[:, :, 0]

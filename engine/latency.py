@@ -1,11 +1,15 @@
-"""Latency mode: batch size 1 on a static KV cache. One sequence runs at a time; the rest wait in FIFO order.
+"""Latency mode: batch size 1 on a static KV cache, with speculative decoding. One sequence runs at a time;
+the rest wait in FIFO order.
 
 The cache keeps the k/v of the last sequence it ran, so a follow-up turn sharing a prefix with it
-(system prompt, conversation so far) prefills only its new tokens.
+(system prompt, conversation so far) prefills only its new tokens. Each decode step feeds the last
+emitted token plus k drafted tokens through the target at once, emits what verification accepts
+(all with one timestamp), and truncates the cache back to what was accepted. k = 0 is a plain decode step.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 import torch
@@ -13,18 +17,21 @@ import torch
 from engine.kv_cache import StaticKVCache
 from engine.model import Transformer
 from engine.sequence import Sequence
+from engine.speculative import AdaptiveK, Drafter, SpecStats, verify
 
 MODE = "latency"
 
 
 class LatencyRunner:
-    def __init__(self, model: Transformer, max_seq_len: int):
+    def __init__(self, model: Transformer, max_seq_len: int, drafter: Drafter | None = None, k_max: int = 6):
         self.model = model
         self.max_seq_len = max_seq_len
         self.cache = StaticKVCache(model.cfg, max_seq_len, model.dtype, model.device)
-        self.cache_ids: list[int] = []  # the token sequence whose k/v the cache holds
         self.queue: deque[Sequence] = deque()
-        self._logits: torch.Tensor | None = None  # next-token logits of the running sequence
+        self.drafter = drafter
+        self.adaptive = AdaptiveK(k_max=k_max)
+        self.spec = SpecStats()  # engine-wide totals since start
+        self._prefilled = False  # has the head sequence been prefilled (its first token emitted)?
 
     # ---- what the engine calls -------------------------------------------------------------
 
@@ -44,55 +51,64 @@ class LatencyRunner:
         """Hand every unfinished sequence over (mode switch); their tokens so far stay in the sequence."""
         seqs = list(self.queue)
         self.queue.clear()
-        self._logits = None
+        self._prefilled = False
         return seqs
 
     def clear_cache(self) -> None:
         self.cache.truncate(0)
-        self.cache_ids = []
+
+    def set_drafter(self, drafter: Drafter | None) -> None:
+        self.drafter = drafter
+        self.adaptive = AdaptiveK(k_max=self.adaptive.k_max)
 
     def step(self) -> None:
-        """One model step for the sequence at the head: its prefill, or one decode step."""
+        """One model step for the sequence at the head: its prefill, or one (speculative) decode step."""
         seq = self.queue[0]
         try:
             if seq.cancelled:
                 seq.finish("cancelled")
-            elif self._logits is None:
-                seq.mark_scheduled()
-                ids = seq.all_ids  # a sequence moved in from batched mode brings its output so far
-                cached = self._reuse_prefix(ids)
-                self._logits = self._forward(ids[cached:])
-                self._emit(seq)
+            elif not self._prefilled:
+                self._prefill(seq)
             else:
-                self._logits = self._forward([seq.output_ids[-1]])
-                self._emit(seq)
+                self._decode(seq)
+            if not seq.finished and len(seq.all_ids) >= self.max_seq_len:
+                seq.finish("length")
         except Exception as e:  # one bad request must not take the engine down
             self.clear_cache()
             seq.fail(e)
         if seq.finished:
             self.queue.popleft()
-            self._logits = None
+            self._prefilled = False
 
     # ---- internals --------------------------------------------------------------------------
 
-    def _emit(self, seq: Sequence) -> None:
-        seq.append([seq.sample(self._logits)], MODE)
-        if not seq.finished and len(seq.all_ids) >= self.max_seq_len:
-            seq.finish("length")
+    def _prefill(self, seq: Sequence) -> None:
+        seq.mark_scheduled()
+        ids = seq.all_ids  # a sequence moved in from batched mode brings its output so far
+        cached = self.cache.reuse_prefix(ids)
+        logits = self._forward(ids[cached:])[-1]
+        self._prefilled = True
+        seq.append([seq.sample(logits)], MODE)
+
+    def _decode(self, seq: Sequence) -> None:
+        t0 = time.perf_counter()
+        ids = seq.all_ids
+        k = min(self.adaptive.choose(), self.max_seq_len - len(ids)) if self.drafter else 0
+        drafts, draft_probs = self.drafter.propose(ids, k, seq.params, seq.generator) if k > 0 else ([], None)
+        t1 = time.perf_counter()
+        kept = self.cache.length
+        logits = self._forward([ids[-1], *drafts])
+        tokens = verify(drafts, draft_probs, logits, seq.params, seq.generator)
+        accepted = len(tokens) - 1
+        self.cache.truncate(kept + 1 + accepted)  # forget the rejected drafts
+        t2 = time.perf_counter()
+        seq.append(tokens, MODE)
+        for stats in (self.spec, seq.metrics.spec):
+            stats.add(len(drafts), accepted, len(tokens), t1 - t0, t2 - t0)
+        if self.drafter:
+            self.adaptive.update(k, len(drafts), accepted, t1 - t0, t2 - t1)
 
     def _forward(self, ids: list[int]) -> torch.Tensor:
-        """Run `ids` after the cached sequence; return the logits of the last one."""
-        positions = self.cache.begin(len(ids))
-        hidden = self.model(torch.tensor(ids, device=self.model.device), positions, self.cache)
-        self.cache_ids += ids
-        return self.model.logits(hidden[-1])
-
-    def _reuse_prefix(self, ids: list[int]) -> int:
-        """Keep the cached k/v of the longest common prefix (leaving at least one token to run)."""
-        n = 0
-        limit = min(len(ids) - 1, len(self.cache_ids))
-        while n < limit and ids[n] == self.cache_ids[n]:
-            n += 1
-        self.cache.truncate(n)
-        del self.cache_ids[n:]
-        return n
+        """Run `ids` after the cached sequence; return logits [len(ids), V]."""
+        hidden = self.model(torch.tensor(ids, device=self.model.device), self.cache.extend(ids), self.cache)
+        return self.model.logits(hidden)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from engine.speculative import SpecStats
+
 
 @dataclass
 class RequestMetrics:
@@ -21,6 +23,7 @@ class RequestMetrics:
     prompt_tokens: int = 0
     finish_reason: str | None = None
     user_class: str = "user"
+    spec: SpecStats = field(default_factory=SpecStats)  # decode steps, drafted/accepted tokens, draft time
 
     def record(self, t: float, n_tokens: int, mode: str) -> None:
         self.emissions.append((t, n_tokens, mode))
@@ -64,6 +67,7 @@ class RequestMetrics:
             "itl_p50_s": percentile(itls, 50),
             "itl_p99_s": percentile(itls, 99),
             "itls_s": itls,
+            **self.spec.summary(),
         }
 
 

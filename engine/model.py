@@ -84,6 +84,7 @@ class Transformer(nn.Module):
         self.norm = nn.Parameter(torch.ones(cfg.dim, **kw), requires_grad=False)
         self.lm_head = (self.embed if cfg.tie_embeddings
                         else nn.Parameter(torch.empty(cfg.vocab_size, cfg.dim, **kw), requires_grad=False))
+        self.head_q: nn.Module | None = None  # a quantized copy of the head, set by engine.quant
         angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), rope_inv_freq(cfg))
         angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: both halves share a frequency
         self.register_buffer("rope_cos", angles.cos().to(dtype=dtype, device=device), persistent=False)
@@ -101,15 +102,14 @@ class Transformer(nn.Module):
     def forward(self, tokens: Tensor, positions: Tensor, cache: Attention) -> Tensor:
         """tokens, positions: [T] -> final hidden states [T, dim] (call `logits` on the rows you need)."""
         x = F.embedding(tokens, self.embed)
-        cos = self.rope_cos[positions].unsqueeze(1)
-        sin = self.rope_sin[positions].unsqueeze(1)
+        rope = rotation_matrices(self.rope_cos[positions], self.rope_sin[positions])
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i)
+            x = layer(x, rope, cache, i)
         return F.rms_norm(x, (self.cfg.dim,), self.norm, self.cfg.norm_eps)
 
     @torch.inference_mode()
     def logits(self, hidden: Tensor) -> Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        return (F.linear(hidden, self.lm_head) if self.head_q is None else self.head_q(hidden)).float()
 
     def load_canonical(self, weights: dict[str, Tensor]) -> None:
         """Copy weights named in the canonical (Hugging Face) scheme into the fused parameters."""
@@ -129,47 +129,61 @@ class Transformer(nn.Module):
                 p = f"model.layers.{i}."
                 blk.attn_norm.copy_(take(p + "input_layernorm.weight"))
                 blk.ffn_norm.copy_(take(p + "post_attention_layernorm.weight"))
-                blk.wqkv.copy_(torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]))
+                blk.qkv.weight.copy_(torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]))
                 if cfg.qkv_bias:
-                    blk.bqkv.copy_(torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
-                blk.wo.copy_(take(p + "self_attn.o_proj.weight"))
-                blk.w_gate_up.copy_(torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]))
-                blk.w_down.copy_(take(p + "mlp.down_proj.weight"))
+                    blk.qkv.bias.copy_(torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
+                blk.o.weight.copy_(take(p + "self_attn.o_proj.weight"))
+                blk.gate_up.weight.copy_(torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]))
+                blk.down.weight.copy_(take(p + "mlp.down_proj.weight"))
 
 
-def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate-half RoPE: x [T, H, D], cos/sin [T, 1, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def rotation_matrices(cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE as one [D, D] matrix per position: rows @ R == x * cos + rotate_half(x) * sin.
+
+    Built once per forward and shared by every layer, so each layer rotates q and k in one batched matmul
+    instead of half a dozen elementwise ops (per-op overhead dominates batch-1 decode on a CPU).
+    """
+    T, D = cos.shape
+    half = D // 2
+    lo = torch.arange(half, device=cos.device)
+    R = torch.zeros(T, D, D, dtype=cos.dtype, device=cos.device)
+    R[:, torch.arange(D), torch.arange(D)] = cos
+    R[:, lo + half, lo] = -sin[:, :half]  # out[j] (j < half) takes -x[j + half] * sin[j]
+    R[:, lo, lo + half] = sin[:, half:]  # out[j + half] takes x[j] * sin[j + half]
+    return R
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b). Weight-only quantized variants in engine/quant.py replace it with the same call."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, kw: dict):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, **kw), requires_grad=False) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, kw: dict):
         super().__init__()
         self.cfg = cfg
+        self.attn_norm = nn.Parameter(torch.ones(cfg.dim, **kw), requires_grad=False)
+        self.qkv = Linear(cfg.dim, cfg.q_size + 2 * cfg.kv_size, cfg.qkv_bias, kw)
+        self.o = Linear(cfg.q_size, cfg.dim, False, kw)
+        self.ffn_norm = nn.Parameter(torch.ones(cfg.dim, **kw), requires_grad=False)
+        self.gate_up = Linear(cfg.dim, 2 * cfg.ffn_dim, False, kw)
+        self.down = Linear(cfg.ffn_dim, cfg.dim, False, kw)
 
-        def param(*shape: int, ones: bool = False) -> nn.Parameter:
-            return nn.Parameter((torch.ones if ones else torch.empty)(*shape, **kw), requires_grad=False)
-
-        self.attn_norm = param(cfg.dim, ones=True)
-        self.wqkv = param(cfg.q_size + 2 * cfg.kv_size, cfg.dim)
-        self.bqkv = param(cfg.q_size + 2 * cfg.kv_size) if cfg.qkv_bias else None
-        self.wo = param(cfg.dim, cfg.q_size)
-        self.ffn_norm = param(cfg.dim, ones=True)
-        self.w_gate_up = param(2 * cfg.ffn_dim, cfg.dim)
-        self.w_down = param(cfg.dim, cfg.ffn_dim)
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: Attention, layer: int) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, cache: Attention, layer: int) -> Tensor:
         cfg = self.cfg
         T = x.shape[0]
-        h = F.rms_norm(x, (cfg.dim,), self.attn_norm, cfg.norm_eps)
-        qkv = F.linear(h, self.wqkv, self.bqkv)
-        # q and k are rotated together: one RoPE pass over n_heads + n_kv_heads heads.
-        qk = rotate(qkv[:, : cfg.q_size + cfg.kv_size].view(T, cfg.n_heads + cfg.n_kv_heads, cfg.head_dim), cos, sin)
+        qkv = self.qkv(F.rms_norm(x, (cfg.dim,), self.attn_norm, cfg.norm_eps))
+        # q and k heads are rotated together: [T, H + KV, D] @ [T, D, D]
+        qk = torch.matmul(qkv[:, : cfg.q_size + cfg.kv_size].view(T, cfg.n_heads + cfg.n_kv_heads, cfg.head_dim), rope)
         q, k = qk.split([cfg.n_heads, cfg.n_kv_heads], dim=1)
         v = qkv[:, cfg.q_size + cfg.kv_size :].view(T, cfg.n_kv_heads, cfg.head_dim)
-        x = x + F.linear(cache.attend(layer, q, k, v), self.wo)
-        h = F.rms_norm(x, (cfg.dim,), self.ffn_norm, cfg.norm_eps)
-        gate, up = F.linear(h, self.w_gate_up).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, self.w_down)
+        x = x + self.o(cache.attend(layer, q, k, v))
+        gate, up = self.gate_up(F.rms_norm(x, (cfg.dim,), self.ffn_norm, cfg.norm_eps)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)

@@ -1,4 +1,89 @@
 """Triton kernels for the hot decode path, each beside a plain-PyTorch reference with the same signature.
 
 Pure functions over tensors: imports torch and triton only, never engine, voice or tui.
+
+Each public function below runs the Triton kernel (kernels/*_triton.py) for CUDA tensors and the reference
+(kernels/reference.py) otherwise. Triton is imported only where CUDA exists, so CPU-only machines need
+neither, and tests can turn on TRITON_INTERPRET=1 before any kernel is defined.
+
+Layouts shared with the engine:
+- Paged KV cache: k_cache, v_cache [num_blocks, block_size, n_kv_heads, head_dim]; token i of a sequence
+  lives in block block_table[seq, i // block_size] at offset i % block_size. block_table [batch, max_blocks]
+  int32; seq_lens [batch] int32: tokens in the cache, including this step's new ones. A slot is
+  block * block_size + offset; slot_mapping [T] gives each new token's slot, -1 for padding tokens.
+- 4-bit weights (W4A16), for a float weight [N, K] with groups of G consecutive K elements (G = 32, 64, 128):
+  qweight uint8 [N, K//2], byte j of a row holds element 2j in its low nibble and 2j + 1 in its high nibble;
+  scales, zeros [N, K//G] in the activation dtype; w = q * scale + zero with q in 0..15 (GGUF Q4_1 with
+  scale = d, zero = m). `pack_w4` builds it from a float weight.
 """
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kernels import reference
+from kernels.reference import dequantize_w4, pack_w4
+
+if torch.cuda.is_available():
+    from kernels import (
+        kv_write_triton,
+        paged_attention_triton,
+        rms_norm_triton,
+        rotary_triton,
+        swiglu_triton,
+        w4a16_triton,
+    )
+
+__all__ = ["dequantize_w4", "pack_w4", "paged_decode_attention", "rms_norm", "rotary_embedding", "swiglu",
+           "w4a16_linear", "write_kv_cache"]
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """RMSNorm over the last dim, in float32. With `residual`: s = x + residual, returns (norm(s), s)."""
+    impl = rms_norm_triton.rms_norm if x.is_cuda else reference.rms_norm
+    return impl(x, weight, eps, residual)
+
+
+def rotary_embedding(q: Tensor, k: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False) -> None:
+    """Rotate q [T, Hq, D] and k [T, Hkv, D] in place (last dim contiguous; they may be views of one qkv buffer).
+
+    cos, sin: [max_pos, >= D/2] tables whose column i is the angle of pair i at that position (the model's
+    rotate-half tables, whose halves repeat, work as they are); positions [T]. Pairs are (i, i + D/2) in the
+    Hugging Face rotate-half layout, or (2i, 2i + 1) with `interleaved` (GGUF's layout for llama).
+    """
+    impl = rotary_triton.rotary_embedding if q.is_cuda else reference.rotary_embedding
+    impl(q, k, positions, cos, sin, interleaved)
+
+
+def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
+                           scale: float | None = None, num_splits: int | None = None) -> Tensor:
+    """Attention of q [batch, n_new, Hq, D] over the paged cache -> [batch, n_new, Hq, D].
+
+    The new tokens' k/v must already be in the cache. New token t of sequence b sits at position
+    seq_lens[b] - n_new + t and sees keys 0..that position (causal among the new tokens: speculative
+    verification passes n_new = k + 1), so seq_lens[b] >= n_new. Hq must be a multiple of Hkv (GQA).
+    scale defaults to D**-0.5. num_splits (Triton only) splits each sequence for flash-decoding; by default
+    it is chosen from the block table's capacity and the SM count, which needs no host sync (graph-safe).
+    """
+    impl = paged_attention_triton.paged_decode_attention if q.is_cuda else reference.paged_decode_attention
+    return impl(q, k_cache, v_cache, block_table, seq_lens, scale, num_splits)
+
+
+def w4a16_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                 split_k: int | None = None) -> Tensor:
+    """x [..., K] @ dequantised(qweight).T -> [..., N]; the Triton kernel takes at most 16 rows of x."""
+    impl = w4a16_triton.w4a16_linear if x.is_cuda else reference.w4a16_linear
+    return impl(x, qweight, scales, zeros, group_size, split_k)
+
+
+def write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+    """Store new k, v [T, Hkv, D] into the paged caches at slot_mapping [T] (negative slots are skipped)."""
+    impl = kv_write_triton.write_kv_cache if k.is_cuda else reference.write_kv_cache
+    impl(k, v, k_cache, v_cache, slot_mapping)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up, computed in float32."""
+    impl = swiglu_triton.swiglu if gate.is_cuda else reference.swiglu
+    return impl(gate, up)

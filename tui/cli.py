@@ -7,6 +7,7 @@ import sys
 
 import bench.cli
 import engine.cli
+import voice.cli
 from engine.engine import ContextLengthError, OverloadedError
 from engine.loader import ModelLoadError
 
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     engine.cli.add_parsers(sub)
+    voice.cli.add_parsers(sub)
     bench.cli.add_parsers(sub)
     return parser
 

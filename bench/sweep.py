@@ -1,0 +1,201 @@
+"""`tradeoff bench sweep`: the throughput/latency trade-off, one row per load level (closed-loop concurrency).
+
+At each level, N synthetic users (engine/loadgen.py) send requests back to back. The first N completions
+are a warm-up; the row is measured from then until N x requests-per-user have completed: requests/s,
+output tokens/s in total and per user (mean of 1/TPOT), TTFT, TBT and E2E (mean, p50, p99), goodput
+against the SLOs, mean running batch size, preemptions, and where batched mode's step time went
+(scheduler = schedule + prepare inputs + bookkeeping after the step). The plot draws tokens/s per user
+against total tokens/s, with the SLO's per-user rate as a line, the knee of the curve marked, and
+latency mode's point at concurrency 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict
+
+import torch
+
+from bench.report import table, write_json
+from engine.batched import PHASES, StepProfile
+from engine.engine import Engine
+from engine.loader import load
+from engine.loadgen import Lengths, LoadGenerator, Workload
+from engine.scheduler import BatchPolicy
+from engine.stats import SLO, summarize
+
+SCHEDULER_PHASES = ("schedule", "prepare", "update")
+
+
+def run_level(engine: Engine, concurrency: int, requests_per_user: int, workload: Workload, slo: SLO,
+              seed: int) -> dict:
+    engine.clear_cache()  # no prefix hits carried over from the previous level
+    lg = LoadGenerator(engine, workload, seed=seed)
+    lg.start_closed(concurrency)
+    try:
+        wait_for(lambda: len(lg.completed) >= concurrency)
+        start = time.monotonic()
+        runner = engine.runner
+        batched = engine.mode == "batched"
+        preemptions = runner.scheduler.preemptions if batched else 0
+        if batched:
+            runner.profile = StepProfile()
+        wait_for(lambda: len(lg.completed) >= concurrency * requests_per_user)
+        end = time.monotonic()
+        profile = runner.profile if batched else None
+        preemptions = runner.scheduler.preemptions - preemptions if batched else None
+    finally:
+        lg.stop()
+    s = summarize(lg.submitted, start, end, slo)
+    row = {
+        "mode": engine.mode, "concurrency": concurrency, "requests": s["finished"], "duration_s": end - start,
+        "req_s": s["req_s"], "output_tok_s": s["output_tok_s"], "tok_s_per_user": s["tok_s_per_user"],
+        "goodput_req_s": s["goodput_req_s"], "slo_attained": s["slo_attained"], "rejected": lg.rejected,
+        "preemptions": preemptions,
+    }
+    for name in ("ttft", "tbt", "e2e"):
+        for stat in ("mean", "p50", "p99"):
+            row[f"{name}_{stat}_s"] = s[f"{name}_s"][stat]
+    if profile is not None and profile.steps:
+        total = sum(profile.seconds.values())
+        row["batch_mean"] = profile.sequences / profile.steps
+        row["tokens_per_step"] = profile.tokens / profile.steps
+        row["step_ms"] = total / profile.steps * 1000
+        row["phase_ms"] = {p: profile.seconds[p] / profile.steps * 1000 for p in PHASES}
+        row["scheduler_pct"] = 100 * sum(profile.seconds[p] for p in SCHEDULER_PHASES) / total
+    return row
+
+
+def spread(mean: int) -> Lengths:
+    """Lengths around `mean` (stdev a quarter of it), so closed-loop users drift apart instead of moving in waves."""
+    return Lengths(mean, mean / 4, max(1, mean // 4), 4 * mean)
+
+
+def progress(row: dict) -> str:
+    return (f"{row['mode']} N={row['concurrency']}: {row['output_tok_s']:.1f} tok/s, {row['tok_s_per_user']:.1f} tok/s/user, "
+            f"TTFT p50 {row['ttft_p50_s']:.2f} s, TBT p50 {row['tbt_p50_s'] * 1000:.0f} ms")
+
+
+def wait_for(condition, poll_s: float = 0.05) -> None:
+    while not condition():
+        time.sleep(poll_s)
+
+
+def knee(rows: list[dict]) -> dict | None:
+    """The point farthest from the chord between the curve's ends, in coordinates scaled to [0, 1] (Kneedle)."""
+    if len(rows) < 3:
+        return None
+    xs = [r["output_tok_s"] for r in rows]
+    ys = [r["tok_s_per_user"] for r in rows]
+
+    def scale(v: list[float]) -> list[float]:
+        lo, hi = min(v), max(v)
+        return [(x - lo) / ((hi - lo) or 1) for x in v]
+
+    sx, sy = scale(xs), scale(ys)
+    (x0, y0), (x1, y1) = (sx[0], sy[0]), (sx[-1], sy[-1])
+    norm = ((x1 - x0) ** 2 + (y1 - y0) ** 2) ** 0.5 or 1
+    distance = [abs((y1 - y0) * x - (x1 - x0) * y + x1 * y0 - y1 * x0) / norm for x, y in zip(sx, sy)]
+    return rows[max(range(len(rows)), key=distance.__getitem__)]
+
+
+def plot(rows: list[dict], latency_row: dict | None, slo: SLO, knee_row: dict | None, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    xs = [r["output_tok_s"] for r in rows]
+    ys = [r["tok_s_per_user"] for r in rows]
+    ax.plot(xs, ys, "o-", color="tab:blue", label=f"{rows[0]['mode']} mode (closed loop, N users)")
+    for r in rows:
+        ax.annotate(f"N={r['concurrency']}", (r["output_tok_s"], r["tok_s_per_user"]), textcoords="offset points",
+                    xytext=(6, 4), fontsize=8)
+    if latency_row is not None:
+        ax.plot([latency_row["output_tok_s"]], [latency_row["tok_s_per_user"]], "*", ms=16, color="tab:red",
+                label="latency mode, N=1 (batch 1 + speculation)")
+    ax.axhline(1 / slo.tbt_s, ls="--", color="gray",
+               label=f"TBT SLO {slo.tbt_s * 1000:.0f} ms = {1 / slo.tbt_s:.1f} tok/s per user")
+    if knee_row is not None:
+        ax.plot([knee_row["output_tok_s"]], [knee_row["tok_s_per_user"]], "o", ms=18, mfc="none", mew=2, color="tab:orange",
+                label=f"knee (N={knee_row['concurrency']})")
+    ax.set_xlabel("total output tokens/s (system throughput)")
+    ax.set_ylabel("output tokens/s per user (1 / TPOT)")
+    ax.set_title("The serving trade-off: throughput vs per-user speed")
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+COLUMNS = [
+    ("mode", "mode", ""), ("concurrency", "N", "d"), ("req_s", "req/s", ".2f"), ("output_tok_s", "tok/s", ".1f"),
+    ("tok_s_per_user", "tok/s/user", ".1f"), ("ttft_mean_s", "TTFT mean", ".2f"), ("ttft_p50_s", "p50", ".2f"),
+    ("ttft_p99_s", "p99", ".2f"), ("tbt_mean_s", "TBT mean", ".3f"), ("tbt_p50_s", "p50", ".3f"), ("tbt_p99_s", "p99", ".3f"),
+    ("e2e_mean_s", "E2E mean", ".1f"), ("e2e_p50_s", "p50", ".1f"), ("e2e_p99_s", "p99", ".1f"),
+    ("goodput_req_s", "goodput", ".2f"), ("batch_mean", "batch", ".1f"), ("preemptions", "preempt", "d"),
+    ("scheduler_pct", "sched %", ".1f"),
+]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="throughput vs latency: one row per concurrency level, JSON and a PNG",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--device", default=None)
+    p.add_argument("--mode", choices=("batched", "latency"), default="batched")
+    p.add_argument("--concurrency", default="1,2,4,8,16,32,64", help="comma-separated user counts (default: %(default)s)")
+    p.add_argument("--requests-per-user", type=int, default=3, help="per level, the first is warm-up (default: %(default)s)")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="mean prompt length; stdev is a quarter (default: %(default)s)")
+    p.add_argument("--output-tokens", type=int, default=64, help="mean output length; stdev is a quarter (default: %(default)s)")
+    p.add_argument("--max-batch-size", type=int, default=None, help="batched mode's cap (default: the engine's)")
+    p.add_argument("--token-budget", type=int, default=None, help="tokens per batched step (default: the engine's)")
+    p.add_argument("--no-latency-point", action="store_true", help="skip latency mode's point at concurrency 1")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--json", default="bench/out/sweep.json", help="(default: %(default)s)")
+    p.add_argument("--plot", default="bench/out/sweep.png", help="(default: %(default)s)")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    slo = SLO()
+    workload = Workload(spread(args.prompt_tokens), spread(args.output_tokens), think_time_s=0.0)
+    defaults = BatchPolicy()
+    budget = args.token_budget or defaults.token_budget
+    policy = BatchPolicy(max_batch_size=args.max_batch_size or min(defaults.max_batch_size, budget - 1), token_budget=budget)
+    loaded = load(args.model)
+    # every request of a level waits in the engine at most once: the queue bound must not refuse the sweep's own users
+    engine = Engine(loaded, device=args.device, mode=args.mode, policy=policy, max_waiting=max(levels) + 1)
+    batched_dtype = engine.batched_dtype
+    rows = []
+    for i, c in enumerate(levels):
+        rows.append(run_level(engine, c, args.requests_per_user, workload, slo, seed=i))
+        print(progress(rows[-1]), flush=True)
+    engine.close()
+    latency_row = None
+    if args.mode == "batched" and not args.no_latency_point:
+        engine = Engine(loaded, device=args.device, mode="latency")
+        latency_row = run_level(engine, 1, args.requests_per_user, workload, slo, seed=0)
+        engine.close()
+        print(progress(latency_row), flush=True)
+    knee_row = knee(rows)
+    all_rows = rows + ([latency_row] if latency_row else [])
+    print()
+    print(table(all_rows, COLUMNS))
+    if knee_row is not None:
+        print(f"knee: N={knee_row['concurrency']} ({knee_row['output_tok_s']:.0f} tok/s total, "
+              f"{knee_row['tok_s_per_user']:.1f} tok/s per user)")
+    settings = {"policy": asdict(policy), "workload": asdict(workload), "slo": asdict(slo), "batched_dtype": str(batched_dtype),
+                "knee_concurrency": knee_row["concurrency"] if knee_row else None}
+    print(f"JSON: {write_json(args.json, 'sweep', all_rows, **settings)}")
+    plot(rows, latency_row, slo, knee_row, args.plot)
+    print(f"plot: {args.plot}")
+    return 0

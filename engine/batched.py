@@ -1,0 +1,153 @@
+"""Batched mode: continuous batching over a paged KV cache (which sequences run: engine/scheduler.py).
+
+A step is one forward pass over a ragged batch: the new tokens of every scheduled sequence (one for a
+decode, a chunk for a prefill) concatenated into one flat token list with explicit positions, which is
+the model's native input; the paged cache is told each sequence's query length, context length and block
+table, so attention stays within a sequence. Every sequence whose pending tokens are all computed samples
+one token from its own logits row with its own sampling parameters.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.kv_cache import BlockManager, PagedKVCache
+from engine.loader import LoadedModel
+from engine.model import Transformer
+from engine.scheduler import BatchPolicy, PagedSeq, Scheduler
+from engine.sequence import Sequence
+
+MODE = "batched"
+PHASES = ("schedule", "prepare", "forward", "sample", "update")  # the parts of a step, in order
+
+
+@dataclass
+class StepProfile:
+    """Where `step` spends its time, summed over steps (bench/sweep.py reports it; replace it to restart)."""
+
+    steps: int = 0
+    sequences: int = 0  # summed batch sizes
+    tokens: int = 0  # summed tokens per step (decodes + prefill chunks)
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+
+
+def choose_dtype(device: torch.device) -> torch.dtype:
+    """The compute dtype of batched decode on `device`, chosen by measurement (bench figures in the docstring).
+
+    CPU: bf16 only where the CPU has bf16 dot-product instructions. With AVX512_BF16 (2-core AMD EPYC, 1
+    thread, model forward + logits at batch 16) bf16 ran 241 tok/s against fp32's 90; on AVX2 alone bf16
+    stops scaling at ~38 tok/s in total while fp32 reaches 63 at batch 16 and 116 at 64 (shared/FACTS.md).
+    """
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap way to tell, and fp32 is never the slow path
+        return torch.float32
+    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+
+
+def batched_model(loaded: LoadedModel, latency_model: Transformer, latency_quant: str, dtype: torch.dtype) -> Transformer:
+    """Batched mode's model: the latency model itself when it computes in `dtype` on full weights (no second copy),
+    else the weights loaded again in `dtype`. Batched mode keeps full weights: int4, latency mode's default on a
+    CPU, runs batch 1 2.6x faster than bf16 but only ties at batch 16 and reaches half of bf16's throughput at batch
+    64 (AVX512_BF16 CPU, 1 thread, forward + logits: 218 vs 245 and 250 vs 488 tok/s)."""
+    if latency_quant == "none" and latency_model.dtype == dtype:
+        return latency_model
+    model = Transformer(loaded.config, dtype=dtype, device=latency_model.device)
+    model.load_canonical(loaded.weights)
+    return model
+
+
+class BatchedRunner:
+    """The runner interface of engine/latency.py (add, has_work, num_waiting, num_running, take_all,
+    clear_cache, step) over many sequences at once."""
+
+    def __init__(self, model: Transformer, max_seq_len: int, policy: BatchPolicy | None = None,
+                 kv_cache_tokens: int = 16384, block_size: int = 16, prefix_caching: bool = True):
+        self.model = model
+        self.max_seq_len = max_seq_len
+        num_blocks = -(-kv_cache_tokens // block_size)
+        self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
+        self.cache = PagedKVCache(model.cfg, num_blocks, block_size, model.dtype, model.device)
+        self.scheduler = Scheduler(self.blocks, max_seq_len, policy or BatchPolicy())
+        self.profile = StepProfile()
+
+    # ---- what the engine calls -------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        self.scheduler.add(seq)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def take_all(self) -> list[Sequence]:
+        return self.scheduler.take_all()
+
+    def clear_cache(self) -> None:
+        self.blocks.clear_prefix_cache()
+
+    def step(self) -> None:
+        t0 = time.perf_counter()
+        batch = self.scheduler.schedule()
+        if not batch:
+            return
+        t1 = time.perf_counter()
+        tokens, samplers, ends = self._inputs(batch)
+        positions = self.cache.prepare([n for _, n in batch], [s.num_computed + n for s, n in batch],
+                                       [s.block_table for s, _ in batch])
+        t2 = time.perf_counter()
+        try:
+            hidden = self.model(torch.tensor(tokens, device=self.model.device), positions, self.cache)
+            logits = self.model.logits(hidden[ends]) if ends else None
+        except Exception as e:  # the whole batch shared the failed pass; the engine keeps serving the rest
+            for s, _ in batch:
+                s.seq.fail(e)
+            self.scheduler.remove_finished()
+            return
+        t3 = time.perf_counter()
+        self.scheduler.advance(batch)
+        now = time.monotonic()
+        for j, s in enumerate(samplers):
+            self._emit(s.seq, logits[j], now)
+        t4 = time.perf_counter()
+        self.scheduler.remove_finished()
+        t5 = time.perf_counter()
+        profile = self.profile
+        for phase, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+            profile.seconds[phase] += dt
+        profile.steps += 1
+        profile.sequences += len(batch)
+        profile.tokens += len(tokens)
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _inputs(self, batch: list[tuple[PagedSeq, int]]) -> tuple[list[int], list[PagedSeq], list[int]]:
+        """The step's tokens; the sequences that will have computed all their tokens and sample; their last rows."""
+        tokens: list[int] = []
+        samplers: list[PagedSeq] = []
+        ends: list[int] = []
+        for s, n in batch:
+            tokens += s.seq.all_ids[s.num_computed:s.num_computed + n]
+            if s.num_computed + n == s.num_tokens:
+                samplers.append(s)
+                ends.append(len(tokens) - 1)
+        return tokens, samplers, ends
+
+    def _emit(self, seq: Sequence, logits: torch.Tensor, t: float) -> None:
+        try:
+            seq.append([seq.sample(logits)], MODE, t)
+        except Exception as e:  # bad sampling state fails this request only
+            seq.fail(e)
+        if not seq.finished and len(seq.prompt_ids) + len(seq.output_ids) >= self.max_seq_len:
+            seq.finish("length")

@@ -1,0 +1,223 @@
+"""Synthetic users: the load that shares batched mode with the real user, and drives the sweep.
+
+Closed loop: N concurrent users, each sending a request, reading its stream to the end, thinking for an
+exponentially distributed pause, and going again. Open loop: requests arrive as a Poisson process at a
+given rate, whether or not earlier ones have finished. Prompt and output lengths are drawn from normal
+distributions clipped to a range (the shape GuideLLM's synthetic data uses); a prompt of a drawn length is
+one of the built-in questions after enough sentences of a built-in passage, in the model's chat template.
+Users run as tasks on a private asyncio loop in a background thread, so `start_*`, `resize` and `stop`
+can be called from any thread while the engine runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from dataclasses import dataclass, field
+
+from engine.engine import Engine, OverloadedError
+from engine.metrics import RequestMetrics
+from engine.sampling import SamplingParams
+from engine.sequence import EngineError, Request
+from engine.tokenizer import Tokenizer
+
+QUESTIONS = (
+    "What is the capital of France?",
+    "Give me three tips for staying focused while working.",
+    "Explain in two sentences why the sky is blue.",
+    "Summarise the text above in one paragraph.",
+    "What are the main causes described above?",
+    "Write a short poem about the sea.",
+    "How do I make a cup of tea?",
+    "List five animals that live in the desert.",
+)
+PASSAGE = (
+    "The Industrial Revolution began in Britain in the late eighteenth century. New machines, steam power and "
+    "factories changed how goods were made. Cotton spinning, once done by hand at home, moved into mills beside "
+    "rivers and later beside coal fields. Canals and then railways carried raw materials and finished goods across "
+    "the country. Towns grew into cities within a generation, and many families left farms for factory work. "
+    "Wages rose slowly, but hours were long and conditions were often dangerous. Children worked in mines and mills "
+    "until new laws limited their hours. Engineers improved the steam engine, making it smaller and more efficient. "
+    "Iron and later steel replaced wood in bridges, ships and buildings. The revolution spread to Belgium, France, "
+    "Germany and the United States during the nineteenth century. Output per worker grew as never before, and over "
+    "time living standards rose. Crowded housing, polluted air and dirty water also came with the new cities. "
+    "Reformers campaigned for sanitation, schooling and the right of workers to organise. Historians still debate "
+    "why the change began in Britain: coal, colonies, capital, patents and cheap energy all played a part."
+)
+SENTENCES = tuple(s.strip() + "." for s in PASSAGE.split(". ") if s.strip())
+MAX_BACKOFF_S = 1.0  # an overloaded engine is retried after at most this long
+
+
+@dataclass(frozen=True)
+class Lengths:
+    """Token counts ~ Normal(mean, stdev) rounded and clipped to [lo, hi]; stdev 0 gives `mean` every time."""
+
+    mean: int
+    stdev: float = 0.0
+    lo: int = 1
+    hi: int = 8192
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.lo <= self.mean <= self.hi or self.stdev < 0:
+            raise ValueError(f"need 1 <= lo <= mean <= hi and stdev >= 0, got {self}")
+
+    def sample(self, rng: random.Random) -> int:
+        return min(self.hi, max(self.lo, round(rng.gauss(self.mean, self.stdev)))) if self.stdev else self.mean
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompt_tokens: Lengths = field(default_factory=lambda: Lengths(128, 48, 24, 512))
+    output_tokens: Lengths = field(default_factory=lambda: Lengths(64, 24, 8, 256))
+    think_time_s: float = 1.0  # closed loop: mean pause between a user's requests (exponential; 0 = none)
+
+
+class PromptSet:
+    """Chat prompts of about a requested number of tokens, from the built-in questions and passage."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.question_tokens = [len(tokenizer.encode_chat([{"role": "user", "content": q}])) for q in QUESTIONS]
+        self.sentence_tokens = [len(tokenizer.encode(" " + s)) for s in SENTENCES]
+
+    def prompt_ids(self, n_tokens: int, rng: random.Random) -> list[int]:
+        """A question after passage sentences (from a random one on, wrapping around) up to ~n_tokens in all."""
+        q = rng.randrange(len(QUESTIONS))
+        i = rng.randrange(len(SENTENCES))
+        total, parts = self.question_tokens[q], []
+        while total + self.sentence_tokens[i % len(SENTENCES)] <= n_tokens:
+            parts.append(SENTENCES[i % len(SENTENCES)])
+            total += self.sentence_tokens[i % len(SENTENCES)]
+            i += 1
+        content = " ".join(parts) + "\n\n" + QUESTIONS[q] if parts else QUESTIONS[q]
+        return self.tokenizer.encode_chat([{"role": "user", "content": content}])
+
+
+class LoadGenerator:
+    """Synthetic users ("synthetic" class in the metrics) against `engine`, started, resized and stopped at run time."""
+
+    def __init__(self, engine: Engine, workload: Workload | None = None, seed: int = 0):
+        self.engine = engine
+        self.workload = workload or Workload()
+        self.prompts = PromptSet(engine.tokenizer)
+        self.rng = random.Random(seed)
+        self.submitted: list[RequestMetrics] = []  # every request sent, in order
+        self.completed: list[RequestMetrics] = []  # those that ran to their end (stop or length)
+        self.rejected = 0  # refused as overloaded (then retried after a pause)
+        self.failed = 0
+        self.kind: str | None = None  # "closed" or "open" while running
+        self._level = 0.0  # users (closed) or requests/s (open)
+        self._users: list[asyncio.Task] = []
+        self._tasks: set[asyncio.Task] = set()
+        self._loop = asyncio.new_event_loop()
+        self._thread: threading.Thread | None = None
+
+    # ---- control (any thread) ----------------------------------------------------------------
+
+    def start_closed(self, users: int) -> None:
+        """N concurrent users, each with one request in flight at a time."""
+        self._start("closed", users)
+
+    def start_open(self, rate: float) -> None:
+        """Poisson arrivals at `rate` requests per second."""
+        self._start("open", rate)
+
+    def resize(self, level: float) -> None:
+        """New number of users (closed loop; leaving users cancel their request) or arrival rate (open loop)."""
+        if self.kind is None:
+            raise RuntimeError("the load generator is not running; start it first")
+        self._call(self._set_level, level)
+
+    def stop(self) -> None:
+        """Stop every user and cancel their requests in flight."""
+        if self._thread is None:
+            return
+        self._call(self._cancel_all)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._thread = None
+        self.kind = None
+
+    @property
+    def level(self) -> float:
+        return self._level
+
+    # ---- on the private loop -----------------------------------------------------------------
+
+    def _start(self, kind: str, level: float) -> None:
+        if self._thread is not None:
+            raise RuntimeError(f"the load generator is already running ({self.kind} loop); stop it first")
+        if level < 0:
+            raise ValueError(f"load level must be >= 0, got {level}")
+        self.kind = kind
+        self._thread = threading.Thread(target=self._loop.run_forever, name="loadgen", daemon=True)
+        self._thread.start()
+        if kind == "open":
+            self._call(self._spawn_arrivals)
+        self._call(self._set_level, level)
+
+    def _call(self, fn: object, *args: object) -> None:
+        """Run fn(*args) on the loop and wait for it."""
+        async def run() -> None:
+            fn(*args)
+
+        asyncio.run_coroutine_threadsafe(run(), self._loop).result()
+
+    def _set_level(self, level: float) -> None:
+        if level < 0:
+            raise ValueError(f"load level must be >= 0, got {level}")
+        self._level = level
+        if self.kind == "closed":
+            while len(self._users) < int(level):
+                self._users.append(self._spawn(self._user()))
+            while len(self._users) > int(level):
+                self._users.pop().cancel()
+
+    def _spawn(self, coro: object) -> asyncio.Task:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _spawn_arrivals(self) -> None:
+        self._spawn(self._arrivals())
+
+    def _cancel_all(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        self._users.clear()
+
+    async def _user(self) -> None:
+        while True:
+            await self._request()
+            if self.workload.think_time_s:
+                await asyncio.sleep(self.rng.expovariate(1 / self.workload.think_time_s))
+
+    async def _arrivals(self) -> None:
+        while True:
+            if self._level <= 0:
+                await asyncio.sleep(0.1)
+                continue
+            await asyncio.sleep(self.rng.expovariate(self._level))
+            self._spawn(self._request())
+
+    async def _request(self) -> None:
+        w = self.workload
+        ids = self.prompts.prompt_ids(w.prompt_tokens.sample(self.rng), self.rng)
+        sampling = SamplingParams(max_tokens=w.output_tokens.sample(self.rng), ignore_eos=True)
+        try:
+            stream = self.engine.submit(Request(prompt_ids=ids, sampling=sampling, user_class="synthetic"), self._loop)
+        except OverloadedError:
+            self.rejected += 1
+            await asyncio.sleep(self.rng.uniform(0.5, 1.0) * MAX_BACKOFF_S)
+            return
+        self.submitted.append(stream.metrics)
+        try:
+            async for _ in stream:
+                pass
+        except EngineError:
+            self.failed += 1
+            return
+        if stream.metrics.finish_reason in ("stop", "length"):
+            self.completed.append(stream.metrics)

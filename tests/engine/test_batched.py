@@ -1,0 +1,233 @@
+"""Batched mode: the same tokens as batch 1, exact block accounting, prefix-cache reuse, live mode switches, overload."""
+
+import random
+import threading
+
+import pytest
+import torch
+
+from engine import Engine, OverloadedError, Request, SamplingParams
+from engine.batched import BatchedRunner
+from engine.latency import LatencyRunner
+from engine.model import Transformer
+from engine.scheduler import BatchPolicy
+from engine.sequence import Sequence, Stream
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Give me three tips for staying focused while working.",
+    "Explain in two sentences why the sky is blue.",
+    "Write a haiku about the sea.",
+    "List five fruits that are red.",
+    "How many legs does a spider have?",
+]
+MAX_TOKENS = 8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread. On the shared 2-core machine, two OpenMP threads under oversubscription wait for each
+    other's scheduler slices (one fp32 GEMM went from 0.1 ms to 40 ms), which made this file take minutes."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def new_seq(ids: list[int], tokenizer, max_tokens: int, ignore_eos: bool = False) -> Sequence:
+    request = Request(prompt_ids=ids, sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos))
+    return Sequence(Stream(request, None), ids, tokenizer)
+
+
+def run_to_end(runner, seqs: list[Sequence], arrivals: list[int] | None = None) -> None:
+    """Add seqs[i] before step arrivals[i] (all at once by default) and step until every one has finished."""
+    arrivals = arrivals or [0] * len(seqs)
+    pending = sorted(zip(arrivals, range(len(seqs))))
+    step = 0
+    while pending or runner.has_work():
+        while pending and pending[0][0] <= step:
+            runner.add(seqs[pending.pop(0)[1]])
+        if runner.has_work():
+            runner.step()
+        step += 1
+
+
+# ---- the real model, fp32, greedy: batched == batch 1 ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fp32_model(default_model):
+    model = Transformer(default_model.config, dtype=torch.float32)
+    model.load_canonical(default_model.weights)
+    return model
+
+
+@pytest.fixture(scope="module")
+def prompts(default_model):
+    return [default_model.tokenizer.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
+
+
+@pytest.fixture(scope="module")
+def batch1_outputs(fp32_model, prompts, default_model):
+    """The reference: each prompt alone through latency mode's batch-1 runner."""
+    runner = LatencyRunner(fp32_model, 2048)
+    outputs = []
+    for ids in prompts:
+        runner.clear_cache()
+        seq = new_seq(ids, default_model.tokenizer, MAX_TOKENS)
+        run_to_end(runner, [seq])
+        outputs.append(seq.output_ids)
+    return outputs
+
+
+@pytest.mark.parametrize("chunked,token_budget,kv_tokens,block_size", [
+    (True, 24, 4096, 16),  # prompts (37-40 tokens) are split into chunks that share steps with decodes
+    (False, 24, 4096, 16),  # prompts run whole
+    (True, 64, 88, 8),  # 11 blocks of 8 tokens for 6 sequences that each need 6: preemption by recompute
+])
+def test_greedy_batched_outputs_equal_batch1(fp32_model, prompts, batch1_outputs, default_model, chunked, token_budget,
+                                               kv_tokens, block_size):
+    rng = random.Random(len(prompts) + kv_tokens + chunked)
+    order = list(range(len(prompts)))
+    rng.shuffle(order)
+    runner = BatchedRunner(fp32_model, 2048, BatchPolicy(max_batch_size=6, token_budget=token_budget, chunked_prefill=chunked),
+                           kv_cache_tokens=kv_tokens, block_size=block_size)
+    seqs = [new_seq(prompts[i], default_model.tokenizer, MAX_TOKENS) for i in order]
+    run_to_end(runner, seqs, arrivals=sorted(rng.randrange(6) for _ in seqs))
+    assert [s.output_ids for s in seqs] == [batch1_outputs[i] for i in order]
+    assert all(s.metrics.emissions[-1][2] == "batched" for s in seqs)
+    if kv_tokens < 200:
+        assert runner.scheduler.preemptions > 0
+    assert runner.blocks.num_free == runner.blocks.num_blocks
+
+
+# ---- a tiny random model where the real one is not needed ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tiny_loaded):
+    model = Transformer(tiny_loaded.config, dtype=torch.float32)
+    model.load_canonical(tiny_loaded.weights)
+    return tiny_loaded, model
+
+
+def test_block_accounting_after_500_random_requests_with_cancellations(tiny):
+    loaded, model = tiny
+    rng = random.Random(1)
+    runner = BatchedRunner(model, 512, BatchPolicy(max_batch_size=12, token_budget=48), kv_cache_tokens=640, block_size=8)
+    bm, sched = runner.blocks, runner.scheduler
+    shared = [rng.randrange(3, 500) for _ in range(20)]  # a common "system prompt" so prefix hits happen
+    seqs = []
+    while len(seqs) < 500 or runner.has_work():
+        for _ in range(rng.choice([0, 0, 1, 2, 3]) if len(seqs) < 500 else 0):
+            prefix = shared[:rng.randrange(21)] if rng.random() < 0.5 else []
+            prompt = prefix + [rng.randrange(3, 500) for _ in range(rng.randrange(1, 60))]
+            seqs.append(new_seq(prompt, loaded.tokenizer, rng.randrange(1, 40), ignore_eos=True))
+            runner.add(seqs[-1])
+        for s in rng.sample(seqs[-30:], k=min(2, len(seqs))):
+            if rng.random() < 0.05:
+                s.stream.cancel()
+        if runner.has_work():
+            runner.step()
+        # every block is free or held, with a reference count equal to the number of tables holding it
+        holders = [0] * bm.num_blocks
+        for s in sched.running:
+            for b in s.block_table:
+                holders[b] += 1
+        assert holders == bm.ref_count and set(bm.free) == {b for b in range(bm.num_blocks) if not holders[b]}
+    assert bm.num_free == bm.num_blocks and not sched.running and not sched.waiting
+    reasons = [s.metrics.finish_reason for s in seqs]
+    assert set(reasons) == {"length", "cancelled"} and reasons.count("cancelled") >= 10
+    assert all(len(s.output_ids) == s.params.max_tokens for s in seqs if s.metrics.finish_reason == "length")
+    assert sched.preemptions > 0 and sched.cached_tokens > 0  # both paths were exercised
+
+
+def test_prefix_cache_hit_reuses_blocks_and_gives_the_same_tokens(tiny):
+    loaded, model = tiny
+    system = list(range(100, 140))  # 40 tokens: 2 full blocks of 16 + 8
+    a = new_seq(system + [7, 8, 9], loaded.tokenizer, 12, ignore_eos=True)
+    b = new_seq(system + [10, 11], loaded.tokenizer, 12, ignore_eos=True)
+    runner = BatchedRunner(model, 512, kv_cache_tokens=256)
+    run_to_end(runner, [a])
+    a_blocks = list(runner.blocks.cached.values())
+    runner.add(b)
+    runner.step()
+    held = runner.scheduler.running[0].block_table
+    assert held[:2] == a_blocks[:2] and runner.scheduler.cached_tokens == 32
+    run_to_end(runner, [])
+    # the same requests on a cold cache, and batch 1, give the same tokens
+    for reference in (BatchedRunner(model, 512, kv_cache_tokens=256, prefix_caching=False), LatencyRunner(model, 512)):
+        ref = new_seq(b.prompt_ids, loaded.tokenizer, 12, ignore_eos=True)
+        run_to_end(reference, [ref])
+        assert ref.output_ids == b.output_ids
+
+
+def test_a_failed_forward_fails_its_batch_and_the_runner_keeps_serving(tiny):
+    loaded, model = tiny
+    runner = BatchedRunner(model, 512, kv_cache_tokens=256)
+    bad = new_seq([5, 6, 60000], loaded.tokenizer, 4)  # token 60000 is outside the vocabulary
+    run_to_end(runner, [bad])
+    with pytest.raises(Exception, match="failed"):
+        list(bad.stream)
+    good = new_seq([5, 6, 7], loaded.tokenizer, 4, ignore_eos=True)
+    run_to_end(runner, [good])
+    assert len(good.output_ids) == 4 and runner.blocks.num_free == runner.blocks.num_blocks
+
+
+# ---- the engine: live mode switches and overload ----------------------------------------------------------
+
+
+def test_mode_switch_under_load_loses_no_request_and_repeats_no_token(default_model, prompts, batch1_outputs):
+    engine = Engine(default_model, dtype=torch.float32, quant="none")  # batch 1 with speculation, full fp32 weights
+    try:
+        streams = [engine.submit(Request(prompt_ids=ids, sampling=SamplingParams(max_tokens=MAX_TOKENS))) for ids in prompts[:4]]
+        results = [[] for _ in streams]
+
+        def read(i):
+            results[i] += [(ev.token_ids, ev.text) for ev in streams[i]]
+
+        readers = [threading.Thread(target=read, args=(i,)) for i in range(len(streams))]
+        for r in readers:
+            r.start()
+        mode, switched_at = "latency", 0
+        while any(r.is_alive() for r in readers):
+            emitted = sum(len(ids) for events in results for ids, _ in events)
+            if emitted >= switched_at + 3:  # switch whenever tokens are flowing: requests are mid-generation
+                mode = "batched" if mode == "latency" else "latency"
+                engine.set_mode(mode)
+                switched_at = emitted
+            threading.Event().wait(0.01)
+        for r in readers:
+            r.join()
+        for i, events in enumerate(results):
+            assert [t for ids, _ in events for t in ids] == batch1_outputs[i]
+            assert "".join(text for _, text in events) == default_model.tokenizer.decode(batch1_outputs[i])
+        modes = {m for s in streams for _, _, m in s.metrics.emissions}
+        assert modes == {"latency", "batched"}  # tokens really came from both modes
+        after = engine.generate(Request(prompt_ids=prompts[0], sampling=SamplingParams(max_tokens=3)))
+        assert after.token_ids == batch1_outputs[0][:3]
+    finally:
+        engine.close()
+
+
+def test_overload_in_batched_mode_is_refused_and_the_engine_keeps_serving(default_model):
+    engine = Engine(default_model, mode="batched", max_waiting=3, policy=BatchPolicy(max_batch_size=1))
+    try:
+        long = SamplingParams(max_tokens=500, ignore_eos=True)
+        streams = [engine.submit(Request(prompt="Once upon a time", sampling=long)) for _ in range(3)]
+        with pytest.raises(OverloadedError, match="overloaded: 3 requests already waiting"):
+            engine.submit(Request(prompt="one too many"))
+        assert engine.metrics_snapshot()["rejected"] == 1
+        for s in streams:
+            s.cancel()
+            list(s)
+        assert [s.metrics.finish_reason for s in streams] == ["cancelled"] * 3
+        c = engine.generate(Request(prompt="Hi", sampling=SamplingParams(max_tokens=3, ignore_eos=True)))
+        assert len(c.token_ids) == 3 and c.metrics.emissions[0][2] == "batched"
+        for _ in range(500):  # the stream ends before the worker has put the finished sequence away
+            snap = engine.metrics_snapshot()
+            if snap["running"] == 0:
+                break
+            threading.Event().wait(0.01)
+        assert snap["mode"] == "batched" and snap["kv_blocks_used"] == 0 and snap["running"] == snap["waiting"] == 0
+    finally:
+        engine.close()

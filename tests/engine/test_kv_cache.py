@@ -1,0 +1,119 @@
+"""The paged KV cache: block accounting, the prefix cache, and ragged-batch attention against plain math."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from engine.kv_cache import BlockManager, PagedKVCache
+from engine.model import ModelConfig
+
+
+def test_grow_and_release_account_for_every_block():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a, b = [], []
+    assert bm.grow(a, 9)  # 3 blocks
+    assert bm.grow(a, 12) and len(a) == 3  # still fits
+    assert bm.grow(b, 17)  # 5 blocks
+    assert bm.num_free == 0 and sorted(a + b) == list(range(8))
+    assert not bm.grow(a, 13) and len(a) == 3  # nothing free: refused, table unchanged
+    bm.release(b)
+    assert b == [] and bm.num_free == 5
+    assert bm.grow(a, 13) and len(a) == 4
+    bm.release(a)
+    assert bm.num_free == 8 and bm.ref_count == [0] * 8
+
+
+def test_prefix_cache_shares_full_blocks_and_leaves_one_token_to_compute():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    ids = list(range(100, 111))  # 11 tokens: 2 full blocks + 3
+    a, hashes = [], []
+    assert bm.grow(a, len(ids))
+    bm.cache_full_blocks(a, hashes, ids, n_computed=len(ids))
+    assert len(hashes) == 2
+
+    blocks, hashes_b = bm.share_prefix(ids + [7, 8])
+    assert blocks == a[:2] and hashes_b == hashes
+    assert [bm.ref_count[x] for x in a] == [2, 2, 1]
+    # exactly two full blocks: only the first is shared, so one token is left whose logits are needed
+    assert bm.share_prefix(ids[:8])[0] == a[:1]
+    # the chain matters: same second block after a different first block is a miss
+    assert bm.share_prefix([0] + ids[1:])[0] == []
+    assert bm.share_prefix(ids[:4] + [0] + ids[5:])[0] == a[:1]
+
+
+def test_freed_blocks_stay_cached_until_evicted():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    ids = [1, 2, 3, 4, 5]
+    a, hashes = [], []
+    bm.grow(a, 5)
+    bm.cache_full_blocks(a, hashes, ids, 5)
+    first_two = a[:2]
+    bm.release(a)
+    assert bm.num_free == 4
+    hit, _ = bm.share_prefix(ids)
+    assert hit == first_two  # a finished sequence's k/v is found again
+    bm.release(hit)
+    b = []
+    assert bm.grow(b, 8)  # needs every block: the cached ones are evicted and reused
+    assert bm.share_prefix(ids)[0] == []
+    bm.release(b)
+    bm.clear_prefix_cache()
+    assert bm.cached == {} and bm.num_free == 4
+
+
+def test_prefix_caching_off_never_shares():
+    bm = BlockManager(num_blocks=4, block_size=2, prefix_caching=False)
+    a, hashes = [], []
+    bm.grow(a, 4)
+    bm.cache_full_blocks(a, hashes, [1, 2, 3, 4], 4)
+    assert bm.share_prefix([1, 2, 3, 4, 5]) == ([], [])
+
+
+def reference_attention(q, keys, values, q_positions):
+    """Plain softmax attention: q [T, H, D] at q_positions over keys/values [S, KV, D] at positions 0..S-1."""
+    H, KV, D = q.shape[1], keys.shape[1], q.shape[2]
+    out = torch.empty_like(q)
+    for t, pos in enumerate(q_positions):
+        for h in range(H):
+            kv = h // (H // KV)
+            scores = keys[: pos + 1, kv] @ q[t, h] / math.sqrt(D)
+            out[t, h] = torch.softmax(scores, 0) @ values[: pos + 1, kv]
+    return out
+
+
+@pytest.mark.parametrize("order", ["decodes first", "mixed"])
+def test_ragged_batch_attention_matches_plain_attention(order):
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    cfg = ModelConfig(arch="llama", vocab_size=10, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=8,
+                      rope_theta=1e4, norm_eps=1e-5, max_seq_len=128, tie_embeddings=True, qkv_bias=False)
+    bs, num_blocks = 4, 40
+    cache = PagedKVCache(cfg, num_blocks, bs, torch.float32)
+    free = list(range(num_blocks))
+    rng.shuffle(free)  # block tables are scattered, not contiguous
+    # (tokens already cached, new tokens this step): two decodes, a fresh prefill, a later prefill chunk
+    shapes = [(9, 1), (0, 6), (5, 7), (17, 1)] if order == "mixed" else [(9, 1), (17, 1), (0, 6), (5, 7)]
+    history = []  # full k, v per sequence, written step by step
+    tables = []
+    for past, new in shapes:
+        n_blocks = -(-(past + new) // bs)
+        tables.append([free.pop() for _ in range(n_blocks)])
+        history.append((torch.randn(past + new, 2, 8), torch.randn(past + new, 2, 8)))
+    # put each sequence's past k/v into its blocks, as earlier steps would have
+    for (past, _), table, (k, v) in zip(shapes, tables, history):
+        for p in range(past):
+            cache.k[0, table[p // bs], p % bs] = k[p]
+            cache.v[0, table[p // bs], p % bs] = v[p]
+    positions = cache.prepare([n for _, n in shapes], [p + n for p, n in shapes], tables)
+    assert positions.tolist() == [p for past, new in shapes for p in range(past, past + new)]
+    q = torch.randn(len(positions), 4, 8)
+    new_k = torch.cat([k[past:] for (past, _), (k, _) in zip(shapes, history)])
+    new_v = torch.cat([v[past:] for (past, _), (_, v) in zip(shapes, history)])
+    out = cache.attend(0, q, new_k, new_v).view(-1, 4, 8)
+    row = 0
+    for (past, new), (k, v) in zip(shapes, history):
+        expected = reference_attention(q[row:row + new], k, v, range(past, past + new))
+        torch.testing.assert_close(out[row:row + new], expected, rtol=1e-5, atol=1e-5)
+        row += new

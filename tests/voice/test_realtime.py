@@ -1,0 +1,175 @@
+"""The whole loop on loopback with speech going in as audio, in real time: spoken turns, a barge-in, a
+cancelled and a truncated reply. Every server event is also checked against the official `openai` SDK's
+event models, so the payload shapes are the Realtime API's."""
+
+import asyncio
+
+import pytest
+from pydantic import TypeAdapter
+
+from voice.audio import WIRE_RATE
+from voice.caller import SimulatedCaller
+from voice.client import RealtimeClient
+from voice.wer import normalize, wer
+
+SDK_EVENTS = None
+
+
+def check_shapes(log: list[tuple[float, dict]]) -> None:
+    """Validate every server event but our own tradeoff.metrics against the SDK's RealtimeServerEvent union."""
+    global SDK_EVENTS
+    from openai.types.realtime import RealtimeServerEvent
+
+    SDK_EVENTS = SDK_EVENTS or TypeAdapter(RealtimeServerEvent)
+    for _, event in log:
+        if event["type"] != "tradeoff.metrics":
+            parsed = SDK_EVENTS.validate_python(event)
+            assert parsed.type == event["type"]
+
+
+def types_between(log, first: str, last: str) -> list[str]:
+    kinds = [e["type"] for _, e in log]
+    i = kinds.index(first)
+    return kinds[i: kinds.index(last, i) + 1]
+
+
+def events_of(log, kind: str) -> list[dict]:
+    return [e for _, e in log if e["type"] == kind]
+
+
+RESPONSE_EVENTS = [
+    "response.created", "response.output_item.added", "conversation.item.added", "response.content_part.added",
+    "response.output_audio_transcript.delta",  # then audio deltas and more transcript deltas, clause by clause
+]
+RESPONSE_END = ["response.output_audio.done", "response.output_audio_transcript.done", "response.content_part.done",
+                "response.output_item.done", "conversation.item.done", "tradeoff.metrics", "response.done"]
+
+
+async def test_spoken_turns_end_to_end(server):
+    questions = ("What is the capital of France?", "How many legs does a spider have?")
+    async with RealtimeClient(server.url) as client:
+        turns = await SimulatedCaller(client, questions, turns=2).run()
+        log = list(client.log)
+    assert len(turns) == 2
+    check_shapes(log)
+    for turn in turns:
+        assert wer([turn.question], [turn.transcript]) <= 0.3, (turn.question, turn.transcript)
+        reply = turn.response
+        assert reply.status == "completed"
+        assert reply.audio_samples > 0.3 * WIRE_RATE and reply.transcript.strip()
+        m = reply.metrics["timestamps"]
+        # stages in order, and the breakdown adds up to the server's end-to-end time exactly
+        assert m["speech_end"] < m["vad_decision"]
+        assert m["asr_start"] < m["asr_final"]
+        assert m["speech_end"] < m["llm_first_token"] <= m["first_clause"] <= m["tts_first_chunk"] <= m["first_audio_sent"]
+        parts = reply.metrics["breakdown_ms"]
+        assert sum(parts.values()) == pytest.approx(reply.metrics["e2e_ms"])
+        assert reply.metrics["e2e_ms"] == pytest.approx((m["first_audio_sent"] - m["speech_end"]) * 1000)
+        assert parts["endpointing"] >= 300 - 32  # the configured silence, give or take one VAD chunk
+        # the client's own measurement: the server's E2E plus transport, to within the 20 ms frame that
+        # carried the last speech (the server only knows which frame held it)
+        assert turn.speech_end <= m["speech_end"] + 0.025
+        assert 0 <= turn.e2e_ms - reply.metrics["e2e_ms"] <= 50
+        assert reply.first_audio_at >= m["first_audio_sent"]
+    # the conversation carries over: the second prompt holds the first exchange
+    assert turns[1].response.metrics["llm"]["prompt_tokens"] > turns[0].response.metrics["llm"]["prompt_tokens"] + 10
+
+    # event order of a spoken turn
+    turn_events = types_between(log, "input_audio_buffer.speech_started", "response.done")
+    assert turn_events[:7] == [
+        "input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
+        "conversation.item.added", "conversation.item.input_audio_transcription.completed", "conversation.item.done",
+        "response.created"]
+    assert turn_events[6:11] == RESPONSE_EVENTS
+    assert turn_events[-7:] == RESPONSE_END
+    started, stopped, committed, added = (events_of(log, k)[0] for k in (
+        "input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
+        "conversation.item.added"))
+    assert started["item_id"] == stopped["item_id"] == committed["item_id"] == added["item"]["id"]
+    assert started["audio_start_ms"] < stopped["audio_end_ms"]
+    done = events_of(log, "response.done")[0]["response"]
+    assert done["status"] == "completed"
+    assert done["usage"]["output_tokens"] > 0 and done["usage"]["input_tokens"] > 0
+    assert done["output"][0]["content"][0]["transcript"] == turns[0].response.transcript
+
+
+async def test_barge_in_stops_the_reply_and_keeps_only_what_was_heard(server):
+    questions = ("Can you recommend a good book to read?", "What is the capital of France?")
+    async with RealtimeClient(server.url) as client:
+        caller = SimulatedCaller(client, questions, turns=2, barge_in_every=1, barge_in_after_ms=300)
+        first, second = await caller.run()
+        log = list(client.log)
+        session = next(iter(server.sessions))
+        history = [(item.role, item.text) for item in session.conversation.items]
+    check_shapes(log)
+    interrupted = first.response
+    assert second.barge_in and interrupted.status == "cancelled"
+    assert interrupted.interrupted_at is not None and interrupted.late_deltas == 0  # no audio after speech_started
+    assert second.barge_in_stop_ms is not None
+    assert second.response.status == "completed"
+    cancelled = next(e["response"] for e in events_of(log, "response.done") if e["response"]["id"] == interrupted.id)
+    assert cancelled["status_details"] == {"type": "cancelled", "reason": "turn_detected"}
+    # after speech_started the interrupted response only closes: no more deltas, then response.done
+    after = types_between(log, "input_audio_buffer.speech_started", "response.done")
+    assert after[0] == "input_audio_buffer.speech_started" and after[-7:] == RESPONSE_END
+    # the assistant item keeps only the words whose audio went out, and the model's history agrees
+    heard = cancelled["output"][0]["content"][0]["transcript"]
+    assert normalize(heard) == normalize(interrupted.transcript)[: len(normalize(heard))]
+    assert ("assistant", heard) in history or not heard
+    assert history[-2][0] == "user" and wer([second.question], [history[-2][1]]) <= 0.3
+
+
+async def text_turn(client: RealtimeClient, text: str) -> None:
+    await client.send({"type": "conversation.item.create",
+                       "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})
+    await client.send({"type": "response.create"})
+
+
+async def wait_until(client: RealtimeClient, condition, timeout: float = 30) -> None:
+    async def loop():
+        while not condition():
+            await client.next_event()
+    await asyncio.wait_for(loop(), timeout)
+
+
+async def test_cancelled_turn(server):
+    async with RealtimeClient(server.url) as client:
+        await text_turn(client, "Tell me a long story about a dragon.")
+        await wait_until(client, lambda: client.current is not None and client.current.first_audio_at is not None)
+        reply = client.current
+        await client.send({"type": "response.cancel", "response_id": reply.id})
+        await wait_until(client, lambda: reply.done_at is not None)
+        done = events_of(client.log, "response.done")[-1]["response"]
+        assert done["status"] == "cancelled" and done["status_details"]["reason"] == "client_cancelled"
+        assert done["output"][0]["status"] == "incomplete"
+        await asyncio.sleep(0.3)
+        assert reply.last_audio_at < reply.done_at  # nothing after response.done
+        # cancelling again: nothing is active
+        await client.send({"type": "response.cancel"})
+        await wait_until(client, lambda: client.log[-1][1]["type"] == "error")
+        assert client.log[-1][1]["error"]["code"] == "response_cancel_not_active"
+        # and the session goes on
+        await text_turn(client, "Say hello.")
+        await wait_until(client, lambda: client.current is not reply and client.current.done_at is not None)
+        assert client.current.status == "completed"
+        check_shapes(client.log)
+
+
+async def test_client_truncates_what_it_played(server):
+    async with RealtimeClient(server.url) as client:
+        await text_turn(client, "What is the capital of France?")
+        await wait_until(client, lambda: client.current is not None and client.current.done_at is not None)
+        item = events_of(client.log, "response.done")[-1]["response"]["output"][0]
+        words = item["content"][0]["transcript"].split()
+        total_ms = client.current.audio_samples * 1000 // WIRE_RATE
+        await client.send({"type": "conversation.item.truncate", "item_id": item["id"], "content_index": 0,
+                           "audio_end_ms": total_ms + 1000})
+        await wait_until(client, lambda: client.log[-1][1]["type"] == "error")
+        assert "past the item's audio" in client.log[-1][1]["error"]["message"]
+        await client.send({"type": "conversation.item.truncate", "item_id": item["id"], "content_index": 0,
+                           "audio_end_ms": total_ms // 2})
+        await wait_until(client, lambda: client.log[-1][1]["type"] == "conversation.item.truncated")
+        assert client.log[-1][1]["audio_end_ms"] == total_ms // 2
+        session = next(iter(server.sessions))
+        kept = session.conversation.find(item["id"]).text.split()
+        assert 0 < len(kept) < len(words) and kept == words[: len(kept)]

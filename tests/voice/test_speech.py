@@ -1,0 +1,135 @@
+"""The speech parts on real audio: TTS output, VAD events against the known speech boundaries, the Whisper
+front end against Hugging Face's feature extractor, and both recognizers against the text that was spoken."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from voice.asr import SphinxASR, log_mel
+from voice.audio import ASR_RATE, WIRE_RATE, float_to_pcm16, resample, with_noise_floor
+from voice.caller import speak
+from voice.vad import CHUNK, SileroModel, SileroVAD, silero_data
+from voice.wer import wer
+
+QUESTIONS = ["What is the capital of France?", "How many legs does a spider have?", "Who wrote Romeo and Juliet?",
+             "Why is the ocean salty?", "What should I cook for dinner tonight?", "How do bees make honey?"]
+
+
+def clip(tts, text, seed=0, lead_s=0.4, tail_s=0.5):
+    """16 kHz speech with silence around it; also returns where the voice starts and ends (samples)."""
+    speech = speak(tts, text)
+    audio = np.concatenate([np.zeros(int(lead_s * WIRE_RATE), np.float32), speech, np.zeros(int(tail_s * WIRE_RATE), np.float32)])
+    audio16 = resample(with_noise_floor(audio, 30.0, seed), WIRE_RATE, ASR_RATE)
+    return audio16, int(lead_s * ASR_RATE), int((lead_s + len(speech) / WIRE_RATE) * ASR_RATE)
+
+
+def test_espeak_speaks_at_the_wire_rate_and_knows_its_voices(tts):
+    audio = tts.synthesize("Hello there.", "alloy")
+    assert audio.dtype == np.float32 and 0.4 < len(audio) / WIRE_RATE < 2.0
+    assert np.abs(audio).max() > 0.1
+    shorter = tts.synthesize("Hello there.", "alloy", end_pause=False)
+    assert 0.2 < (len(audio) - len(shorter)) / WIRE_RATE < 0.4  # the sentence-end pause
+    assert len(tts.synthesize("Hello there.", "alloy", speed=1.5)) < len(audio)
+    tts.check_voice("coral")
+    with pytest.raises(ValueError, match="unknown voice"):
+        tts.check_voice("no-such-voice")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.load
+def test_numpy_silero_matches_the_torchscript_model(tts):
+    import torch
+
+    audio, _, _ = clip(tts, "Why do leaves change color in autumn?")
+    reference = torch.jit.load(str(silero_data() / "silero_vad.jit"), map_location="cpu").eval()
+    ours = SileroModel()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the TorchScript model crawls with two threads on a busy 2-core machine
+    try:
+        with torch.inference_mode():
+            pairs = [(reference(torch.from_numpy(audio[i:i + CHUNK]), ASR_RATE).item(), ours(audio[i:i + CHUNK]))
+                     for i in range(0, len(audio) - CHUNK, CHUNK)]
+    finally:
+        torch.set_num_threads(threads)
+    expected, got = np.array(pairs).T
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert expected.min() < 0.1 and expected.max() > 0.9  # the clip has both silence and speech
+
+
+def test_vad_finds_speech_and_its_end(tts):
+    audio, start, end = clip(tts, "How many legs does a spider have?")
+    vad = SileroVAD(threshold=0.5, silence_duration_ms=300)
+    events = []
+    for i in range(0, len(audio), 320):  # 20 ms pieces, as a client sends them
+        events += [(e.kind, e.sample, vad.samples) for e in vad.process(audio[i:i + 320])]
+    kinds = [k for k, _, _ in events]
+    assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("end") == 1
+    assert "pause" in kinds
+    assert start - CHUNK <= events[0][1] <= start + 4 * CHUNK
+    _, end_sample, decided_at = events[-1]
+    assert abs(end_sample - end) <= 0.03 * ASR_RATE  # within 30 ms of where the voice stopped
+    assert 0.3 * ASR_RATE <= decided_at - end_sample < 0.3 * ASR_RATE + 2 * CHUNK
+
+
+def test_vad_ignores_the_noise_floor():
+    noise = with_noise_floor(np.zeros(3 * ASR_RATE, np.float32) + 1e-3 * np.sin(np.arange(3 * ASR_RATE)), 0.0)
+    assert SileroVAD().process(noise.astype(np.float32)) == []
+
+
+def test_log_mel_matches_the_reference_front_end():
+    from transformers import WhisperFeatureExtractor
+
+    audio = (np.random.default_rng(0).standard_normal(3 * ASR_RATE) * 0.1).astype(np.float32)
+    reference = WhisperFeatureExtractor(feature_size=80, sampling_rate=ASR_RATE, hop_length=160, chunk_length=10,
+                                        n_fft=400)(audio, sampling_rate=ASR_RATE, return_tensors="np").input_features[0]
+    ours = log_mel(audio, 10)
+    assert ours.shape == reference.shape == (80, 1000)
+    np.testing.assert_allclose(ours, reference, atol=1e-4)
+
+
+def test_whisper_transcribes_espeak_questions(whisper, tts):
+    asr = whisper
+    hyps = [asr.transcribe_array(clip(tts, q, seed=i)[0]).text for i, q in enumerate(QUESTIONS)]
+    assert wer(QUESTIONS, hyps) < 0.2, list(zip(QUESTIONS, hyps))
+
+
+def test_whisper_says_nothing_for_noise(whisper):
+    noise = with_noise_floor(np.full(2 * ASR_RATE, 1e-3, np.float32), -20.0)
+    assert whisper.transcribe_array(noise).text == ""
+
+
+async def test_whisper_recognizer_transcribes_what_was_fed_so_far(whisper, tts):
+    audio, _, end = clip(tts, "What is the capital of France?")
+    rec = whisper.open()
+    half = end // 2
+    rec.feed(audio[:half])
+    first = await rec.transcribe()
+    rec.feed(audio[half:])
+    full = await rec.transcribe()
+    assert first.audio_s == pytest.approx(half / ASR_RATE) and full.audio_s == pytest.approx(len(audio) / ASR_RATE)
+    assert wer(["What is the capital of France?"], [full.text]) <= 0.2
+    assert len(first.text.split()) < len(full.text.split())
+    rec.reset()
+    assert (await rec.transcribe()).text == ""
+
+
+async def test_pocketsphinx_worker_gives_what_an_in_process_decoder_gives(tts):
+    from pocketsphinx import Decoder
+
+    reference = Decoder(samprate=ASR_RATE, loglevel="FATAL")  # fed the same way, in this process
+    rec = SphinxASR().open()
+    try:
+        for text in ("Tell me a joke, please.", "How many legs does a spider have?"):
+            audio, _, _ = clip(tts, text)
+            reference.start_utt()
+            for i in range(0, len(audio), 320):
+                rec.feed(audio[i:i + 320])
+                reference.process_raw(float_to_pcm16(audio[i:i + 320]), False, False)
+            reference.end_utt()
+            result = await asyncio.wait_for(rec.transcribe(), 30)
+            assert result.text == reference.hyp().hypstr
+            assert wer([text], [result.text]) < 0.8, (text, result.text)  # weak, but it heard speech
+            rec.reset()
+    finally:
+        rec.close()
+    assert rec.process.poll() is not None

@@ -1,0 +1,229 @@
+"""The simulated caller: speaks built-in questions (espeak plus a noise floor) through the real audio path,
+in real time, waits for each reply, and barges in on some of them.
+
+The microphone never stops: every 20 ms it sends a frame, of speech when there is some queued and of
+the noise floor otherwise, as a real microphone would. This is how the loop runs and is measured on a
+machine with no microphone (`tradeoff talk --simulate`, `tradeoff bench voice`, the dashboard).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from voice.audio import WIRE_RATE
+from voice.client import Heard, RealtimeClient
+from voice.tts import EspeakTTS
+from voice.wer import wer
+
+FRAME = WIRE_RATE * 20 // 1000
+
+QUESTIONS = (
+    "What is the capital of France?",
+    "How many legs does a spider have?",
+    "What color is the sky on a clear day?",
+    "Can you recommend a good book to read?",
+    "What is the boiling point of water?",
+    "How far away is the moon?",
+    "Who wrote Romeo and Juliet?",
+    "What is the largest ocean on Earth?",
+    "Give me a tip for sleeping better.",
+    "Why do leaves change color in autumn?",
+    "What is the tallest mountain in the world?",
+    "How do bees make honey?",
+    "What should I cook for dinner tonight?",
+    "Tell me a fun fact about octopuses.",
+    "How many days are there in a leap year?",
+    "What is the speed of light?",
+    "Which planet is closest to the sun?",
+    "How do I make a cup of tea?",
+    "What is the main ingredient in guacamole?",
+    "Why is the ocean salty?",
+    "What language do people speak in Brazil?",
+    "How long does it take to boil an egg?",
+    "What is photosynthesis?",
+    "Name three animals that live in the desert.",
+)
+
+
+def speak(tts: EspeakTTS, text: str, voice: str = "en-us") -> np.ndarray:
+    """espeak speech for `text`, trimmed to where the voice starts and stops (24 kHz)."""
+    audio = tts.synthesize(text, voice)
+    voiced = np.flatnonzero(np.abs(audio) > 1e-3)
+    return audio[voiced[0]: voiced[-1] + 1] if len(voiced) else audio
+
+
+@dataclass
+class Turn:
+    question: str
+    speech_start: float | None = None  # when the frame with the first speech sample was sent
+    speech_end: float | None = None  # ... and the frame with the last one
+    transcript: str | None = None  # what the server heard
+    response: Heard | None = None
+    barge_in: bool = False  # this question was spoken over the previous reply
+    barge_in_stop_ms: float | None = None  # how long the interrupted reply kept playing after we started speaking
+
+    @property
+    def e2e_ms(self) -> float | None:
+        if self.response is None or self.response.first_audio_at is None or self.speech_end is None:
+            return None
+        return (self.response.first_audio_at - self.speech_end) * 1000
+
+    @property
+    def wer(self) -> float | None:
+        return None if self.transcript is None else wer([self.question], [self.transcript])
+
+
+class Microphone:
+    """Sends a frame every 20 ms on a fixed schedule: queued speech, else the noise floor."""
+
+    def __init__(self, client: RealtimeClient, noise_level: float, seed: int):
+        self.client = client
+        self.noise_level = noise_level
+        self.rng = np.random.default_rng(seed)
+        self.queue: list[tuple[np.ndarray, Turn]] = []
+        self.position = 0  # samples of the head utterance already sent
+        self.task: asyncio.Task | None = None
+
+    def say(self, speech: np.ndarray, turn: Turn) -> None:
+        self.queue.append((speech, turn))
+
+    def queued(self, turn: Turn) -> bool:
+        return any(t is turn for _, t in self.queue)
+
+    @property
+    def speaking(self) -> bool:
+        return bool(self.queue)
+
+    async def run(self) -> None:
+        start = time.monotonic()
+        for k in itertools.count():
+            frame = self.rng.standard_normal(FRAME).astype(np.float32) * self.noise_level
+            starts = ends = None
+            if self.queue:
+                speech, turn = self.queue[0]
+                piece = speech[self.position: self.position + FRAME]
+                frame[: len(piece)] += piece
+                starts = turn if self.position == 0 else None
+                self.position += FRAME
+                if self.position >= len(speech):
+                    ends = turn
+                    self.queue.pop(0)
+                    self.position = 0
+            sent = await self.client.send_audio(frame)
+            if starts is not None:
+                starts.speech_start = sent
+            if ends is not None:
+                ends.speech_end = sent
+            await asyncio.sleep(max(0.0, start + (k + 1) * FRAME / WIRE_RATE - time.monotonic()))
+
+
+class SimulatedCaller:
+    def __init__(self, client: RealtimeClient, questions: tuple[str, ...] = QUESTIONS, turns: int | None = None,
+                 barge_in_every: int = 0, barge_in_after_ms: float = 600, snr_db: float = 30.0, gap_ms: float = 500,
+                 turn_timeout_s: float = 30.0, seed: int = 0):
+        self.client = client
+        self.questions = [questions[i % len(questions)] for i in range(turns or len(questions))]
+        self.barge_in_every = barge_in_every  # every n-th question interrupts the reply before it (0 = never)
+        self.barge_in_after = barge_in_after_ms / 1000
+        self.gap = gap_ms / 1000
+        self.turn_timeout = turn_timeout_s
+        self.tts = EspeakTTS()
+        reference = speak(self.tts, questions[0])
+        speech_rms = float(np.sqrt(np.mean(reference**2)))
+        self.mic = Microphone(client, speech_rms * 10 ** (-snr_db / 20), seed)
+
+    async def run(self, on_turn: Callable[[Turn], None] | None = None) -> list[Turn]:
+        turns = [Turn(q, barge_in=self.barge_in_every > 0 and i > 0 and i % self.barge_in_every == 0)
+                 for i, q in enumerate(self.questions)]
+        self.mic.task = asyncio.create_task(self.mic.run())
+        try:
+            await wait_for(self.client, lambda: False, 0.5)  # the noise floor alone first, as when a call connects
+            for i, turn in enumerate(turns):
+                following = turns[i + 1] if i + 1 < len(turns) else None
+                if not await self._turn(turn, following):
+                    break
+                if on_turn:
+                    on_turn(turn)
+        finally:
+            self.mic.task.cancel()
+            await asyncio.wait([self.mic.task])
+        return [t for t in turns if t.response is not None]
+
+    async def _turn(self, turn: Turn, following: Turn | None) -> bool:
+        """Ask `turn`'s question (unless it was already spoken over the last reply) and wait for the reply."""
+        if turn.speech_start is None and not self.mic.queued(turn):
+            self.mic.say(speak(self.tts, turn.question), turn)
+        await wait_for(self.client, lambda: turn.speech_end is not None, self.turn_timeout)
+        if not await wait_for(self.client, lambda: self._response_after(turn) is not None, self.turn_timeout):
+            return False
+        reply = turn.response = self._response_after(turn)
+        if following is not None and following.barge_in:
+            await wait_for(self.client, lambda: reply.first_audio_at is not None, self.turn_timeout)
+            await wait_for(self.client, lambda: False, self.barge_in_after)
+            self.mic.say(speak(self.tts, following.question), following)
+            await wait_for(self.client, lambda: reply.done_at is not None, self.turn_timeout)
+            if reply.playback_stopped_at is not None:
+                await wait_for(self.client, lambda: following.speech_start is not None, self.turn_timeout)
+                following.barge_in_stop_ms = max(0.0, reply.playback_stopped_at - following.speech_start) * 1000
+        else:
+            await wait_for(self.client, lambda: reply.done_at is not None and not self.client.playing, self.turn_timeout)
+        await wait_for(self.client, lambda: transcript_after(self.client, turn.speech_end) is not None, 1.0)
+        turn.transcript = transcript_after(self.client, turn.speech_end)
+        if following is not None and not following.barge_in:
+            await wait_for(self.client, lambda: False, self.gap)
+        return True
+
+    def _response_after(self, turn: Turn) -> Heard | None:
+        return None if turn.speech_end is None else response_after(self.client, turn.speech_end)
+
+
+
+def response_after(client: RealtimeClient, t: float) -> Heard | None:
+    """The first response the server created after time `t` (the answer to speech that ended then)."""
+    return next((r for r in client.responses if r.created_at >= t), None)
+
+
+def transcript_after(client: RealtimeClient, t: float) -> str | None:
+    return next((e["transcript"] for at, e in client.log
+                 if at >= t and e["type"] == "conversation.item.input_audio_transcription.completed"), None)
+
+
+async def wait_for(client: RealtimeClient, condition: Callable[[], bool], timeout: float) -> bool:
+    """Consume client events until `condition()` holds or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        try:
+            await client.next_event(timeout=min(remaining, 0.02))
+        except asyncio.TimeoutError:
+            pass
+    return True
+
+
+async def speak_once(client: RealtimeClient, speech: np.ndarray, label: str, timeout_s: float = 30.0) -> Turn:
+    """Send recorded speech in real time (then silence) and wait until its reply has played."""
+    turn = Turn(label)
+    mic = Microphone(client, noise_level=0.0, seed=0)
+    mic.say(speech, turn)
+    mic.task = asyncio.create_task(mic.run())
+    try:
+        await wait_for(client, lambda: turn.speech_end is not None, len(speech) / WIRE_RATE + timeout_s)
+        if turn.speech_end is not None:
+            await wait_for(client, lambda: response_after(client, turn.speech_end) is not None, timeout_s)
+            turn.response = response_after(client, turn.speech_end)
+        if turn.response is not None:
+            reply = turn.response
+            await wait_for(client, lambda: reply.done_at is not None and not client.playing, timeout_s)
+            turn.transcript = transcript_after(client, turn.speech_end)
+    finally:
+        mic.task.cancel()
+        await asyncio.wait([mic.task])
+    return turn

@@ -1,0 +1,195 @@
+"""Voice subcommands of `tradeoff`: serve (the realtime server) and talk (a client: microphone, WAV, or simulated)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from voice.audio import WIRE_RATE, resample
+from voice.server import PATH
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    from engine.cli import add_model_args
+
+    p = sub.add_parser("serve", help="run the realtime voice server (OpenAI Realtime protocol over WebSocket)",
+                       description=f"Serve ws://HOST:PORT{PATH}: VAD -> ASR -> engine -> TTS with barge-in, "
+                       "speaking the OpenAI Realtime API (GA events), so stock clients can talk to it.")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s; others need --token)")
+    p.add_argument("--port", type=int, default=8765, help="port (default: %(default)s)")
+    p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' on the handshake")
+    p.add_argument("--asr", default="whisper", choices=("whisper", "pocketsphinx"),
+                   help="default speech recognizer (default: %(default)s; a session may pick the other)")
+    p.add_argument("--tts", default="espeak", choices=("espeak", "piper"), help="speech synthesizer (default: %(default)s)")
+    p.add_argument("--piper-model", default=None, help="Piper voice (.onnx with its .onnx.json) for --tts piper")
+    p.add_argument("--max-tokens", type=int, default=200, help="most tokens per reply (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
+    p.add_argument("--silence-ms", type=int, default=300, help="silence that ends a turn (default: %(default)s)")
+    p.add_argument("--lead-ms", type=float, default=100,
+                   help="how far reply audio runs ahead of real time (default: %(default)s)")
+    p.add_argument("--first-words", type=int, default=4,
+                   help="cut a reply's first clause after this many words (default: %(default)s)")
+    p.add_argument("--max-message-kb", type=int, default=1024, help="largest WebSocket message (default: %(default)s)")
+    p.add_argument("--max-buffer-s", type=float, default=30, help="longest input audio per turn (default: %(default)s)")
+    add_model_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("talk", help="talk to a voice server: microphone, a WAV file, or the simulated caller",
+                       description="Talk to `tradeoff serve`. With a microphone and speaker it uses them; without "
+                       "(or with --wav) it reads and writes WAV files; --simulate speaks built-in questions.")
+    p.add_argument("--url", default=f"ws://127.0.0.1:8765{PATH}", help="server URL (default: %(default)s)")
+    p.add_argument("--token", default=None, help="bearer token, if the server asks for one")
+    p.add_argument("--wav", default=None, metavar="IN", help="speak this WAV file (any rate; mixed to mono)")
+    p.add_argument("--out", default=None, metavar="OUT", help="write the conversation to this WAV (left: you, right: agent)")
+    p.add_argument("--simulate", action="store_true", help="a simulated caller asks built-in questions and barges in")
+    p.add_argument("--turns", type=int, default=6, help="questions the simulated caller asks (default: %(default)s)")
+    p.add_argument("--barge-in-every", type=int, default=3, help="simulated caller interrupts every n-th reply (0 = never)")
+    p.set_defaults(func=cmd_talk)
+
+
+# ---- serve ----------------------------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+    from dataclasses import replace
+
+    from engine import Engine
+    from voice.protocol import SessionConfig, TurnDetection
+    from voice.server import VoiceServer, is_loopback, make_services, run_server
+    from voice.tts import make_tts
+
+    if not is_loopback(args.host) and not args.token:
+        raise ValueError(f"--host {args.host} exposes the server beyond this machine: pass --token as well")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    engine = Engine(args.model, device=args.device)
+    defaults = replace(SessionConfig(), transcription_model=args.asr, temperature=args.temperature,
+                       turn_detection=TurnDetection(silence_duration_ms=args.silence_ms))
+    services = make_services(engine, make_tts(args.tts, args.piper_model), asr=args.asr, defaults=defaults,
+                             max_output_tokens=args.max_tokens, max_buffer_s=args.max_buffer_s, lead_ms=args.lead_ms,
+                             first_words=args.first_words)
+    server = VoiceServer(services, args.host, args.port, args.token, max_message_bytes=args.max_message_kb * 1024)
+    print(f"tradeoff serve: {engine.name} on {engine.device}, ASR {args.asr}, TTS {args.tts}; "
+          f"listening on {server.url}  (Ctrl-C to stop)", file=sys.stderr)
+    try:
+        asyncio.run(run_server(server))
+    finally:
+        engine.close()
+    return 0
+
+
+# ---- talk -----------------------------------------------------------------------------------------
+
+def cmd_talk(args: argparse.Namespace) -> int:
+    return asyncio.run(talk(args))
+
+
+async def talk(args: argparse.Namespace) -> int:
+    from voice.client import RealtimeClient
+    from voice.sound import open_devices
+
+    devices = None
+    if not args.simulate:
+        opened = open_devices(asyncio.get_running_loop())
+        if isinstance(opened, str):
+            print(f"tradeoff talk: {opened}; using WAV files instead.", file=sys.stderr)
+            if args.wav is None:
+                print("tradeoff talk: give --wav IN.wav (and --out OUT.wav), or --simulate", file=sys.stderr)
+                return 2
+            if args.out is None:
+                args.out = "talk-out.wav"
+                print(f"tradeoff talk: the reply goes to {args.out}", file=sys.stderr)
+        else:
+            devices = opened
+    from websockets.exceptions import InvalidHandshake
+
+    try:
+        async with RealtimeClient(args.url, args.token, devices) as client:
+            if args.simulate:
+                await simulate(client, args.turns, args.barge_in_every)
+            elif args.wav:
+                await speak_wav(client, args.wav)
+            else:
+                await converse(client, devices)
+            if args.out:
+                print(f"conversation written to {client.save(args.out)}", file=sys.stderr)
+    except (OSError, InvalidHandshake) as e:
+        print(f"tradeoff talk: cannot talk to {args.url}: {e} (is `tradeoff serve` running?)", file=sys.stderr)
+        return 2
+    finally:
+        if devices is not None:
+            devices.close()
+    return 0
+
+
+def describe(turn_metrics: dict | None, client_e2e_ms: float | None) -> str:
+    """'E2E 480 ms at the client | server 478 = endpointing 300 + asr 12 + ...'"""
+    parts = [f"E2E {client_e2e_ms:.0f} ms at the client" if client_e2e_ms is not None else "E2E -"]
+    if turn_metrics and turn_metrics.get("breakdown_ms"):
+        b = turn_metrics["breakdown_ms"]
+        parts.append(f"server {turn_metrics['e2e_ms']:.0f} = " + " + ".join(f"{k} {v:.0f}" for k, v in b.items())
+                     + (" (drafted)" if turn_metrics.get("drafted") else ""))
+    if turn_metrics and (tbt := turn_metrics.get("tbt_ms")) and tbt.get("p50") is not None:
+        parts.append(f"TBT p50 {tbt['p50']:.0f} ms")
+    return " | ".join(parts)
+
+
+async def simulate(client, turns: int, barge_in_every: int) -> None:
+    from voice.caller import SimulatedCaller
+
+    def show(turn) -> None:
+        reply = turn.response
+        print(f"\nyou>   {turn.question}" + ("   [barging in]" if turn.barge_in else ""))
+        print(f"heard> {turn.transcript}")
+        print(f"bot>   {reply.transcript}" + ("" if reply.status == "completed" else f"   [{reply.status}]"))
+        line = describe(reply.metrics, turn.e2e_ms)
+        if turn.barge_in_stop_ms is not None:
+            line += f" | barge-in: reply stopped {turn.barge_in_stop_ms:.0f} ms after speech start"
+        print("       " + line, flush=True)
+
+    await SimulatedCaller(client, turns=turns, barge_in_every=barge_in_every).run(show)
+
+
+async def speak_wav(client, path: str) -> None:
+    """Speak a WAV file in real time, then silence until the reply has played."""
+    import soundfile
+
+    from voice.caller import speak_once
+
+    audio, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    turn = await speak_once(client, resample(audio.mean(axis=1), rate, WIRE_RATE), path)
+    print(f"you>  {turn.transcript}")
+    if turn.response is None:
+        print("tradeoff talk: no reply (was there speech in the file?)", file=sys.stderr)
+        return
+    print(f"bot>  {turn.response.transcript}")
+    print("      " + describe(turn.response.metrics, turn.e2e_ms) + " (E2E from the end of the file)", flush=True)
+
+
+async def converse(client, devices) -> None:
+    """Microphone in, speaker out, until Ctrl-C; print what each side said."""
+
+    async def pump() -> None:
+        while True:
+            await client.send_audio(await devices.mic_blocks.get())
+
+    sender = asyncio.create_task(pump())
+    print("Listening. Speak; Ctrl-C to stop.", file=sys.stderr)
+    try:
+        while True:
+            _, event = await client.next_event()
+            if event["type"] == "client.closed":
+                break
+            print_conversation([(0.0, event)])
+    finally:
+        sender.cancel()
+
+
+def print_conversation(log: list[tuple[float, dict]]) -> None:
+    for _, event in log:
+        if event["type"] == "conversation.item.input_audio_transcription.completed":
+            print(f"you>  {event['transcript']}", flush=True)
+        elif event["type"] == "response.output_audio_transcript.done":
+            print(f"bot>  {event['transcript']}", flush=True)
+        elif event["type"] == "error":
+            print(f"error: {event['error']['message']}", file=sys.stderr, flush=True)

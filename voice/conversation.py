@@ -1,0 +1,73 @@
+"""The conversation of one session: its items in order, and the chat messages the engine sees.
+
+An assistant item remembers how many audio samples each spoken clause took, so it can be cut back to
+what the listener actually heard (barge-in, `conversation.item.truncate`): the model's next turn then
+sees only that text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Item:
+    id: str
+    role: str  # user | assistant | system
+    text: str | None = None  # None while a user turn's audio is still being transcribed
+    audio: bool = False  # spoken (input_audio / output_audio content) rather than typed
+    status: str = "completed"  # completed | in_progress | incomplete
+    clauses: list[tuple[str, int]] = field(default_factory=list)  # assistant audio: (clause text, samples heard)
+
+    @property
+    def audio_samples(self) -> int:
+        return sum(n for _, n in self.clauses)
+
+    def text_until(self, samples: int) -> str:
+        """The words spoken within the first `samples` of this item's audio."""
+        words: list[str] = []
+        for text, n in self.clauses:
+            if samples >= n:
+                words += text.split()
+                samples -= n
+            else:
+                clause_words = text.split()
+                words += clause_words[: int(len(clause_words) * samples / n)] if n else []
+                break
+        return " ".join(words)
+
+    def to_dict(self) -> dict:
+        if self.role == "assistant" and self.audio:
+            content = [{"type": "output_audio", "transcript": self.text}]
+        elif self.audio:
+            content = [{"type": "input_audio", "transcript": self.text}]
+        else:
+            content = [{"type": "output_text" if self.role == "assistant" else "input_text", "text": self.text}]
+        return {"id": self.id, "object": "realtime.item", "type": "message", "role": self.role, "status": self.status,
+                "content": content}
+
+
+class Conversation:
+    def __init__(self):
+        self.items: list[Item] = []
+
+    def add(self, item: Item) -> str | None:
+        """Append; return the id of the item before it (the protocol's previous_item_id)."""
+        previous = self.items[-1].id if self.items else None
+        self.items.append(item)
+        return previous
+
+    def find(self, item_id: str) -> Item | None:
+        return next((it for it in self.items if it.id == item_id), None)
+
+    @property
+    def last_id(self) -> str | None:
+        return self.items[-1].id if self.items else None
+
+    def messages(self, instructions: str, skip: int = 0) -> list[dict]:
+        """Chat messages for the engine, leaving out the `skip` oldest items (to fit the context).
+
+        The history stays a stable prefix from turn to turn, so the engine's latency mode, which keeps
+        the last sequence's KV cache, prefills only the new turn."""
+        msgs = [{"role": "system", "content": instructions}] if instructions else []
+        return msgs + [{"role": it.role, "content": it.text} for it in self.items[skip:] if it.text]

@@ -1,0 +1,417 @@
+"""One client's realtime session: dispatches its events, runs its audio through VAD and ASR, decides turns,
+keeps its conversation, and starts and stops responses.
+
+Input audio (24 kHz) is resampled to 16 kHz and fed to the VAD as it arrives. From speech start
+(minus the prefix padding) the audio also goes to the recognizer. At the first silent chunk the
+recognizer transcribes; when that transcript is ready and the user is still silent, a reply is drafted
+(engine + TTS) but nothing is sent. When the silence reaches `silence_duration_ms` the turn is
+committed and the draft, if the conversation still matches it, starts playing at once. Speech that
+starts during a reply stops it within the chunk that detected it (barge-in).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from bisect import bisect_left
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from engine import Engine, SamplingParams
+from voice.asr import ASR, Recognizer, Transcript
+from voice.audio import ASR_RATE, WIRE_RATE, Resampler, b64_to_pcm16, pcm16_to_float
+from voice.conversation import Conversation, Item
+from voice.metrics import TurnTimes
+from voice.protocol import (
+    TRANSCRIPTION_MODELS,
+    ProtocolError,
+    SessionConfig,
+    error_event,
+    new_id,
+    parse_client_event,
+    server_event,
+)
+from voice.responder import Response, Send
+from voice.tts import TTS
+from voice.vad import SileroVAD, VadEvent
+
+log = logging.getLogger("voice.session")
+
+HISTORY_S = 3  # 16 kHz audio kept before speech starts: covers any prefix_padding_ms
+
+
+@dataclass
+class Services:
+    """What all sessions of a server share."""
+
+    engine: Engine
+    tts: TTS
+    asr: Callable[[str], ASR]  # backend name -> the (cached) recognizer factory
+    defaults: SessionConfig = SessionConfig()
+    max_output_tokens: int = 200  # server cap per response
+    max_buffer_s: float = 30.0  # longest input audio a turn may hold
+    lead_ms: float = 100.0  # how far audio deltas run ahead of real time
+    first_words: int = 4  # the first clause of a reply is cut after this many words
+
+
+class Session:
+    def __init__(self, services: Services, send: Send):
+        self.services = services
+        self._send = send
+        self.config = replace(services.defaults, id=new_id("sess"))
+        self.conversation = Conversation()
+        self.recognizer: Recognizer = services.asr(TRANSCRIPTION_MODELS[self.config.transcription_model]).open()
+        td = self.config.turn_detection
+        self.vad = SileroVAD(td.threshold if td else 0.5, td.silence_duration_ms if td else 300)
+        self.resampler = Resampler(WIRE_RATE, ASR_RATE)
+        self.tasks: set[asyncio.Task] = set()
+        self.active: Response | None = None  # the response being prepared or played
+        self.active_task: asyncio.Task | None = None
+        self.draft: Response | None = None  # a reply drafted during the end-of-turn wait
+        self.draft_messages: list[dict] | None = None
+        self.pending: list[asyncio.Task] = []  # transcriptions a new response must wait for
+        # input audio
+        self.manual: list[np.ndarray] = []  # 24 kHz buffer when turn detection is off
+        self.received = 0  # 16 kHz samples received so far
+        self.history = np.zeros(0, np.float32)  # the last HISTORY_S of 16 kHz audio, ending at `received`
+        self.arrivals: list[tuple[int, float]] = []  # (16 kHz sample count after a chunk, monotonic arrival time)
+        self.utterance: int | None = None  # first sample of the speech being recognized (with its padding)
+        self.fed_until = 0  # the recognizer has had the utterance's audio up to here
+        self.speech_item_id: str | None = None
+        self.asr_task: asyncio.Task | None = None  # transcript of the utterance up to its latest pause
+
+    async def send(self, event: dict) -> None:
+        await self._send(event)
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.send(server_event("session.created", session=self.config.to_dict()))
+
+    async def close(self) -> None:
+        """The client is gone: stop generating, cancel every task, end the recognizer's worker."""
+        for response in (self.active, self.draft):
+            if response is not None:
+                response.stop("client_disconnected")
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=2)
+        self.recognizer.close()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None and not _is_disconnect(exc):
+            log.error("session task failed", exc_info=exc)
+
+    # ---- dispatch ---------------------------------------------------------------------------
+
+    async def handle(self, raw: str | bytes) -> None:
+        """Handle one client message. Client errors become `error` events; the session goes on."""
+        event: dict = {}
+        try:
+            event = parse_client_event(raw)
+            await getattr(self, "_on_" + event["type"].replace(".", "_"))(event)
+        except ProtocolError as e:
+            if e.event_id is None and isinstance(event.get("event_id"), str):
+                e.event_id = event["event_id"]  # so the client knows which of its events failed
+            await self.send(error_event(e))
+        except Exception as e:
+            if _is_disconnect(e):
+                raise
+            log.exception("error handling a client event")
+            await self.send(error_event(ProtocolError("server_error", f"internal error: {type(e).__name__}: {e}"),
+                                        kind="server_error"))
+
+    async def _on_session_update(self, event: dict) -> None:
+        new = self.config.updated(event["session"])
+        try:
+            self.services.tts.check_voice(new.voice)
+        except ValueError as e:
+            raise ProtocolError("invalid_value", str(e), "session.audio.output.voice", event.get("event_id")) from None
+        if new.transcription_model != self.config.transcription_model:
+            asr = await asyncio.to_thread(self.services.asr, TRANSCRIPTION_MODELS[new.transcription_model])
+            self.recognizer.close()
+            self.recognizer = asr.open()
+            self._drop_utterance()
+        if new.turn_detection != self.config.turn_detection:
+            self._drop_utterance()
+            self.manual.clear()
+            if new.turn_detection:
+                self.vad.configure(new.turn_detection.threshold, new.turn_detection.silence_duration_ms)
+        self.config = new
+        await self.send(server_event("session.updated", session=self.config.to_dict()))
+
+    async def _on_input_audio_buffer_append(self, event: dict) -> None:
+        try:
+            audio = pcm16_to_float(b64_to_pcm16(event["audio"]))
+        except ValueError as e:
+            raise ProtocolError("invalid_audio", f"{e} (expected base64 pcm16, 24 kHz, mono)", "audio") from None
+        now = time.monotonic()
+        if self.config.turn_detection is None:
+            held = sum(len(a) for a in self.manual)
+            if (held + len(audio)) / WIRE_RATE > self.services.max_buffer_s:
+                raise ProtocolError("input_audio_buffer_full", f"the input audio buffer holds at most "
+                                    f"{self.services.max_buffer_s:.0f} s; commit or clear it (this chunk was dropped)")
+            self.manual.append(audio)
+            return
+        chunk = self.resampler(audio)
+        self.received += len(chunk)
+        self.arrivals.append((self.received, now))
+        if len(self.arrivals) > 4096:  # only the current turn's chunks are ever looked up
+            del self.arrivals[:2048]
+        self.history = np.concatenate([self.history, chunk])[-HISTORY_S * ASR_RATE:]
+        for vad_event in self.vad.process(chunk):
+            await self._on_vad(vad_event)
+        if self.utterance is not None:
+            self._feed_recognizer()
+            if (self.received - self.utterance) / ASR_RATE > self.services.max_buffer_s:
+                await self._end_of_speech(self.vad.speech_end)  # a turn longer than the buffer ends here
+
+    async def _on_input_audio_buffer_commit(self, event: dict) -> None:
+        if self.config.turn_detection is not None:
+            if self.utterance is None:
+                raise ProtocolError("input_audio_buffer_commit_empty", "no speech in the input audio buffer to commit")
+            await self._end_of_speech(self.vad.speech_end, auto_response=False)
+            return
+        if not self.manual:
+            raise ProtocolError("input_audio_buffer_commit_empty", "the input audio buffer is empty: append audio first")
+        audio = np.concatenate(self.manual)
+        self.manual.clear()
+        self.recognizer.reset()
+        self.recognizer.feed(Resampler(WIRE_RATE, ASR_RATE)(audio))
+        item = Item(new_id("item"), "user", text=None, audio=True)
+        await self._commit(item, self._spawn(self._transcribe()), TurnTimes(vad_decision=time.monotonic()), False)
+
+    async def _on_input_audio_buffer_clear(self, event: dict) -> None:
+        self.manual.clear()
+        self._drop_utterance()
+        await self.send(server_event("input_audio_buffer.cleared"))
+
+    async def _on_conversation_item_create(self, event: dict) -> None:
+        spec = event["item"]
+        previous = event.get("previous_item_id")
+        if previous is not None and previous != self.conversation.last_id:
+            raise ProtocolError("unsupported", "items can only be appended: previous_item_id must be the last item's id",
+                                "previous_item_id")
+        item_id = spec.get("id") or new_id("item")
+        if not isinstance(item_id, str) or self.conversation.find(item_id):
+            raise ProtocolError("invalid_value", f"item id {item_id!r} is not a new string id", "item.id")
+        text = "".join(part["text"] for part in spec["content"])
+        item = Item(item_id, spec["role"], text=text)
+        prev = self.conversation.add(item)
+        await self.send(server_event("conversation.item.added", previous_item_id=prev, item=item.to_dict()))
+        await self.send(server_event("conversation.item.done", previous_item_id=prev, item=item.to_dict()))
+
+    async def _on_conversation_item_truncate(self, event: dict) -> None:
+        item = self.conversation.find(event["item_id"])
+        if item is None or item.role != "assistant" or not item.audio:
+            raise ProtocolError("invalid_value", f"no assistant audio item with id {event['item_id']!r}", "item_id")
+        if self.active is not None and self.active.item is item:
+            await self._stop_active("client_truncated", wait=True)
+        samples = event["audio_end_ms"] * WIRE_RATE // 1000
+        if samples > item.audio_samples:
+            raise ProtocolError("invalid_value", f"audio_end_ms {event['audio_end_ms']} is past the item's audio "
+                                f"({item.audio_samples * 1000 // WIRE_RATE} ms)", "audio_end_ms")
+        item.text = item.text_until(samples)
+        await self.send(server_event("conversation.item.truncated", item_id=item.id, content_index=0,
+                                     audio_end_ms=event["audio_end_ms"]))
+
+    async def _on_response_create(self, event: dict) -> None:
+        if self.active is not None:
+            raise ProtocolError("conversation_already_has_active_response",
+                                f"response {self.active.id} is still in progress; cancel it or wait for response.done")
+        spec = event.get("response") or {}
+        times = TurnTimes()
+        response = self._new_response(times, max_tokens=spec.get("max_output_tokens"),
+                                      modalities=spec.get("output_modalities"))
+        self._start(response, instructions=spec.get("instructions"))
+
+    async def _on_response_cancel(self, event: dict) -> None:
+        wanted = event.get("response_id")
+        if self.active is None or (wanted is not None and wanted != self.active.id):
+            raise ProtocolError("response_cancel_not_active", "there is no active response" +
+                                (f" with id {wanted!r}" if wanted else ""), "response_id")
+        await self._stop_active("client_cancelled")
+
+    # ---- speech turns -----------------------------------------------------------------------
+
+    async def _on_vad(self, ev: VadEvent) -> None:
+        td = self.config.turn_detection
+        if ev.kind == "start":
+            if self.active is not None and td.interrupt_response:
+                await self._stop_active("turn_detected")  # barge-in: stops before anything else is sent
+            self._discard_draft()
+            self.speech_item_id = new_id("item")
+            self.utterance = max(ev.sample - td.prefix_padding_ms * ASR_RATE // 1000, self.received - len(self.history), 0)
+            self.recognizer.reset()
+            self.asr_task = None
+            self._feed_recognizer(self.utterance)
+            await self.send(server_event("input_audio_buffer.speech_started", item_id=self.speech_item_id,
+                                         audio_start_ms=self.utterance * 1000 // ASR_RATE))
+        elif ev.kind == "pause" and self.utterance is not None:
+            self.asr_task = self._spawn(self._transcribe())
+            self.asr_task.add_done_callback(self._maybe_draft)
+        elif ev.kind == "resume":
+            self._discard_draft()
+            self.asr_task = None  # it covers the speech only up to the pause
+        elif ev.kind == "end" and self.utterance is not None:
+            await self._end_of_speech(ev.sample)
+
+    def _feed_recognizer(self, start: int | None = None) -> None:
+        """Feed the recognizer the audio it has not had yet (from `start` on a new utterance)."""
+        if start is not None:
+            self.fed_until = start
+        if self.received > self.fed_until:
+            self.recognizer.feed(self.history[len(self.history) - (self.received - self.fed_until):])
+        self.fed_until = self.received
+
+    async def _transcribe(self) -> tuple[Transcript, float, float]:
+        """(transcript, when asked, when answered)"""
+        asked = time.monotonic()
+        result = await self.recognizer.transcribe()
+        return result, asked, time.monotonic()
+
+    def _maybe_draft(self, task: asyncio.Task) -> None:
+        """The pause's transcript is ready: if the user is still silent, draft the reply now."""
+        td = self.config.turn_detection
+        if (task is not self.asr_task or task.cancelled() or task.exception() is not None or self.vad.pause_at is None
+                or self.draft is not None or self.active is not None or td is None or not td.create_response):
+            return
+        transcript = task.result()[0]
+        if not transcript.text:
+            return
+        messages = self.conversation.messages(self.config.instructions)
+        messages.append({"role": "user", "content": transcript.text})
+        self.draft = self._new_response(TurnTimes())
+        self.draft_messages = messages
+        system, history = _split_system(messages)
+        self.draft.prepare(system, history)
+
+    def _discard_draft(self) -> None:
+        if self.draft is not None:
+            self.draft.discard()
+            self.draft = self.draft_messages = None
+
+    async def _end_of_speech(self, speech_end_sample: int, auto_response: bool = True) -> None:
+        """The turn is over (VAD decision, manual commit, or a full buffer): commit it and answer."""
+        now = time.monotonic()
+        times = TurnTimes(speech_end=self._sent_time(speech_end_sample), vad_decision=now)
+        item = Item(self.speech_item_id or new_id("item"), "user", text=None, audio=True)
+        asr_task = self.asr_task or self._spawn(self._transcribe())  # no pause-time transcript covers the speech
+        draft, draft_messages = self.draft, self.draft_messages
+        self.draft = self.draft_messages = None
+        self.utterance = self.speech_item_id = self.asr_task = None
+        if self.vad.speaking:
+            self.vad.reset()
+        td = self.config.turn_detection
+        respond = auto_response and td is not None and td.create_response and self.active is None
+        await self.send(server_event("input_audio_buffer.speech_stopped", item_id=item.id,
+                                     audio_end_ms=speech_end_sample * 1000 // ASR_RATE))
+        await self._commit(item, asr_task, times, respond, draft, draft_messages)
+
+    async def _commit(self, item: Item, asr_task: asyncio.Task, times: TurnTimes, respond: bool,
+                      draft: Response | None = None, draft_messages: list[dict] | None = None) -> None:
+        if draft is not None and not respond:
+            draft.discard()
+            draft = draft_messages = None
+        if draft is not None:  # the draft recorded its LLM and TTS times already: the turn's times are its
+            draft.times.speech_end, draft.times.vad_decision = times.speech_end, times.vad_decision
+            draft.times.drafted = True
+            times = draft.times
+        previous = self.conversation.add(item)
+        await self.send(server_event("input_audio_buffer.committed", previous_item_id=previous, item_id=item.id))
+        await self.send(server_event("conversation.item.added", previous_item_id=previous, item=item.to_dict()))
+        self.pending.append(self._spawn(self._finish_transcript(item, asr_task, times)))
+        if respond:
+            self._start(draft or self._new_response(times), draft_messages=draft_messages)
+
+    async def _finish_transcript(self, item: Item, asr_task: asyncio.Task, times: TurnTimes) -> None:
+        transcript, times.asr_start, times.asr_final = await asr_task
+        times.asr_compute_s, times.asr_audio_s = transcript.compute_s, transcript.audio_s
+        item.text = transcript.text
+        await self.send(server_event("conversation.item.input_audio_transcription.completed", item_id=item.id,
+                                     content_index=0, transcript=transcript.text,
+                                     usage={"type": "duration", "seconds": round(transcript.audio_s, 3)}))
+        await self.send(server_event("conversation.item.done", item=item.to_dict()))
+
+    def _drop_utterance(self) -> None:
+        self._discard_draft()
+        self.vad.reset()
+        self.utterance = self.speech_item_id = self.asr_task = None
+        self.recognizer.reset()
+
+    def _sent_time(self, sample: int) -> float:
+        """When the client sent the chunk holding `sample`, for a client that streams in real time (as a
+        microphone does). Each later chunk's arrival bounds it from above (arrival minus the audio in
+        between); the tightest bound wins, so a moment when this loop was starved does not make it late."""
+        i = min(bisect_left(self.arrivals, (sample + 1, 0.0)), len(self.arrivals) - 1)
+        end = self.arrivals[i][0]
+        return min(t - (n - end) / ASR_RATE for n, t in self.arrivals[i:])
+
+    # ---- responses --------------------------------------------------------------------------
+
+    def _new_response(self, times: TurnTimes, max_tokens: int | None = None, modalities: list | None = None) -> Response:
+        cap = self.services.max_output_tokens
+        limit = min(cap, max_tokens or self.config.max_output_tokens or cap)
+        modalities = modalities or list(self.config.output_modalities)
+        sampling = SamplingParams(max_tokens=limit, temperature=self.config.temperature)
+        return Response(self.services.engine, self.services.tts, self.send, sampling=sampling, voice=self.config.voice,
+                        speed=self.config.speed, audio=modalities == ["audio"], times=times,
+                        lead_ms=self.services.lead_ms, first_words=self.services.first_words)
+
+    def _start(self, response: Response, instructions: str | None = None, draft_messages: list[dict] | None = None) -> None:
+        self.active = response
+        self.active_task = self._spawn(self._respond(response, list(self.pending), instructions, draft_messages))
+        self.pending = []
+
+    async def _respond(self, response: Response, pending: list[asyncio.Task], instructions: str | None,
+                       draft_messages: list[dict] | None) -> None:
+        try:
+            for task in pending:  # the conversation must hold every transcript before the model reads it
+                await asyncio.wait([task])
+            messages = self.conversation.messages(instructions or self.config.instructions)
+            if draft_messages is not None and draft_messages != messages:
+                response.discard()  # the transcript or the conversation changed since the draft: redo it
+                times = replace(response.times, llm_first_token=None, first_clause=None, tts_first_chunk=None,
+                                drafted=False)
+                response = self._new_response(times)
+                self.active = response
+                draft_messages = None
+            if draft_messages is None and response.stop_reason is None:
+                response.prepare(*_split_system(messages))
+            await response.run(self.conversation)
+        finally:
+            if self.active is response:
+                self.active = None
+
+    async def _stop_active(self, reason: str, wait: bool = False) -> None:
+        """Stop the active response now; with `wait`, also let it send its closing events."""
+        response, task = self.active, self.active_task
+        if response is None:
+            return
+        response.stop(reason)
+        self.active = self.active_task = None
+        if wait and task is not None:
+            await asyncio.wait([task])
+
+
+def _split_system(messages: list[dict]) -> tuple[str | None, list[dict]]:
+    if messages and messages[0]["role"] == "system":
+        return messages[0]["content"], messages[1:]
+    return None, messages
+
+
+def _is_disconnect(exc: BaseException) -> bool:
+    from websockets.exceptions import ConnectionClosed
+
+    return isinstance(exc, ConnectionClosed)
