@@ -1,10 +1,12 @@
 """`tradeoff bench interference`: what a long prompt arriving does to users already decoding, in batched mode.
 
-N users decode steadily; their TBT over a few seconds is the baseline. Then one long prompt arrives, and
-their TBT from its arrival until its first token is the interference window. Without chunked prefill, the
+N users decode steadily. One long prompt arrives; their TBT from its arrival until its first token is the
+interference window, and their TBT for a few seconds before it and as long again after it is the baseline
+(so both see the same share of a busy machine's noise). Without chunked prefill, the
 whole prompt runs in one step and every decoding user waits for it; with chunked prefill, it is cut to the
-token budget and shares many steps with the decodes. Both are measured in one run; the ratio of p99 TBT
-(interference / baseline) is the figure of merit, with the long prompt's TTFT as its price.
+token budget and shares many steps with the decodes. Chunked off and on (at each given budget) are measured
+in one run; the ratio of p99 TBT (interference / baseline) is the figure of merit, and the long prompt's
+TTFT is its price: a smaller budget disturbs the decoding users less and makes the long prompt wait longer.
 """
 
 from __future__ import annotations
@@ -53,11 +55,15 @@ def measure(loaded: LoadedModel, policy: BatchPolicy, users: int, long_tokens: i
         long = engine.submit(Request(prompt_ids=long_ids, sampling=SamplingParams(max_tokens=1, ignore_eos=True)))
         wait_for(lambda: long.metrics.output_tokens >= 1)
         arrival, first = long.metrics.arrival, long.metrics.emissions[0][0]
+        time.sleep(0.2 + first - arrival)
+        after_end = time.monotonic()
         for s in streams:
             s.cancel()
     finally:
         engine.close()
-    base, hit = gaps(streams, base_start, base_end), gaps(streams, arrival, first)
+    # the step that ran the long prompt's last chunk ends at `first`; gaps ending after it are undisturbed
+    base = gaps(streams, base_start, base_end) + gaps(streams, first + 1e-6, after_end)
+    hit = gaps(streams, arrival, first)
     return {
         "chunked_prefill": policy.chunked_prefill, "token_budget": policy.token_budget, "users": users,
         "long_prompt_tokens": len(long_ids), "long_ttft_s": first - arrival,
@@ -82,7 +88,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--users", type=int, default=8, help="users decoding when the prompt arrives (default: %(default)s)")
     p.add_argument("--prompt-tokens", type=int, default=1000, help="length of the long prompt (default: %(default)s)")
     p.add_argument("--baseline-s", type=float, default=3.0, help="seconds of undisturbed decoding measured first")
-    p.add_argument("--token-budget", type=int, default=None, help="tokens per batched step (default: the engine's)")
+    p.add_argument("--token-budgets", default=None,
+                   help="comma-separated tokens per batched step to try with chunking on (default: the engine's)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--json", default="bench/out/interference.json", help="(default: %(default)s)")
     p.set_defaults(func=main)
@@ -92,9 +99,10 @@ def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     loaded = load(args.model)
-    budget = args.token_budget or BatchPolicy().token_budget
-    rows = [measure(loaded, BatchPolicy(max_batch_size=min(args.users + 1, budget - 1), token_budget=budget, chunked_prefill=on),
-                    args.users, args.prompt_tokens, args.baseline_s, seed=0) for on in (False, True)]
+    budgets = [int(b) for b in args.token_budgets.split(",")] if args.token_budgets else [BatchPolicy().token_budget]
+    runs = [(False, budgets[0])] + [(True, b) for b in budgets]
+    rows = [measure(loaded, BatchPolicy(max_batch_size=args.users + 1, token_budget=b, chunked_prefill=on), args.users,
+                    args.prompt_tokens, args.baseline_s, seed=0) for on, b in runs]
     print(table(rows, COLUMNS))
     print(f"JSON: {write_json(args.json, 'interference', rows)}")
     return 0

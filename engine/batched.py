@@ -36,7 +36,7 @@ class StepProfile:
 
 
 def choose_dtype(device: torch.device) -> torch.dtype:
-    """The compute dtype of batched decode on `device`, chosen by measurement (bench figures in the docstring).
+    """The compute dtype of batched mode on `device`, by measurement.
 
     CPU: bf16 only where the CPU has bf16 dot-product instructions. With AVX512_BF16 (2-core AMD EPYC, 1
     thread, model forward + logits at batch 16) bf16 ran 241 tok/s against fp32's 90; on AVX2 alone bf16
@@ -46,7 +46,7 @@ def choose_dtype(device: torch.device) -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     try:
         flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no cheap way to tell, and fp32 is never the slow path
+    except OSError:  # not Linux: no cheap way to tell; fp32 scales with batch size everywhere
         return torch.float32
     return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
 

@@ -8,8 +8,8 @@ import sys
 
 from engine.engine import Engine, Request
 from engine.loader import EXPECTED
-from engine.quant import QUANT_MODES
 from engine.metrics import RequestMetrics
+from engine.quant import QUANT_MODES
 from engine.registry import DEFAULT_MODEL, REGISTRY, fetch
 from engine.sampling import SamplingParams
 from engine.speculative import SPEC_MODES

@@ -19,7 +19,6 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -36,7 +35,7 @@ class Draft(Transformer):
     """A shallow Transformer over the target's embedding; `vocab_ids` [N] (int64) are the tokens its head covers."""
 
     def __init__(self, target: Transformer, n_layers: int, vocab_ids: Tensor):
-        super().__init__(replace(target.cfg, n_layers=n_layers), target.dtype, target.device)
+        super().__init__(replace(target.cfg, n_layers=n_layers), target.weight_dtype, target.device, act_dtype=target.dtype)
         self.embed = target.embed  # the target's own tensor: shared, not copied
         self.vocab_ids = vocab_ids.to(device=target.device, dtype=torch.long)
         # The head's rows are gathered once into one contiguous [N, dim] matrix, the only copy made.
@@ -45,7 +44,7 @@ class Draft(Transformer):
     @torch.inference_mode()
     def logits(self, hidden: Tensor) -> Tensor:
         """hidden [..., dim] -> fp32 logits [..., vocab_size], -inf for tokens outside `vocab_ids`."""
-        sub = F.linear(hidden, self.lm_head).float()
+        sub = super().logits(hidden)  # [..., N]: the subset head (or its quantized copy, `head_q`)
         full = sub.new_full((*sub.shape[:-1], self.cfg.vocab_size), float("-inf"))
         return full.index_copy_(-1, self.vocab_ids, sub)
 

@@ -23,10 +23,10 @@ from engine.latency import LatencyRunner
 from engine.loader import LoadedModel, load
 from engine.metrics import RequestMetrics
 from engine.model import Transformer
-from engine.scheduler import BatchPolicy
-from engine.speculative import build_drafter
 from engine.quant import quantize
+from engine.scheduler import BatchPolicy
 from engine.sequence import EngineError, Request, Sequence, Stream, TokenEvent
+from engine.speculative import build_drafter
 from engine.stats import RollingStats
 
 __all__ = ["Completion", "ContextLengthError", "Engine", "EngineError", "OverloadedError", "Request", "Stream", "TokenEvent"]
@@ -92,6 +92,7 @@ class Engine:
         quantize(self.model, self.quant)
         self.spec = spec
         drafter = build_drafter(spec, self.model, self.name, draft, self.max_seq_len, self.quant)
+        self._drafter = drafter  # kept so `set_speculation(True)` can bring it back
         self._latency = LatencyRunner(self.model, self.max_seq_len, drafter)
         self._batched_model = batched_model(loaded, self.model, self.quant, self.batched_dtype)
         self._batched: BatchedRunner | None = None  # built on first use: its KV pool is large
@@ -167,11 +168,18 @@ class Engine:
         self.policy = replace(self.policy, **{k: v for k, v in changes.items() if v is not None})  # validates
         self._inbox.put(("policy", self.policy))
 
-    def metrics_snapshot(self) -> dict:
-        """Live numbers for the dashboard: the rolling-window stats (engine/stats.py) plus the runner's state."""
-        snap = self.stats.snapshot()
+    def set_speculation(self, on: bool) -> None:
+        """Turn latency mode's speculative decoding off, or back on with the drafter built at start, from the next step."""
+        self._inbox.put(("drafter", self._drafter if on else None))
+
+    def metrics_snapshot(self, since: float | None = None) -> dict:
+        """Live numbers for the dashboard: the rolling-window stats (engine/stats.py; `since` starts the window
+        later) plus the runner's state and latency mode's speculation counters since start."""
+        snap = self.stats.snapshot(since=since)
+        drafter = self._latency.drafter
         snap.update(mode=self.mode, running=self.runner.num_running(), waiting=self.runner.num_waiting(),
-                    chunked_prefill=self.policy.chunked_prefill, max_batch_size=self.policy.max_batch_size)
+                    chunked_prefill=self.policy.chunked_prefill, max_batch_size=self.policy.max_batch_size,
+                    speculation={"drafter": drafter.name if drafter else None, **vars(self._latency.spec)})
         if (batched := self._batched) is not None:
             snap.update(kv_blocks_used=batched.blocks.num_used, kv_blocks_free=batched.blocks.num_free,
                         preemptions=batched.scheduler.preemptions, prefix_cached_tokens=batched.scheduler.cached_tokens)
@@ -210,6 +218,8 @@ class Engine:
             self._switch(item[1])
         elif item[0] == "policy" and self._batched is not None:
             self._batched.scheduler.policy = item[1]
+        elif item[0] == "drafter":
+            self._latency.set_drafter(item[1])
 
     def _switch(self, mode: str) -> None:
         if mode == self.mode:

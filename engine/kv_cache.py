@@ -178,14 +178,28 @@ class BlockManager:
                 self.key_of[block] = None
 
 
+def decode_attention(q: Tensor, keys: Tensor, values: Tensor, pad: Tensor) -> Tensor:
+    """One query token per sequence, as two batched matmuls with the query heads grouped by their KV head (GQA).
+
+    q [B, H, D]; keys, values [B, C, KV, D]; pad [B, C], True past a sequence's end -> [B, H, D]. On the CPU
+    this ran ~10x faster than scaled_dot_product_attention with a padding mask (bf16, one layer, 1 thread,
+    256 keys: 0.23 vs 4.6 ms at batch 16, 1.2 vs 17.8 ms at batch 64).
+    """
+    B, H, D = q.shape
+    KV = keys.shape[2]
+    scores = torch.matmul(q.reshape(B, KV, H // KV, D), keys.permute(0, 2, 3, 1)).float() * D**-0.5  # [B, KV, G, C]
+    probs = torch.softmax(scores.masked_fill_(pad[:, None, None], float("-inf")), dim=-1)
+    return torch.matmul(probs.to(values.dtype), values.transpose(1, 2)).view(B, H, D)
+
+
 class PagedKVCache:
     """k/v of many sequences in fixed-size blocks, and attention for one ragged batch step over them.
 
     Layout per layer: [num_blocks, block_size, n_kv_heads, head_dim] (the kernels package's layout). Before
     each forward, `prepare` is told every sequence's new-token count, context length and block table; then
     `attend` (called by the model per layer) writes the new k/v into their slots and attends each new token
-    over its own sequence. Single-token queries (decodes) run together as one padded attention; prefill chunks
-    run one sequence at a time. On CUDA the decodes go through the Triton paged-attention kernel.
+    over its own sequence. Single-token queries (decodes) run together as one padded batch (`decode_attention`,
+    or the Triton paged-attention kernel on CUDA); prefill chunks run one sequence at a time.
     """
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
@@ -219,7 +233,6 @@ class PagedKVCache:
                 blocks = torch.tensor(table[: -(-ctx // bs)], device=dev)
                 self._prefills.append((row, q_len, blocks, ctx, mask))
             row += q_len
-        self._n_tokens = row
         self._slots = torch.tensor(slots, device=dev)
         self._decode_rows = torch.tensor(decode_rows, device=dev)
         self._decodes_first = decode_rows == list(range(len(decode_rows)))  # then rows are a slice, no gather
@@ -228,8 +241,7 @@ class PagedKVCache:
             tables = [block_tables[i][: -(-context_lens[i] // bs)] for i in decode_seqs]
             self._decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev)
             self._decode_lens = torch.tensor([context_lens[i] for i in decode_seqs], dtype=torch.int32, device=dev)
-            # [B, 1, 1, keys]: True where a padded key position is a real one
-            self._decode_mask = (torch.arange(width * bs, device=dev) < self._decode_lens[:, None])[:, None, None, :]
+            self._decode_pad = torch.arange(width * bs, device=dev) >= self._decode_lens[:, None]  # [B, keys]
         return torch.tensor(positions, device=dev)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -244,11 +256,12 @@ class PagedKVCache:
         if n_dec:
             rows = slice(0, n_dec) if self._decodes_first else self._decode_rows
             out[rows] = self._attend_decodes(q[rows], k_cache, v_cache)
-        for row, n, blocks, ctx, mask in self._prefills:
-            keys = k_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)  # [KV, ctx, D]
-            values = v_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)
-            o = F.scaled_dot_product_attention(q[row:row + n].transpose(0, 1), keys, values, attn_mask=mask, enable_gqa=True)
-            out[row:row + n] = o.transpose(0, 1)
+        for row, n, blocks, ctx, mask in self._prefills:  # 4-D inputs: 3-D ones took a much slower CPU path
+            keys = k_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)[None]  # [1, KV, ctx, D]
+            values = v_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)[None]
+            o = F.scaled_dot_product_attention(q[row:row + n].transpose(0, 1)[None], keys, values, attn_mask=mask,
+                                               enable_gqa=True)
+            out[row:row + n] = o[0].transpose(0, 1)
         return out.view(q.shape[0], -1)
 
     def _attend_decodes(self, q: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
@@ -256,7 +269,6 @@ class PagedKVCache:
         if self.device.type == "cuda":
             return kernels.paged_decode_attention(q.unsqueeze(1), k_cache, v_cache, self._decode_tables, self._decode_lens)[:, 0]
         B, width = self._decode_tables.shape
-        keys = k_cache[self._decode_tables].view(B, width * self.block_size, *k_cache.shape[2:]).transpose(1, 2)
-        values = v_cache[self._decode_tables].view(B, width * self.block_size, *v_cache.shape[2:]).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=self._decode_mask, enable_gqa=True)
-        return o[:, :, 0]
+        keys = k_cache[self._decode_tables].view(B, width * self.block_size, *k_cache.shape[2:])
+        values = v_cache[self._decode_tables].view(B, width * self.block_size, *v_cache.shape[2:])
+        return decode_attention(q, keys, values, self._decode_pad)

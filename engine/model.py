@@ -75,23 +75,36 @@ def rope_inv_freq(cfg: ModelConfig) -> Tensor:
 class Transformer(nn.Module):
     """Decoder-only transformer. Fused QKV and gate/up projections: fewer, larger GEMVs per layer."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 act_dtype: torch.dtype | None = None):
+        """dtype: the weights'. act_dtype: the residual stream's, norms' and KV cache's (default: dtype).
+
+        On a CPU without native bf16, bf16 weights with fp32 activations is the fast mix: the matmuls read
+        half the bytes, and the norms, RoPE and attention run in fp32 kernels instead of upcasting inside each op.
+        """
         super().__init__()
         self.cfg = cfg
+        act_dtype = act_dtype or dtype
         kw = {"dtype": dtype, "device": device}
+        act_kw = {"dtype": act_dtype, "device": device}
         self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.dim, **kw), requires_grad=False)
-        self.layers = nn.ModuleList(Block(cfg, kw) for _ in range(cfg.n_layers))
-        self.norm = nn.Parameter(torch.ones(cfg.dim, **kw), requires_grad=False)
+        self.layers = nn.ModuleList(Block(cfg, kw, act_kw) for _ in range(cfg.n_layers))
+        self.norm = nn.Parameter(torch.ones(cfg.dim, **act_kw), requires_grad=False)
         self.lm_head = (self.embed if cfg.tie_embeddings
                         else nn.Parameter(torch.empty(cfg.vocab_size, cfg.dim, **kw), requires_grad=False))
         self.head_q: nn.Module | None = None  # a quantized copy of the head, set by engine.quant
         angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float64), rope_inv_freq(cfg))
         angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: both halves share a frequency
-        self.register_buffer("rope_cos", angles.cos().to(dtype=dtype, device=device), persistent=False)
-        self.register_buffer("rope_sin", angles.sin().to(dtype=dtype, device=device), persistent=False)
+        self.register_buffer("rope_cos", angles.cos().to(**act_kw), persistent=False)
+        self.register_buffer("rope_sin", angles.sin().to(**act_kw), persistent=False)
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of activations and of the KV cache."""
+        return self.norm.dtype
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
         return self.embed.dtype
 
     @property
@@ -101,7 +114,7 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def forward(self, tokens: Tensor, positions: Tensor, cache: Attention) -> Tensor:
         """tokens, positions: [T] -> final hidden states [T, dim] (call `logits` on the rows you need)."""
-        x = F.embedding(tokens, self.embed)
+        x = F.embedding(tokens, self.embed).to(self.dtype)
         rope = rotation_matrices(self.rope_cos[positions], self.rope_sin[positions])
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, cache, i)
@@ -109,7 +122,8 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def logits(self, hidden: Tensor) -> Tensor:
-        return (F.linear(hidden, self.lm_head) if self.head_q is None else self.head_q(hidden)).float()
+        head = self.head_q or (lambda h: F.linear(h.to(self.lm_head.dtype), self.lm_head))
+        return head(hidden).float()
 
     def load_canonical(self, weights: dict[str, Tensor]) -> None:
         """Copy weights named in the canonical (Hugging Face) scheme into the fused parameters."""
@@ -162,24 +176,24 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, **kw), requires_grad=False) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, kw: dict):
+    def __init__(self, cfg: ModelConfig, kw: dict, act_kw: dict):
         super().__init__()
         self.cfg = cfg
-        self.attn_norm = nn.Parameter(torch.ones(cfg.dim, **kw), requires_grad=False)
+        self.attn_norm = nn.Parameter(torch.ones(cfg.dim, **act_kw), requires_grad=False)
         self.qkv = Linear(cfg.dim, cfg.q_size + 2 * cfg.kv_size, cfg.qkv_bias, kw)
         self.o = Linear(cfg.q_size, cfg.dim, False, kw)
-        self.ffn_norm = nn.Parameter(torch.ones(cfg.dim, **kw), requires_grad=False)
+        self.ffn_norm = nn.Parameter(torch.ones(cfg.dim, **act_kw), requires_grad=False)
         self.gate_up = Linear(cfg.dim, 2 * cfg.ffn_dim, False, kw)
         self.down = Linear(cfg.ffn_dim, cfg.dim, False, kw)
 
     def forward(self, x: Tensor, rope: Tensor, cache: Attention, layer: int) -> Tensor:
         cfg = self.cfg
         T = x.shape[0]
-        qkv = self.qkv(F.rms_norm(x, (cfg.dim,), self.attn_norm, cfg.norm_eps))
+        qkv = self.qkv(F.rms_norm(x, (cfg.dim,), self.attn_norm, cfg.norm_eps)).to(x.dtype)
         # q and k heads are rotated together: [T, H + KV, D] @ [T, D, D]
         qk = torch.matmul(qkv[:, : cfg.q_size + cfg.kv_size].view(T, cfg.n_heads + cfg.n_kv_heads, cfg.head_dim), rope)
         q, k = qk.split([cfg.n_heads, cfg.n_kv_heads], dim=1)

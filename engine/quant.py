@@ -31,6 +31,7 @@ class Int8Linear(nn.Module):
         self.bias = bias
 
     def forward(self, x: Tensor) -> Tensor:
+        x = x.to(self.scale.dtype)
         if x.device.type == "cpu":  # the fused kernel takes 2-D activations
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.qweight, self.scale)
             y = y.view(*x.shape[:-1], -1)
@@ -65,6 +66,7 @@ class Int4Linear(nn.Module):
         self.bias = bias
 
     def forward(self, x: Tensor) -> Tensor:
+        x = x.to(self.scales_zeros.dtype)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), self.packed, self.group, self.scales_zeros)
         y = y.view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
@@ -80,7 +82,7 @@ def quantize(model: Transformer, mode: str) -> Transformer:
     for block in model.layers:
         for name, child in list(block.named_children()):
             if isinstance(child, Linear):
-                setattr(block, name, cls(child.weight, child.bias, model.dtype))
+                setattr(block, name, cls(child.weight, child.bias, model.weight_dtype))
     # The head stays int8 in both modes: GGUF keeps it at 8 bits (Q8_0) and it decides every token.
-    model.head_q = Int8Linear(model.lm_head, None, model.dtype)
+    model.head_q = Int8Linear(model.lm_head, None, model.weight_dtype)
     return model

@@ -46,7 +46,8 @@ def resolve(spec: str) -> Path:
     return Path(spec).expanduser()
 
 
-def fetch(name: str) -> Path:
+def local_file(name: str) -> Path | None:
+    """The model's file if it is installed or already fetched (nothing is downloaded), else None."""
     entry = REGISTRY[name]
     spec = importlib.util.find_spec(entry.package)
     if spec is not None and spec.origin:
@@ -54,8 +55,14 @@ def fetch(name: str) -> Path:
         if installed.is_file():
             return installed
     target = cache_dir() / "models" / Path(entry.member).name
-    if target.is_file():
-        return target
+    return target if target.is_file() else None
+
+
+def fetch(name: str) -> Path:
+    if (found := local_file(name)) is not None:
+        return found
+    entry = REGISTRY[name]
+    target = cache_dir() / "models" / Path(entry.member).name
     target.parent.mkdir(parents=True, exist_ok=True)
     print(f"Fetching {name} ({entry.requirement}) into {target.parent} ...", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:

@@ -65,7 +65,10 @@ class Stream:
     def put(self, item: object) -> None:
         """Engine side: hand one event (or the end marker, or an exception) to the reader."""
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, item)
+            try:
+                self._loop.call_soon_threadsafe(self._events.put_nowait, item)
+            except RuntimeError:  # the reader's event loop is closed: nobody will read this; stop generating
+                self.cancelled = True
         else:
             self._events.put(item)
 

@@ -186,6 +186,14 @@ class SpecStats:
         self.draft_s += draft_s
         self.step_s += step_s
 
+    def merge(self, other: SpecStats) -> None:
+        self.steps += other.steps
+        self.drafted += other.drafted
+        self.accepted += other.accepted
+        self.emitted += other.emitted
+        self.draft_s += other.draft_s
+        self.step_s += other.step_s
+
     def summary(self) -> dict:
         return {
             "acceptance_rate": self.accepted / self.drafted if self.drafted else None,
@@ -251,4 +259,5 @@ def build_drafter(spec: str, target: Transformer, target_name: str, draft: str |
             raise ValueError(f"--spec draft needs --draft PATH: there is no trained draft for {target_name}")
         return NgramDrafter()
     drafter = ModelDrafter(quantize(model, quant), max_seq_len)
-    return drafter if spec == "draft" else AutoDrafter(NgramDrafter(), drafter)
+    # auto trusts prompt lookup only on a match of 2+ tokens: a lone repeated token predicts little
+    return drafter if spec == "draft" else AutoDrafter(NgramDrafter(min_n=2), drafter)

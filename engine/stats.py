@@ -98,13 +98,15 @@ class RollingStats:
             while self._steps and self._steps[0][0] < t - self.window_s:
                 self._steps.popleft()
 
-    def snapshot(self, now: float | None = None) -> dict:
+    def snapshot(self, now: float | None = None, since: float | None = None) -> dict:
+        """The window's numbers; `since` starts the window later (the dashboard measures from its last change of load)."""
         now = time.monotonic() if now is None else now
+        start = self._start if since is None else max(self._start, since)
+        span = max(min(self.window_s, now - start), 1e-6)  # a young engine divides by its age
         with self._lock:
             self._prune(now)
             requests = list(self._requests)
-            steps = [b for t, b in self._steps if t >= now - self.window_s]
-        span = max(min(self.window_s, now - self._start), 1e-6)  # a young engine divides by its age
+            steps = [b for t, b in self._steps if t >= now - span]
         by_class = {c: [m for m in requests if m.user_class == c] for c in CLASSES}
         by_class["all"] = requests
         return {

@@ -10,6 +10,7 @@ import engine.cli
 import voice.cli
 from engine.engine import ContextLengthError, OverloadedError
 from engine.loader import ModelLoadError
+from tui import launch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tradeoff",
         description="See the LLM serving trade-off: batch-1 latency vs batched throughput, measured live.",
     )
+    launch.add_args(parser)  # `tradeoff` with no command opens the dashboard
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     engine.cli.add_parsers(sub)
     voice.cli.add_parsers(sub)
@@ -27,10 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
     try:
+        if not getattr(args, "func", None):
+            return launch.main(args)
         return args.func(args)
     except (ModelLoadError, ContextLengthError, OverloadedError, ValueError) as e:
         print(f"tradeoff: error: {e}", file=sys.stderr)

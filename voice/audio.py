@@ -89,3 +89,16 @@ def with_noise_floor(audio: np.ndarray, snr_db: float = 30.0, seed: int | None =
     level = float(np.sqrt(np.mean(voiced**2))) if len(voiced) else 0.1
     noise = rng.standard_normal(len(audio)).astype(np.float32) * level * 10 ** (-snr_db / 20)
     return (audio + noise).astype(np.float32)
+
+
+def trim_to_voice(audio: np.ndarray, rate: int = WIRE_RATE, margin_db: float = 10.0) -> np.ndarray:
+    """Cut leading and trailing silence: keep from the first to the last 10 ms frame that is `margin_db`
+    above the recording's floor (its quietest tenth), so "end of speech" means the end of the voice."""
+    frame = rate // 100
+    n = len(audio) // frame
+    if n == 0:
+        return audio
+    rms = np.sqrt(np.mean(np.square(audio[: n * frame].reshape(n, frame)), axis=1))
+    floor = np.percentile(rms, 10)
+    voiced = np.flatnonzero(rms > max(floor * 10 ** (margin_db / 20), 1e-4))
+    return audio[voiced[0] * frame: (voiced[-1] + 1) * frame] if len(voiced) else audio[:0]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from voice.audio import WIRE_RATE
+from voice.audio import WIRE_RATE, trim_to_voice, with_noise_floor
 from voice.client import Heard, RealtimeClient
 from voice.tts import EspeakTTS
 from voice.wer import wer
@@ -53,9 +53,14 @@ QUESTIONS = (
 
 def speak(tts: EspeakTTS, text: str, voice: str = "en-us") -> np.ndarray:
     """espeak speech for `text`, trimmed to where the voice starts and stops (24 kHz)."""
-    audio = tts.synthesize(text, voice)
-    voiced = np.flatnonzero(np.abs(audio) > 1e-3)
-    return audio[voiced[0]: voiced[-1] + 1] if len(voiced) else audio
+    return trim_to_voice(tts.synthesize(text, voice))
+
+
+def spoken_question(tts: EspeakTTS, text: str, seed: int = 0, snr_db: float = 30.0, lead_s: float = 0.3,
+                    tail_s: float = 0.5) -> np.ndarray:
+    """A question as a microphone would record it: silence, speech, silence, all over a noise floor (24 kHz)."""
+    pad = [np.zeros(int(s * WIRE_RATE), np.float32) for s in (lead_s, tail_s)]
+    return with_noise_floor(np.concatenate([pad[0], speak(tts, text), pad[1]]), snr_db, seed)
 
 
 @dataclass
@@ -128,7 +133,8 @@ class SimulatedCaller:
                  barge_in_every: int = 0, barge_in_after_ms: float = 600, snr_db: float = 30.0, gap_ms: float = 500,
                  turn_timeout_s: float = 30.0, seed: int = 0):
         self.client = client
-        self.questions = [questions[i % len(questions)] for i in range(turns or len(questions))]
+        self.questions = questions
+        self.turns = turns or len(questions)  # asked in order, round and round
         self.barge_in_every = barge_in_every  # every n-th question interrupts the reply before it (0 = never)
         self.barge_in_after = barge_in_after_ms / 1000
         self.gap = gap_ms / 1000
@@ -138,22 +144,31 @@ class SimulatedCaller:
         speech_rms = float(np.sqrt(np.mean(reference**2)))
         self.mic = Microphone(client, speech_rms * 10 ** (-snr_db / 20), seed)
 
+    def _make_turn(self, i: int) -> Turn | None:
+        if i >= self.turns:
+            return None
+        return Turn(self.questions[i % len(self.questions)],
+                    barge_in=self.barge_in_every > 0 and i > 0 and i % self.barge_in_every == 0)
+
     async def run(self, on_turn: Callable[[Turn], None] | None = None) -> list[Turn]:
-        turns = [Turn(q, barge_in=self.barge_in_every > 0 and i > 0 and i % self.barge_in_every == 0)
-                 for i, q in enumerate(self.questions)]
+        """Ask the questions; return the turns that got a reply (all of them unless one timed out)."""
+        answered: list[Turn] = []
         self.mic.task = asyncio.create_task(self.mic.run())
         try:
             await wait_for(self.client, lambda: False, 0.5)  # the noise floor alone first, as when a call connects
-            for i, turn in enumerate(turns):
-                following = turns[i + 1] if i + 1 < len(turns) else None
-                if not await self._turn(turn, following):
+            turn = self._make_turn(0)
+            for i in itertools.count(1):
+                following = self._make_turn(i)  # needed now: it may be spoken over this turn's reply
+                if turn is None or not await self._turn(turn, following):
                     break
+                answered.append(turn)
                 if on_turn:
                     on_turn(turn)
+                turn = following
         finally:
             self.mic.task.cancel()
             await asyncio.wait([self.mic.task])
-        return [t for t in turns if t.response is not None]
+        return answered
 
     async def _turn(self, turn: Turn, following: Turn | None) -> bool:
         """Ask `turn`'s question (unless it was already spoken over the last reply) and wait for the reply."""
@@ -168,9 +183,10 @@ class SimulatedCaller:
             await wait_for(self.client, lambda: False, self.barge_in_after)
             self.mic.say(speak(self.tts, following.question), following)
             await wait_for(self.client, lambda: reply.done_at is not None, self.turn_timeout)
-            if reply.playback_stopped_at is not None:
-                await wait_for(self.client, lambda: following.speech_start is not None, self.turn_timeout)
-                following.barge_in_stop_ms = max(0.0, reply.playback_stopped_at - following.speech_start) * 1000
+            await wait_for(self.client, lambda: following.speech_start is not None, self.turn_timeout)
+            stopped = reply.playback_stopped_at
+            if stopped is not None and following.speech_start is not None and stopped >= following.speech_start:
+                following.barge_in_stop_ms = (stopped - following.speech_start) * 1000  # (else it had finished playing)
         else:
             await wait_for(self.client, lambda: reply.done_at is not None and not self.client.playing, self.turn_timeout)
         await wait_for(self.client, lambda: transcript_after(self.client, turn.speech_end) is not None, 1.0)
@@ -181,7 +197,6 @@ class SimulatedCaller:
 
     def _response_after(self, turn: Turn) -> Heard | None:
         return None if turn.speech_end is None else response_after(self.client, turn.speech_end)
-
 
 
 def response_after(client: RealtimeClient, t: float) -> Heard | None:
@@ -212,7 +227,7 @@ async def speak_once(client: RealtimeClient, speech: np.ndarray, label: str, tim
     """Send recorded speech in real time (then silence) and wait until its reply has played."""
     turn = Turn(label)
     mic = Microphone(client, noise_level=0.0, seed=0)
-    mic.say(speech, turn)
+    mic.say(trim_to_voice(speech), turn)  # so the turn's speech_end is where the voice stops
     mic.task = asyncio.create_task(mic.run())
     try:
         await wait_for(client, lambda: turn.speech_end is not None, len(speech) / WIRE_RATE + timeout_s)

@@ -28,7 +28,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--silence-ms", type=int, default=300, help="silence that ends a turn (default: %(default)s)")
     p.add_argument("--lead-ms", type=float, default=100,
                    help="how far reply audio runs ahead of real time (default: %(default)s)")
-    p.add_argument("--first-words", type=int, default=4,
+    p.add_argument("--first-words", type=int, default=3,
                    help="cut a reply's first clause after this many words (default: %(default)s)")
     p.add_argument("--max-message-kb", type=int, default=1024, help="largest WebSocket message (default: %(default)s)")
     p.add_argument("--max-buffer-s", type=float, default=30, help="longest input audio per turn (default: %(default)s)")
@@ -163,7 +163,7 @@ async def speak_wav(client, path: str) -> None:
         print("tradeoff talk: no reply (was there speech in the file?)", file=sys.stderr)
         return
     print(f"bot>  {turn.response.transcript}")
-    print("      " + describe(turn.response.metrics, turn.e2e_ms) + " (E2E from the end of the file)", flush=True)
+    print("      " + describe(turn.response.metrics, turn.e2e_ms) + " (from where the voice in the file ends)", flush=True)
 
 
 async def converse(client, devices) -> None:

@@ -73,6 +73,8 @@ class RealtimeClient:
             if event["type"] == "session.created":
                 self.session = event["session"]
                 return self
+            if event["type"] == "client.closed":
+                raise ConnectionError(f"{self.url} closed the connection before session.created")
 
     async def __aexit__(self, *exc) -> None:
         await self.ws.close()

@@ -221,6 +221,8 @@ class SessionConfig:
         """Apply a `session.update` payload. All of it is checked before anything changes."""
         changes: dict = {}
         for key, value in session.items():
+            if key == "tools" and value:
+                raise ProtocolError("unsupported", "tools (function calling) are not supported", "session.tools")
             if key in IGNORED_SESSION_FIELDS or key == "audio":
                 continue
             if key == "type":

@@ -15,7 +15,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from engine import ContextLengthError, Engine, EngineError, OverloadedError, Request, SamplingParams
+from engine import ContextLengthError, Engine, OverloadedError, Request, SamplingParams
 from engine.sequence import Stream
 from voice.audio import WIRE_RATE, float_to_pcm16, pcm16_to_b64
 from voice.clauses import ClauseSplitter
@@ -42,7 +42,6 @@ class Response:
         self.producer: asyncio.Task | None = None
         self.player: asyncio.Task | None = None
         self.stop_reason: str | None = None
-        self.generated = ""  # all text the model produced (the item keeps only what was heard)
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -116,7 +115,6 @@ class Response:
             async for ev in self.stream:
                 if self.times.llm_first_token is None:
                     self.times.llm_first_token = ev.t
-                self.generated += ev.text
                 if not self.audio:
                     self.queue.put_nowait(("text", ev.text))
                     continue
@@ -125,7 +123,7 @@ class Response:
             if self.audio and (rest := splitter.flush()):
                 await self._speak(*rest)
             self.queue.put_nowait(None)
-        except EngineError as e:
+        except Exception as e:  # EngineError, a TTS failure: the player reports it as a failed response
             self.queue.put_nowait(e)
 
     async def _speak(self, clause: str, ends_sentence: bool) -> None:

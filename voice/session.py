@@ -54,13 +54,13 @@ class Services:
     max_output_tokens: int = 200  # server cap per response
     max_buffer_s: float = 30.0  # longest input audio a turn may hold
     lead_ms: float = 100.0  # how far audio deltas run ahead of real time
-    first_words: int = 4  # the first clause of a reply is cut after this many words
+    first_words: int = 3  # the first clause of a reply is cut after this many words
 
 
 class Session:
     def __init__(self, services: Services, send: Send):
         self.services = services
-        self._send = send
+        self.send = send
         self.config = replace(services.defaults, id=new_id("sess"))
         self.conversation = Conversation()
         self.recognizer: Recognizer = services.asr(TRANSCRIPTION_MODELS[self.config.transcription_model]).open()
@@ -82,9 +82,6 @@ class Session:
         self.fed_until = 0  # the recognizer has had the utterance's audio up to here
         self.speech_item_id: str | None = None
         self.asr_task: asyncio.Task | None = None  # transcript of the utterance up to its latest pause
-
-    async def send(self, event: dict) -> None:
-        await self._send(event)
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -331,12 +328,20 @@ class Session:
         previous = self.conversation.add(item)
         await self.send(server_event("input_audio_buffer.committed", previous_item_id=previous, item_id=item.id))
         await self.send(server_event("conversation.item.added", previous_item_id=previous, item=item.to_dict()))
-        self.pending.append(self._spawn(self._finish_transcript(item, asr_task, times)))
+        self.pending = [t for t in self.pending if not t.done()] + [self._spawn(self._finish_transcript(item, asr_task, times))]
         if respond:
-            self._start(draft or self._new_response(times), draft_messages=draft_messages)
+            self._start(draft or self._new_response(times), draft_messages=draft_messages, answering=item)
 
     async def _finish_transcript(self, item: Item, asr_task: asyncio.Task, times: TurnTimes) -> None:
-        transcript, times.asr_start, times.asr_final = await asr_task
+        try:
+            transcript, times.asr_start, times.asr_final = await asr_task
+        except Exception as e:  # a recognizer that failed (its worker died): the turn has no text
+            log.exception("transcription failed")
+            item.text = ""
+            await self.send(server_event("conversation.item.input_audio_transcription.failed", item_id=item.id,
+                                         content_index=0, error={"type": "server_error", "code": "transcription_failed",
+                                                                 "message": f"{type(e).__name__}: {e}"}))
+            return
         times.asr_compute_s, times.asr_audio_s = transcript.compute_s, transcript.audio_s
         item.text = transcript.text
         await self.send(server_event("conversation.item.input_audio_transcription.completed", item_id=item.id,
@@ -369,18 +374,23 @@ class Session:
                         speed=self.config.speed, audio=modalities == ["audio"], times=times,
                         lead_ms=self.services.lead_ms, first_words=self.services.first_words)
 
-    def _start(self, response: Response, instructions: str | None = None, draft_messages: list[dict] | None = None) -> None:
+    def _start(self, response: Response, instructions: str | None = None, draft_messages: list[dict] | None = None,
+               answering: Item | None = None) -> None:
         self.active = response
-        self.active_task = self._spawn(self._respond(response, list(self.pending), instructions, draft_messages))
+        self.active_task = self._spawn(self._respond(response, list(self.pending), instructions, draft_messages, answering))
         self.pending = []
 
     async def _respond(self, response: Response, pending: list[asyncio.Task], instructions: str | None,
-                       draft_messages: list[dict] | None) -> None:
+                       draft_messages: list[dict] | None, answering: Item | None) -> None:
+        """Wait for pending transcripts, then play `response` (the draft if it still fits the conversation)."""
         try:
             for task in pending:  # the conversation must hold every transcript before the model reads it
                 await asyncio.wait([task])
+            if answering is not None and not answering.text:
+                response.discard()  # the turn was noise: nothing was said, so nothing to answer
+                return
             messages = self.conversation.messages(instructions or self.config.instructions)
-            if draft_messages is not None and draft_messages != messages:
+            if response.stop_reason is None and draft_messages is not None and draft_messages != messages:
                 response.discard()  # the transcript or the conversation changed since the draft: redo it
                 times = replace(response.times, llm_first_token=None, first_clause=None, tts_first_chunk=None,
                                 drafted=False)
@@ -392,7 +402,7 @@ class Session:
             await response.run(self.conversation)
         finally:
             if self.active is response:
-                self.active = None
+                self.active = self.active_task = None
 
     async def _stop_active(self, reason: str, wait: bool = False) -> None:
         """Stop the active response now; with `wait`, also let it send its closing events."""

@@ -7,7 +7,7 @@ from engine.loader import LoadedModel
 from engine.model import ModelConfig
 
 TINY = ModelConfig(arch="llama", vocab_size=49152, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64,
-                   rope_theta=1e4, norm_eps=1e-5, max_seq_len=512, tie_embeddings=True, qkv_bias=False)
+                   rope_theta=1e4, norm_eps=1e-5, max_seq_len=4096, tie_embeddings=True, qkv_bias=False)
 
 
 @pytest.fixture(scope="session")

@@ -213,14 +213,17 @@ def test_overload_in_batched_mode_is_refused_and_the_engine_keeps_serving(defaul
     engine = Engine(default_model, mode="batched", max_waiting=3, policy=BatchPolicy(max_batch_size=1))
     try:
         long = SamplingParams(max_tokens=500, ignore_eos=True)
-        streams = [engine.submit(Request(prompt="Once upon a time", sampling=long)) for _ in range(3)]
+        streams = [engine.submit(Request(prompt="Once upon a time", sampling=long))]
+        while engine.metrics_snapshot()["running"] == 0:  # the first one runs; with a batch of 1, the rest wait
+            threading.Event().wait(0.01)
+        streams += [engine.submit(Request(prompt="Once upon a time", sampling=long)) for _ in range(3)]
         with pytest.raises(OverloadedError, match="overloaded: 3 requests already waiting"):
             engine.submit(Request(prompt="one too many"))
         assert engine.metrics_snapshot()["rejected"] == 1
         for s in streams:
             s.cancel()
             list(s)
-        assert [s.metrics.finish_reason for s in streams] == ["cancelled"] * 3
+        assert [s.metrics.finish_reason for s in streams] == ["cancelled"] * 4
         c = engine.generate(Request(prompt="Hi", sampling=SamplingParams(max_tokens=3, ignore_eos=True)))
         assert len(c.token_ids) == 3 and c.metrics.emissions[0][2] == "batched"
         for _ in range(500):  # the stream ends before the worker has put the finished sequence away
@@ -229,5 +232,32 @@ def test_overload_in_batched_mode_is_refused_and_the_engine_keeps_serving(defaul
                 break
             threading.Event().wait(0.01)
         assert snap["mode"] == "batched" and snap["kv_blocks_used"] == 0 and snap["running"] == snap["waiting"] == 0
+    finally:
+        engine.close()
+
+
+def test_policy_changes_apply_to_the_running_engine(tiny_loaded):
+    engine = Engine(tiny_loaded, mode="batched", quant="none", spec="off", policy=BatchPolicy(max_batch_size=2, token_budget=16))
+    try:
+        long = SamplingParams(max_tokens=4000, ignore_eos=True)  # outlasts the test
+        streams = [engine.submit(Request(prompt_ids=[5, 6, 7, i], sampling=long)) for i in range(5)]
+
+        def settles(running, waiting):
+            for _ in range(1000):
+                snap = engine.metrics_snapshot()
+                if (snap["running"], snap["waiting"]) == (running, waiting):
+                    return True
+                threading.Event().wait(0.005)
+            return False
+
+        assert settles(2, 3)
+        engine.set_policy(max_batch_size=4, chunked_prefill=False)
+        assert settles(4, 1)
+        assert engine._batched.scheduler.policy == BatchPolicy(max_batch_size=4, token_budget=16, chunked_prefill=False)
+        with pytest.raises(ValueError, match="max_batch_size"):
+            engine.set_policy(max_batch_size=16)  # must stay below the token budget
+        assert engine.policy.max_batch_size == 4
+        for s in streams:
+            s.cancel()
     finally:
         engine.close()

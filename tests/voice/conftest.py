@@ -1,13 +1,11 @@
 """Shared fixtures for the voice tests: one engine, recognizer and synthesizer for all of them (each takes
 seconds to load), a fresh server per test, and espeak speech with a noise floor as the spoken input."""
 
-import numpy as np
 import pytest
 
 from engine import Engine
 from voice.asr import SphinxASR, WhisperASR
-from voice.audio import WIRE_RATE, with_noise_floor
-from voice.caller import speak
+from voice.caller import spoken_question
 from voice.server import VoiceServer
 from voice.session import Services
 from voice.tts import EspeakTTS
@@ -46,10 +44,5 @@ async def server(services):
 
 @pytest.fixture(scope="session")
 def say(tts):
-    """Question text -> 24 kHz espeak speech with a 30 dB noise floor (and 0.3 s of lead-in)."""
-
-    def make(text: str, seed: int = 0) -> np.ndarray:
-        speech = np.concatenate([np.zeros(WIRE_RATE * 3 // 10, np.float32), speak(tts, text)])
-        return with_noise_floor(speech, 30.0, seed)
-
-    return make
+    """Question text -> 24 kHz espeak speech with a 30 dB noise floor, as a microphone would record it."""
+    return lambda text, seed=0: spoken_question(tts, text, seed)

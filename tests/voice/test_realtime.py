@@ -8,9 +8,9 @@ import pytest
 from pydantic import TypeAdapter
 
 from voice.audio import WIRE_RATE
-from voice.caller import SimulatedCaller
+from voice.caller import QUESTIONS, SimulatedCaller
 from voice.client import RealtimeClient
-from voice.wer import normalize, wer
+from voice.wer import closest, normalize
 
 SDK_EVENTS = None
 
@@ -53,7 +53,7 @@ async def test_spoken_turns_end_to_end(server):
     assert len(turns) == 2
     check_shapes(log)
     for turn in turns:
-        assert wer([turn.question], [turn.transcript]) <= 0.3, (turn.question, turn.transcript)
+        assert closest(turn.transcript, QUESTIONS) == turn.question, turn.transcript
         reply = turn.response
         assert reply.status == "completed"
         assert reply.audio_samples > 0.3 * WIRE_RATE and reply.transcript.strip()
@@ -66,10 +66,11 @@ async def test_spoken_turns_end_to_end(server):
         assert sum(parts.values()) == pytest.approx(reply.metrics["e2e_ms"])
         assert reply.metrics["e2e_ms"] == pytest.approx((m["first_audio_sent"] - m["speech_end"]) * 1000)
         assert parts["endpointing"] >= 300 - 32  # the configured silence, give or take one VAD chunk
-        # the client's own measurement: the server's E2E plus transport, to within the 20 ms frame that
-        # carried the last speech (the server only knows which frame held it)
-        assert turn.speech_end <= m["speech_end"] + 0.025
-        assert 0 <= turn.e2e_ms - reply.metrics["e2e_ms"] <= 50
+        # the client's own measurement is the server's E2E plus transport, give or take the 20 ms frame that
+        # carried the last speech: the server estimates when that frame was sent from when frames arrived
+        # (and the client calls the voice over a little later than the server's 10 dB-above-noise test does)
+        assert abs(turn.speech_end - m["speech_end"]) <= 0.035
+        assert -35 <= turn.e2e_ms - reply.metrics["e2e_ms"] <= 60
         assert reply.first_audio_at >= m["first_audio_sent"]
     # the conversation carries over: the second prompt holds the first exchange
     assert turns[1].response.metrics["llm"]["prompt_tokens"] > turns[0].response.metrics["llm"]["prompt_tokens"] + 10
@@ -116,7 +117,7 @@ async def test_barge_in_stops_the_reply_and_keeps_only_what_was_heard(server):
     heard = cancelled["output"][0]["content"][0]["transcript"]
     assert normalize(heard) == normalize(interrupted.transcript)[: len(normalize(heard))]
     assert ("assistant", heard) in history or not heard
-    assert history[-2][0] == "user" and wer([second.question], [history[-2][1]]) <= 0.3
+    assert history[-2][0] == "user" and closest(history[-2][1], QUESTIONS) == second.question
 
 
 async def text_turn(client: RealtimeClient, text: str) -> None:
@@ -173,3 +174,18 @@ async def test_client_truncates_what_it_played(server):
         session = next(iter(server.sessions))
         kept = session.conversation.find(item["id"]).text.split()
         assert 0 < len(kept) < len(words) and kept == words[: len(kept)]
+
+
+async def test_text_only_response(server):
+    async with RealtimeClient(server.url) as client:
+        await client.send({"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
+            {"type": "input_text", "text": "What is the capital of France?"}]}})
+        await client.send({"type": "response.create", "response": {"output_modalities": ["text"]}})
+        await wait_until(client, lambda: client.current is not None and client.current.done_at is not None)
+        check_shapes(client.log)
+        assert client.current.audio_samples == 0
+        deltas = "".join(e["delta"] for e in events_of(client.log, "response.output_text.delta"))
+        done = events_of(client.log, "response.done")[-1]["response"]
+        assert done["status"] == "completed" and done["output_modalities"] == ["text"]
+        assert deltas and done["output"][0]["content"][0] == {"type": "output_text", "text": deltas}
+        assert events_of(client.log, "response.output_text.done")[-1]["text"] == deltas

@@ -2,7 +2,7 @@
 
 from voice.clauses import ClauseSplitter, speakable
 from voice.conversation import Conversation, Item
-from voice.wer import edit_distance, normalize, number_words, wer
+from voice.wer import closest, edit_distance, normalize, number_words, wer
 
 
 def split(tokens, **kw):
@@ -65,3 +65,9 @@ def test_wer_normalisation_and_counts():
     assert wer(["How many legs does a spider have?"], ["how many legs does a spider have"]) == 0
     assert wer(["one two three four"], ["one too three"]) == 0.5
     assert wer(["a b", "c d e f"], ["a b", "c"]) == 0.5  # corpus WER: 3 edits over 6 words
+
+
+def test_closest_sentence_in_a_closed_set():
+    options = ("What is the capital of France?", "How many legs does a spider have?")
+    assert closest("what is the capital and friends", options) == options[0]
+    assert closest("how many lands does a spider ham", options) == options[1]

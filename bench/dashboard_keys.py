@@ -1,0 +1,75 @@
+"""`tradeoff bench keys`: how fast the dashboard answers keys while the engine is saturated.
+
+The dashboard runs headless at 160 x 60 on the real engine, in batched mode with N synthetic users and the
+simulated caller talking, as `tradeoff --batched --users N` would. After a warm-up it presses `?` (help) and
+`escape` (close) in turn and times each press from posting the key event to
+- the UI loop taking the key (the binding's action runs then), and
+- the new screen being mounted (help opened) or current again (dashboard back).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+from textual import events
+
+from bench.report import table, write_json
+from engine.metrics import percentile
+
+
+async def measure(users: int, presses: int, warmup_s: float) -> tuple[list[dict], dict]:
+    from tui.app import TradeoffApp
+    from tui.backend import Options
+
+    seen: dict[str, float] = {}
+
+    def hook(message) -> None:
+        if isinstance(message, events.Key):
+            seen.setdefault("key", time.perf_counter())
+        elif isinstance(message, events.ScreenResume):  # the help screen, or the dashboard again, is current
+            seen.setdefault("screen", time.perf_counter())
+
+    app = TradeoffApp(Options(mode="batched", users=users, caller=True))
+    rows = []
+    async with app.run_test(size=(160, 60), message_hook=hook) as pilot:
+        while not app.ready:
+            await pilot.pause(0.2)
+        await pilot.pause(warmup_s)
+        for i in range(presses):
+            key = "question_mark" if i % 2 == 0 else "escape"
+            seen.clear()
+            t0 = time.perf_counter()
+            await pilot.press(key)
+            while "screen" not in seen:
+                await pilot.pause(0.01)
+            rows.append({"key": key, "key_ms": (seen["key"] - t0) * 1000, "screen_ms": (seen["screen"] - t0) * 1000})
+            await pilot.pause(0.3)
+        state = app.dashboard.sample
+        await pilot.press("q")
+        while app.is_running:
+            await pilot.pause(0.1)
+    return rows, {"running": state.running, "tok_s": state.tok_s, "tbt_p50_ms": state.tbt_p50_ms} if state else {}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("keys", help="dashboard key latency at 160x60 while the engine is saturated",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--users", type=int, default=16, help="synthetic users in batched mode (default: %(default)s)")
+    p.add_argument("--presses", type=int, default=20, help="keys to press (default: %(default)s)")
+    p.add_argument("--warmup", type=float, default=15.0, help="seconds of load before the first press (default: %(default)s)")
+    p.add_argument("--json", default="bench/out/keys.json", help="(default: %(default)s)")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    rows, engine_state = asyncio.run(measure(args.users, args.presses, args.warmup))
+    summary = [{"what": what, **{f"p{q}": percentile([r[f"{what}_ms"] for r in rows], q) for q in (50, 90)},
+                "max": max(r[f"{what}_ms"] for r in rows)} for what in ("key", "screen")]
+    print(f"{len(rows)} presses at 160x60, batched mode, {args.users} synthetic users + the simulated caller; "
+          f"engine at the end: {engine_state}")
+    print(table(summary, [("what", "key -> ", "s"), ("p50", "p50 ms", ".1f"), ("p90", "p90 ms", ".1f"),
+                          ("max", "max ms", ".1f")]))
+    print(f"JSON: {write_json(args.json, 'keys', rows, users=args.users, engine=engine_state, summary=summary)}")
+    return 0

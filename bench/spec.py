@@ -1,0 +1,124 @@
+"""`tradeoff bench spec`: speculative decoding per drafter against no speculation, in one run.
+
+Fixed chat prompts, greedy: questions (prompt lookup can't help), summaries of a given text and rewrites
+(it can). Per drafter: acceptance rate, mean accepted length, tokens per target forward, draft time share,
+decode tok/s (median over prompts) and the speedup over `off` measured in the same run. Also the TTFT of a
+~30-token user turn after a cached system prompt and first turn. If llama-cpp-python is installed, it runs
+the same GGUF greedily in the same run and the table shows our ratio to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from bench.report import table, write_json
+from engine.engine import Engine, Request
+from engine.loader import load
+from engine.registry import DEFAULT_MODEL, resolve
+from engine.sampling import SamplingParams
+from engine.speculative import SpecStats
+
+TEXT = ("Honeybees live in colonies of up to sixty thousand workers, one queen and a few hundred drones. Workers "
+        "collect nectar and pollen, build wax comb, cool the hive by fanning their wings and defend the entrance. "
+        "The queen lays up to two thousand eggs a day. In winter the colony clusters together and shivers to keep warm.")
+PROMPTS = [
+    ("question", "What is the capital of Japan, and what is it famous for?"),
+    ("question", "Give me three tips for staying focused while studying."),
+    ("question", "Explain how a rainbow forms."),
+    ("question", "Write a short poem about a lighthouse."),
+    ("summary", f"Summarise this text in two sentences: {TEXT}"),
+    ("summary", f"What does the text say about winter? {TEXT}"),
+    ("rewrite", f"Rewrite this text in simpler words: {TEXT}"),
+    ("rewrite", f"Repeat this text, fixing nothing: {TEXT}"),
+]
+SYSTEM = "You are a friendly voice assistant. Answer in one or two short sentences, in plain spoken English."
+FOLLOW_UP = "Thanks. Could you now tell me, in a few words, which of those places you would recommend for a first visit?"
+
+
+def decode_tok_s(m) -> float | None:
+    return (m.output_tokens - 1) / (m.e2e - m.ttft) if m.output_tokens > 1 and m.e2e > m.ttft else None
+
+
+def follow_up_ttft(engine: Engine) -> float:
+    """TTFT of a ~30-token user turn whose system prompt and first turn are already in the cache."""
+    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Name three cities in Italy."}]
+    first = engine.generate(Request(messages=history, sampling=SamplingParams(max_tokens=40)))
+    history += [{"role": "assistant", "content": first.text}, {"role": "user", "content": FOLLOW_UP}]
+    return engine.generate(Request(messages=history, sampling=SamplingParams(max_tokens=8))).metrics.ttft
+
+
+def run_engine(loaded, spec: str, max_tokens: int, quant: str | None) -> dict:
+    engine = Engine(loaded, spec=spec, quant=quant)
+    try:
+        engine.generate(Request(prompt="Hello", sampling=SamplingParams(max_tokens=8)))  # warm-up
+        totals, rates, kinds = SpecStats(), [], {}
+        for kind, prompt in PROMPTS:
+            engine.clear_cache()
+            m = engine.generate(Request(messages=[{"role": "user", "content": prompt}],
+                                        sampling=SamplingParams(max_tokens=max_tokens))).metrics
+            totals.merge(m.spec)
+            if (r := decode_tok_s(m)) is not None:
+                rates.append(r)
+                kinds.setdefault(kind, []).append(r)
+        ttft = statistics.median(follow_up_ttft(engine) for _ in range(3))
+        return {"drafter": spec, "quant": engine.quant, "decode_tok_s": statistics.median(rates),
+                **{f"tok_s_{k}": statistics.median(v) for k, v in kinds.items()},
+                **totals.summary(), "follow_up_ttft_ms": ttft * 1000}
+    finally:
+        engine.close()
+
+
+def run_llama_cpp(gguf: str, max_tokens: int) -> dict | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=gguf, n_threads=2, n_ctx=2048, verbose=False)
+    rates = []
+    for _, prompt in PROMPTS:
+        llm.reset()
+        times = []
+        for _ in llm.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                                            temperature=0.0, stream=True):
+            times.append(time.perf_counter())
+        if len(times) > 2:
+            rates.append((len(times) - 2) / (times[-1] - times[1]))  # first chunk is the role header
+    return {"drafter": "llama.cpp", "quant": "gguf", "decode_tok_s": statistics.median(rates)}
+
+
+COLUMNS = [
+    ("drafter", "drafter", ""), ("quant", "weights", ""), ("decode_tok_s", "tok/s", ".1f"), ("speedup", "vs off", ".2f"),
+    ("vs_llama_cpp", "vs llama.cpp", ".2f"), ("tok_s_question", "questions", ".1f"), ("tok_s_summary", "summaries", ".1f"),
+    ("tok_s_rewrite", "rewrites", ".1f"), ("acceptance_rate", "accept", ".2f"),
+    ("mean_accepted_length", "accepted/step", ".2f"), ("tokens_per_target_forward", "tok/forward", ".2f"),
+    ("draft_time_share", "draft share", ".2f"), ("follow_up_ttft_ms", "TTFT 30-tok turn ms", ".0f"),
+]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("spec", help="speculative decoding per drafter vs no speculation (and llama.cpp)",
+                       description=__doc__)
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--drafters", default="off,ngram,draft,auto")
+    p.add_argument("--quant", default=None, help="weight format (default: the engine's default for the device)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--json", default="bench/out/spec.json")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    loaded = load(args.model)
+    rows = [run_engine(loaded, spec, args.max_tokens, args.quant) for spec in args.drafters.split(",")]
+    if (ref := run_llama_cpp(str(resolve(args.model)), args.max_tokens)) is not None:
+        rows.append(ref)
+    base = next((r["decode_tok_s"] for r in rows if r["drafter"] == "off"), None)
+    for r in rows:
+        r["speedup"] = r["decode_tok_s"] / base if base else None
+        r["vs_llama_cpp"] = r["decode_tok_s"] / ref["decode_tok_s"] if ref else None
+    print(table(rows, COLUMNS))
+    if ref is None:
+        print("llama.cpp: not measured (pip install llama-cpp-python to compare in the same run)")
+    print(f"JSON: {write_json(args.json, 'spec', rows)}")
+    return 0

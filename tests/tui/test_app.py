@@ -1,0 +1,130 @@
+"""Pilot tests of the dashboard on the real engine and voice loop: start-up with the default model and the
+simulated caller, numbers that update, the keys (checked on the engine and the load generator, not on
+labels), a typed message and its reply, and a clean quit."""
+
+import os
+import threading
+from pathlib import Path
+
+from tests.tui.conftest import wait_for
+from tui.app import TradeoffApp
+from tui.backend import LocalBackend, Options
+from tui.model import format_ms
+from tui.screens import MessagePrompt
+from tui.widgets.headline import Headline
+from tui.widgets.transcript import Transcript
+
+SIZE = (160, 60)
+
+
+def child_processes() -> list[int]:
+    """Live (not zombie) processes whose parent is this one."""
+    me, children = str(os.getpid()), []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == me and not fields.get("State", "").startswith("Z"):
+            children.append(int(status.parent.name))
+    return children
+
+
+def app_on(engine, **options) -> TradeoffApp:
+    """The dashboard on the shared engine, without the simulated caller unless asked."""
+    opts = Options(**{"caller": False, **options})
+    return TradeoffApp(opts, backend=LocalBackend(opts, engine=engine))
+
+
+async def test_starts_with_the_default_model_and_the_caller_the_numbers_update_and_q_quits_cleanly():
+    threads_before = set(threading.enumerate())
+    app = TradeoffApp(Options())  # loads the default model itself; no microphone here, so the caller is on
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.ready, 120, "start-up")
+        engine, dash = app.backend.engine, app.dashboard
+        assert engine.name == "smollm2-135m" and app.link.caller_on
+        # the caller's first spoken turn is answered and measured end to end
+        await wait_for(pilot, lambda: dash.voice.spoken, 90, "a spoken turn")
+        turn = dash.voice.spoken[0]
+        assert turn.user_text and turn.reply_text and turn.e2e_ms > 0
+        assert dict(turn.parts_ms)["endpointing"] > 0
+        # the numbers come from the engine and keep coming
+        await wait_for(pilot, lambda: dash.sample is not None and dash.sample.ttft_p50_ms is not None, 30, "a TTFT")
+        first = dash.sample
+        await wait_for(pilot, lambda: dash.sample.t > first.t + 1, 10, "later samples")
+        s = dash.sample
+        assert dash.query_one("#ttft", Headline).text == format_ms(s.ttft_p50_ms)[0]
+        assert dash.query_one("#e2e-last", Headline).text == format_ms(dash.voice.last_e2e_ms)[0] != "-"
+        await pilot.press("q")
+        await wait_for(pilot, lambda: not app.is_running, 60, "the app to exit")
+    assert not any(t.name == "engine" and t.is_alive() for t in threading.enumerate()), "the engine's worker is still up"
+    # every thread the app started has ended (the test loop's own idle executor threads are not the app's)
+    leftover = [t.name for t in threading.enumerate() if t not in threads_before and not t.name.startswith("asyncio_")]
+    assert leftover == []
+    assert child_processes() == []
+
+
+async def test_b_s_and_c_change_the_engine(engine):
+    app = app_on(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.ready, 60, "start-up")
+        assert engine.mode == "latency"
+        await pilot.press("b")
+        await wait_for(pilot, lambda: engine.mode == "batched", 30, "batched mode")
+        await wait_for(pilot, lambda: app.dashboard.sample.mode == "batched", 10, "a sample in batched mode")
+        await pilot.press("b")
+        await wait_for(pilot, lambda: engine.mode == "latency", 30, "latency mode")
+        drafter = engine.metrics_snapshot()["speculation"]["drafter"]
+        assert drafter is not None
+        await pilot.press("s")
+        await wait_for(pilot, lambda: engine.metrics_snapshot()["speculation"]["drafter"] is None, 10, "speculation off")
+        await pilot.press("s")
+        await wait_for(pilot, lambda: engine.metrics_snapshot()["speculation"]["drafter"] == drafter, 10, "speculation on")
+        chunked = engine.policy.chunked_prefill
+        await pilot.press("c")
+        assert engine.policy.chunked_prefill is not chunked
+        await pilot.press("c")
+        assert engine.policy.chunked_prefill is chunked
+        await pilot.press("q")
+
+
+async def test_plus_and_minus_change_the_synthetic_users(engine):
+    app = app_on(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.ready, 60, "start-up")
+        loadgen = app.backend.loadgen
+        assert loadgen.level == 0 and loadgen.submitted == []
+        await pilot.press("plus")
+        await wait_for(pilot, lambda: loadgen.level == 1, 10, "one user")
+        await pilot.press("plus", "plus")
+        await wait_for(pilot, lambda: loadgen.level == 4, 10, "four users")
+        # the users really send requests to the engine
+        await wait_for(pilot, lambda: len(loadgen.submitted) >= 4, 30, "synthetic requests")
+        assert all(m.user_class == "synthetic" for m in loadgen.submitted)
+        await wait_for(pilot, lambda: app.dashboard.sample.users == 4, 10, "a sample with four users")
+        await pilot.press("minus")
+        await wait_for(pilot, lambda: loadgen.level == 2, 10, "two users")
+        await pilot.press("q")
+
+
+async def test_a_typed_message_gets_a_reply(engine):
+    app = app_on(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.ready, 60, "start-up")
+        finished = engine.metrics_snapshot()["classes"]["user"]["finished"]
+        await pilot.press("slash")
+        await wait_for(pilot, lambda: isinstance(app.screen, MessagePrompt), 5, "the message prompt")
+        await pilot.press(*"Hi")
+        await pilot.press("space", *"there!", "enter")
+        transcript = app.dashboard.query_one(Transcript)
+        await wait_for(pilot, lambda: any(e.role == "bot" and e.status == "completed" for e in transcript.entries), 60,
+                       "the reply")
+        you = next(e for e in transcript.entries if e.role == "you")
+        bot = next(e for e in transcript.entries if e.role == "bot")
+        assert you.text.startswith("Hi there!") and bot.text.strip()
+        await wait_for(pilot, lambda: app.dashboard.voice.turns, 10, "the turn's numbers")
+        turn = app.dashboard.voice.turns[-1]
+        assert turn.typed and turn.parts_ms == () and turn.llm_ttft_ms > 0 and turn.reply_text == bot.text
+        # it went through the engine as the real user's request
+        assert engine.metrics_snapshot()["classes"]["user"]["finished"] > finished
+        await pilot.press("q")

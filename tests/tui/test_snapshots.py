@@ -1,0 +1,45 @@
+"""Snapshot of the main screen at 160 x 60, fed from a recorded metrics stream (no engine, no voice loop,
+no clock on screen), so a change of layout or rendering shows up as a diff. Update after an intended
+change with `pytest tests/tui/test_snapshots.py --snapshot-update` and look at the new SVG."""
+
+from tests.tui.conftest import recorded_messages, wait_for
+from tui.app import TradeoffApp
+from tui.backend import Options
+from tui.messages import Loaded
+
+
+class ReplayBackend:
+    """No engine: every number comes from the recording."""
+
+    STAGES = 1
+    engine = None
+    can_speculate = False
+
+    def __init__(self) -> None:
+        self.options = Options(caller=False)
+
+    def sample(self) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class ReplayApp(TradeoffApp):
+    def __init__(self) -> None:
+        super().__init__(Options(caller=False), backend=ReplayBackend())
+
+    def start(self) -> None:  # nothing to load and no voice loop: the screen is fed from the recording
+        self.post_message(Loaded())
+
+
+async def feed(pilot) -> None:
+    app = pilot.app
+    await wait_for(pilot, lambda: app.ready, 10, "the dashboard")
+    for message in recorded_messages():  # each to the handler its message reaches (posting a burst would
+        getattr(app.dashboard, message.handler_name)(message)  # merge the samples: MetricsUpdated.can_replace)
+    await pilot.pause()
+
+
+def test_main_screen_from_a_recorded_stream(snap_compare):
+    assert snap_compare(ReplayApp(), terminal_size=(160, 60), run_before=feed)

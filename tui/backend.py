@@ -1,0 +1,188 @@
+"""What the dashboard drives: the engine and its synthetic users in this process, their controls, and
+samples of their metrics. (The voice loop is tui/voice_link.py.)
+
+Every method that may block (start-up, `sample`, `close`) is called from a worker thread, never from the
+UI thread; the controls only queue a message for the engine's worker (mode, policy, speculation) or make a
+short round trip to the load generator's loop, behind a lock so presses apply in order.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from engine import Engine
+from engine.gguf_convert import converted_folder
+from engine.loadgen import LoadGenerator
+from engine.registry import DEFAULT_MODEL, REGISTRY, cache_dir, local_file
+from tui.model import RECENT_S, USER_LEVELS, Sample
+
+Progress = Callable[[int, int, str], None]  # (stage, stages, line of output)
+
+
+@dataclass(frozen=True)
+class Options:
+    """The dashboard's command-line choices (tui/launch.py)."""
+
+    model: str = DEFAULT_MODEL
+    device: str | None = None
+    quant: str | None = None
+    spec: str = "auto"
+    draft: str | None = None
+    asr: str = "whisper"
+    mode: str = "latency"
+    users: int = 0  # synthetic users at start
+    caller: bool | None = None  # the simulated caller; None = on when there is no microphone
+    connect: str | None = None  # attach to a running `tradeoff serve` at this URL instead
+
+
+def needs_fetch(model: str) -> bool:
+    """Would loading `model` download or convert it first? (Only registry names are fetched.)"""
+    if model not in REGISTRY:
+        return False
+    path = local_file(model)
+    return path is None or not (converted_folder(path, cache_dir()) / "config.json").is_file()
+
+
+class LocalBackend:
+    """The engine, and the synthetic users as a closed-loop load generator, both in this process.
+
+    Given an `engine`, the backend uses it and leaves it open on `close` (tests share one engine)."""
+
+    STAGES = 3
+
+    def __init__(self, options: Options, engine: Engine | None = None):
+        self.options = options
+        self.engine = engine
+        self._owns_engine = engine is None
+        self.loadgen: LoadGenerator | None = None
+        self.users = 0
+        self.started = time.monotonic()
+        self.level_start = self.started  # the last change of mode or load: the headline numbers start here
+        self._lock = threading.Lock()
+        self._fetch: subprocess.Popen | None = None
+        self._closed = False
+
+    # ---- start-up and shut-down (worker threads) -----------------------------------------------
+
+    def start(self, progress: Progress) -> None:
+        o = self.options
+        if self.engine is None:
+            if needs_fetch(o.model):
+                self._fetch_model(progress)
+            progress(2, self.STAGES, f"loading {o.model} ...")
+            # every synthetic user on the ladder may wait at once, with room for the real user: the load alone
+            # never gets requests refused
+            engine = Engine(o.model, device=o.device, quant=o.quant, spec=o.spec, draft=o.draft,
+                            max_waiting=USER_LEVELS[-1] + 8)
+            if self._closed:  # quit while loading
+                engine.close()
+                return
+            self.engine = engine
+        engine = self.engine
+        progress(2, self.STAGES, f"{engine.name} on {engine.device}: latency mode {engine.dtype} "
+                 f"({engine.quant} weights), batched mode {engine.batched_dtype}; speculation {engine.spec}")
+        progress(3, self.STAGES, "starting synthetic users ...")
+        engine.set_mode(o.mode)
+        self.loadgen = LoadGenerator(engine)
+        self.loadgen.start_closed(o.users)
+        self.users = o.users
+        self.level_start = time.monotonic()
+
+    def _fetch_model(self, progress: Progress) -> None:
+        """`tradeoff fetch MODEL` in a child process, its output (pip, tqdm) shown line by line, so the
+        download never writes over the screen."""
+        progress(1, self.STAGES, f"fetching {self.options.model} (first run only) ...")
+        cmd = [sys.executable, "-m", "tui.cli", "fetch", self.options.model]
+        self._fetch = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        line = []
+        while ch := self._fetch.stdout.read(1):  # tqdm redraws with \r: treat it as a line end too
+            if ch in "\r\n":
+                if line:
+                    progress(1, self.STAGES, "".join(line))
+                line = []
+            else:
+                line.append(ch)
+        if self._fetch.wait() != 0:
+            raise RuntimeError(f"fetching {self.options.model} failed (exit status {self._fetch.returncode}); "
+                               "run `tradeoff fetch` to see why")
+
+    def close(self) -> None:
+        """Stop the synthetic users and, if this backend made it, the engine. Safe to call twice."""
+        self._closed = True
+        if self._fetch is not None and self._fetch.poll() is None:
+            self._fetch.kill()
+            self._fetch.wait()
+        if self.loadgen is not None:
+            self.loadgen.stop()
+            self.loadgen = None
+        if self.engine is not None and self._owns_engine:
+            self.engine.close()
+
+    # ---- readings ----------------------------------------------------------------------------
+
+    def sample(self) -> Sample | None:
+        engine = self.engine
+        if engine is None or self._closed:
+            return None
+        now = time.monotonic()
+        level_start = self.level_start
+        level = engine.metrics_snapshot(since=level_start)
+        recent = engine.stats.snapshot(now, since=now - RECENT_S)
+        return Sample.from_snapshots(now - self.started, level, recent, self.users, now - level_start)
+
+    # ---- controls ----------------------------------------------------------------------------
+
+    @property
+    def can_speculate(self) -> bool:
+        return self.engine is not None and self.engine.spec != "off"
+
+    def set_mode(self, mode: str) -> None:
+        self.engine.set_mode(mode)
+        self._changed()
+
+    def set_speculation(self, on: bool) -> None:
+        self.engine.set_speculation(on)
+        self._changed()
+
+    def set_chunked_prefill(self, on: bool) -> None:
+        self.engine.set_policy(chunked_prefill=on)
+        self._changed()
+
+    def set_users(self, users: int) -> None:
+        """Blocks for a round trip to the load generator's loop: call it from a worker."""
+        with self._lock:
+            if self.loadgen is None or users == self.users:
+                return
+            self.loadgen.resize(users)
+            self.users = users
+            self._changed()
+
+    def _changed(self) -> None:
+        self.level_start = time.monotonic()
+
+
+class RemoteBackend:
+    """Attached to a running `tradeoff serve` (--connect): the engine is the server's, so there is nothing to
+    load here and no engine control. The conversation panels work as in-process; the engine panels stay
+    empty, because the server does not stream its engine metrics (yet)."""
+
+    STAGES = 1
+    engine = None
+    can_speculate = False
+
+    def __init__(self, options: Options):
+        self.options = options
+
+    def start(self, progress: Progress) -> None:
+        progress(1, self.STAGES, f"attaching to {self.options.connect} ...")
+
+    def sample(self) -> Sample | None:
+        return None
+
+    def close(self) -> None:
+        pass

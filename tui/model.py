@@ -1,0 +1,303 @@
+"""The dashboard's numbers, apart from any widget: engine samples, their history, downsampling to a chart's
+width, SLO grades, the trade-off curve's points, and voice turns with their stacked latency bars.
+
+Pure Python with no Textual and no engine import, so it is unit-tested on its own and a recorded sample
+stream (a list of `Sample.to_dict()`) can be replayed into the screen.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import asdict, dataclass, field, fields
+
+USER_LEVELS = (0, 1, 2, 4, 8, 16, 32, 64)  # the synthetic-user ladder that + and - walk
+RECENT_S = 5.0  # the charts plot each number over the last few seconds, so spikes show
+VOICE_E2E_SLO_MS = 800.0  # the voice issue's p90 target for speech end -> first reply audio
+WARN_FACTOR = 1.5  # within 1.5x of an SLO is amber, beyond it red
+
+GOOD, WARN, BAD, NONE = "good", "warn", "bad", "none"
+
+
+def step_users(current: int, direction: int) -> int:
+    """The next level up (direction > 0) or down the ladder 0, 1, 2, 4, ... 64 from `current` (any int)."""
+    if direction > 0:
+        return next((n for n in USER_LEVELS if n > current), USER_LEVELS[-1])
+    return next((n for n in reversed(USER_LEVELS) if n < current), USER_LEVELS[0])
+
+
+def grade(value: float | None, limit: float | None, higher_is_better: bool = False) -> str:
+    """GOOD within the SLO, WARN within WARN_FACTOR of it, BAD beyond; NONE without a value or an SLO."""
+    if value is None or limit is None:
+        return NONE
+    ratio = limit / value if higher_is_better else value / limit
+    if ratio <= 1:
+        return GOOD
+    return WARN if ratio <= WARN_FACTOR else BAD
+
+
+def format_ms(ms: float | None) -> tuple[str, str]:
+    """(digits, unit) for a latency: milliseconds up to 9999, then seconds."""
+    if ms is None or math.isnan(ms):
+        return "-", "ms"
+    if ms < 9999.5:
+        return f"{ms:.0f}", "ms"
+    return f"{ms / 1000:.1f}", "s"
+
+
+def ms_text(ms: float | None) -> str:
+    """'612 ms', '12.3 s' or '- ms'."""
+    return " ".join(format_ms(ms))
+
+
+def format_rate(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.1f}" if v < 100 else f"{v:.0f}"
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One reading of the engine, as the dashboard shows it. `t` counts seconds from the dashboard's start.
+
+    The headline numbers (ttft_*, tbt_*, tok_s*) cover the time since the last change of mode or load
+    (`level_age_s`), at most the engine's window (`window_s`); the recent_* numbers cover the last RECENT_S seconds.
+    """
+
+    t: float
+    mode: str
+    users: int  # synthetic users
+    drafter: str | None  # the speculative drafter in use; None = speculation off
+    chunked_prefill: bool
+    level_age_s: float
+    window_s: float  # what the headline numbers cover: level_age_s, at most the engine's window
+    ttft_p50_ms: float | None
+    ttft_p99_ms: float | None
+    tbt_p50_ms: float | None
+    tbt_p99_ms: float | None
+    tok_s: float  # system output tokens/s
+    tok_s_per_user: float | None  # mean of 1 / TPOT over the requests that finished
+    finished: int
+    recent_ttft_p50_ms: float | None
+    recent_tbt_p50_ms: float | None
+    recent_tbt_p99_ms: float | None
+    recent_tok_s: float
+    running: int
+    waiting: int
+    kv_used: float | None  # fraction of batched mode's KV blocks in use (None before batched mode ran)
+    preemptions: int
+    drafted: int  # speculation counters since the engine started
+    accepted: int
+    slo_ttft_ms: float
+    slo_tbt_ms: float
+
+    @classmethod
+    def from_snapshots(cls, t: float, level: dict, recent: dict, users: int, level_age_s: float) -> Sample:
+        """From two `Engine.metrics_snapshot()`-shaped dicts: `level` since the last change, `recent` over RECENT_S."""
+        a, r = level["classes"]["all"], recent["classes"]["all"]
+        spec = level.get("speculation") or {}
+        used, free = level.get("kv_blocks_used"), level.get("kv_blocks_free")
+        return cls(
+            t=t, mode=level["mode"], users=users, drafter=spec.get("drafter"),
+            chunked_prefill=bool(level.get("chunked_prefill")), level_age_s=level_age_s, window_s=level["window_s"],
+            ttft_p50_ms=_ms(a["ttft_s"]["p50"]), ttft_p99_ms=_ms(a["ttft_s"]["p99"]),
+            tbt_p50_ms=_ms(a["tbt_s"]["p50"]), tbt_p99_ms=_ms(a["tbt_s"]["p99"]),
+            tok_s=a["output_tok_s"], tok_s_per_user=a["tok_s_per_user"], finished=a["finished"],
+            recent_ttft_p50_ms=_ms(r["ttft_s"]["p50"]), recent_tbt_p50_ms=_ms(r["tbt_s"]["p50"]),
+            recent_tbt_p99_ms=_ms(r["tbt_s"]["p99"]), recent_tok_s=r["output_tok_s"],
+            running=level["running"], waiting=level["waiting"],
+            kv_used=used / (used + free) if used is not None and used + free else None,
+            preemptions=level.get("preemptions") or 0,
+            drafted=spec.get("drafted", 0), accepted=spec.get("accepted", 0),
+            slo_ttft_ms=level["slo"]["ttft_s"] * 1000, slo_tbt_ms=level["slo"]["tbt_s"] * 1000,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Sample:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @property
+    def slo_tok_s_per_user(self) -> float:
+        """A user streams fast enough when tokens arrive within the TBT SLO: 1 / TBT SLO."""
+        return 1000 / self.slo_tbt_ms
+
+
+Point = tuple[float, float]  # (t, value)
+
+# the charted series: name -> how a sample gives its value
+SERIES = {
+    "ttft_p50": lambda s: s.recent_ttft_p50_ms,
+    "tbt_p50": lambda s: s.recent_tbt_p50_ms,
+    "tbt_p99": lambda s: s.recent_tbt_p99_ms,
+    "tok_s": lambda s: s.recent_tok_s,
+    "batch": lambda s: float(s.running),
+    "queue": lambda s: float(s.waiting),
+    "kv_used": lambda s: None if s.kv_used is None else 100 * s.kv_used,
+}
+
+
+class History:
+    """The charted series over the last `span_s` seconds, plus the speculative acceptance rate, which the
+    engine reports as counters since start: the rate over the last RECENT_S is their difference."""
+
+    def __init__(self, span_s: float = 120.0):
+        self.span_s = span_s
+        self.series: dict[str, deque[Point]] = {name: deque() for name in [*SERIES, "acceptance"]}
+        self._counters: deque[tuple[float, int, int]] = deque()  # (t, drafted, accepted)
+
+    def add(self, s: Sample) -> None:
+        for name, value in SERIES.items():
+            self._append(name, s.t, value(s))
+        self._counters.append((s.t, s.drafted, s.accepted))
+        while len(self._counters) > 1 and self._counters[1][0] <= s.t - RECENT_S:
+            self._counters.popleft()
+        _, drafted0, accepted0 = self._counters[0]
+        drafted = s.drafted - drafted0
+        self._append("acceptance", s.t, 100 * (s.accepted - accepted0) / drafted if drafted > 0 else None)
+
+    def _append(self, name: str, t: float, value: float | None) -> None:
+        points = self.series[name]
+        if value is not None:
+            points.append((t, value))
+        while points and points[0][0] < t - self.span_s:
+            points.popleft()
+
+    def last(self, name: str) -> float | None:
+        points = self.series[name]
+        return points[-1][1] if points else None
+
+
+def downsample(points: list[Point] | deque[Point], width: int, end: float, span: float, how: str = "mean") -> list[Point]:
+    """At most `width` points for a chart `width` cells wide over [end - span, end]: the points fall into
+    equal time bins, each non-empty bin gives one point at its centre (the mean of its values, or the max,
+    which keeps latency spikes visible)."""
+    if width <= 0 or span <= 0:
+        return []
+    bins: dict[int, list[float]] = {}
+    start = end - span
+    for t, v in points:
+        if start <= t <= end:
+            bins.setdefault(min(int((t - start) / span * width), width - 1), []).append(v)
+    reduce = max if how == "max" else (lambda vs: sum(vs) / len(vs))
+    return [(start + (i + 0.5) * span / width, reduce(vs)) for i, vs in sorted(bins.items())]
+
+
+# ---- the trade-off curve ---------------------------------------------------------------------
+
+MIN_LEVEL_S = 5.0  # a load level is measured once it has held this long and requests have finished in it
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    mode: str
+    users: int
+    total_tok_s: float
+    tok_s_per_user: float
+
+
+class TradeoffCurve:
+    """One point per (mode, synthetic users) measured this session; the latest measurement of a level wins."""
+
+    def __init__(self) -> None:
+        self.points: dict[tuple[str, int], CurvePoint] = {}
+        self.current: CurvePoint | None = None
+
+    def update(self, s: Sample) -> None:
+        if s.level_age_s < MIN_LEVEL_S or s.tok_s_per_user is None:
+            self.current = None
+            return
+        self.current = CurvePoint(s.mode, s.users, s.tok_s, s.tok_s_per_user)
+        self.points[(s.mode, s.users)] = self.current
+
+    def of_mode(self, mode: str) -> list[CurvePoint]:
+        return sorted((p for p in self.points.values() if p.mode == mode), key=lambda p: p.users)
+
+
+SWEEP = (("latency", 1), ("batched", 1), ("batched", 2), ("batched", 4), ("batched", 8), ("batched", 16))
+SWEEP_MAX_S = 45.0  # give up on a level that finishes no requests in this long
+
+
+def level_measured(s: Sample, mode: str, users: int) -> bool:
+    """Has the sweep's level (mode, users) held long enough to give its curve point?"""
+    if s.mode != mode or s.users != users:
+        return False
+    enough = s.level_age_s >= MIN_LEVEL_S and s.tok_s_per_user is not None and s.finished >= max(2, users)
+    return enough or s.level_age_s >= SWEEP_MAX_S
+
+
+# ---- voice turns -----------------------------------------------------------------------------
+
+TRANSPORT = "transport"
+
+
+@dataclass(frozen=True)
+class VoiceTurn:
+    """One answered turn. `parts_ms` is the critical-path breakdown in pipeline order (the server's parts,
+    then transport = the client's E2E minus the server's); empty for a typed turn, which has no speech."""
+
+    user_text: str
+    reply_text: str
+    status: str
+    parts_ms: tuple[tuple[str, float], ...]
+    e2e_ms: float | None  # the client's own measurement when known, else the server's
+    llm_ttft_ms: float | None
+    tbt_p50_ms: float | None
+    typed: bool = False
+
+    @classmethod
+    def from_metrics(cls, event: dict, user_text: str, reply_text: str, status: str,
+                     client_e2e_ms: float | None = None, typed: bool = False) -> VoiceTurn:
+        """From a `tradeoff.metrics` event (its breakdown_ms, e2e_ms, llm and tbt_ms fields)."""
+        parts = list((event.get("breakdown_ms") or {}).items())
+        server_e2e = event.get("e2e_ms")
+        if parts and client_e2e_ms is not None and server_e2e is not None:
+            parts.append((TRANSPORT, max(0.0, client_e2e_ms - server_e2e)))
+        llm = event.get("llm") or {}
+        return cls(user_text, reply_text, status, tuple(parts),
+                   client_e2e_ms if client_e2e_ms is not None else server_e2e,
+                   llm.get("ttft_ms"), (event.get("tbt_ms") or {}).get("p50"), typed)
+
+
+@dataclass
+class VoiceStats:
+    turns: list[VoiceTurn] = field(default_factory=list)
+
+    def add(self, turn: VoiceTurn) -> None:
+        self.turns.append(turn)
+
+    @property
+    def spoken(self) -> list[VoiceTurn]:
+        return [t for t in self.turns if not t.typed and t.e2e_ms is not None]
+
+    @property
+    def last_e2e_ms(self) -> float | None:
+        spoken = self.spoken
+        return spoken[-1].e2e_ms if spoken else None
+
+    @property
+    def p50_e2e_ms(self) -> float | None:
+        values = sorted(t.e2e_ms for t in self.spoken)
+        if not values:
+            return None
+        mid = len(values) // 2
+        return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def stack(parts: tuple[tuple[str, float], ...], width: int, scale_ms: float) -> list[tuple[str, int]]:
+    """Cells per part for a bar `width` cells wide that stands for `scale_ms`: the cumulative ends are
+    rounded, so the cells add up to round(total / scale_ms * width) and no part is lost to rounding drift."""
+    out, done, cum = [], 0, 0.0
+    for name, ms in parts:
+        cum += ms
+        end = min(width, round(cum / scale_ms * width)) if scale_ms > 0 else 0
+        out.append((name, end - done))
+        done = end
+    return out

@@ -1,0 +1,98 @@
+"""The small screens: start-up progress, help, and the typed-message prompt."""
+
+from __future__ import annotations
+
+from textual import events
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import ModalScreen, Screen
+from textual.widgets import Footer, Input, Label, Log, Markdown, ProgressBar, Static
+
+
+class LoadingScreen(Screen):
+    """Covers start-up (model fetch and conversion on first run, model load, speech recognizer, voice loop)
+    with a progress bar over the stages and their output; prints from any thread land here too."""
+
+    BINDINGS = [Binding("q", "app.quit", "Quit")]
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="loading-box"):
+            yield Label("[b]tradeoff[/b]: starting ...", id="loading-title")
+            yield ProgressBar(total=None, show_eta=False, id="loading-progress")
+            yield Static("", id="loading-detail")
+            yield Log(id="loading-log")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.begin_capture_print(stdout=True, stderr=True)
+
+    def on_unmount(self) -> None:
+        self.end_capture_print()
+
+    def on_print(self, event: events.Print) -> None:
+        if event.text.strip():
+            self.query_one(Log).write_line(event.text.rstrip())
+
+    def show(self, step: int, total: int, line: str) -> None:
+        bar = self.query_one(ProgressBar)
+        new_stage = bar.progress != step - 1 or bar.total != total
+        bar.update(total=total, progress=step - 1)
+        if new_stage:
+            self.query_one(Log).write_line(line)
+        self.query_one("#loading-detail", Static).update(line)
+
+    def failed(self, error: str) -> None:
+        self.query_one("#loading-title", Label).update("[b red]start-up failed[/]  (q quits)")
+        self.query_one(Log).write_line(error)
+
+
+HELP = """\
+# tradeoff: keys
+
+| key | what it does |
+|---|---|
+| `b` | toggle **latency** mode (batch 1, speculative decoding) and **batched** mode (continuous batching) |
+| `+` / `-` | synthetic users: 0, 1, 2, 4, 8, 16, 32, 64 (they share the engine with you) |
+| `s` | speculative decoding on/off (latency mode) |
+| `c` | chunked prefill on/off (batched mode) |
+| `m` | the simulated caller on/off (it speaks questions through the real audio path) |
+| `space` | push-to-talk on/off, when there is a microphone |
+| `/` | type a message: same engine path, no ASR or TTS |
+| `r` | quick sweep: latency mode with 1 user, then batched mode with 1 to 16, to fill in the curve |
+| `?` | this help |
+| `q` | quit |
+
+**Headline numbers** cover the time since the last change of mode or load (at most the engine's 30 s window):
+TTFT and TBT over every request, voice end-to-end latency (speech end to first reply audio at the client),
+output tokens/s of the whole engine and per user (mean of 1/TPOT). Green meets the SLO (TTFT 500 ms,
+TBT 80 ms, voice 800 ms, per-user rate 1/TBT), amber is within 1.5x of it, red beyond.
+
+**Charts** show the last minute, each point over the last 5 s. **The curve** gets a point per load level
+once it has held 5 s and requests finished; the white `@` is where the engine is now.
+"""
+
+
+class HelpScreen(ModalScreen):
+    BINDINGS = [Binding("escape,question_mark,q", "dismiss", "Close")]
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="help-box"):
+            yield Markdown(HELP)
+
+
+class MessagePrompt(ModalScreen[str | None]):
+    """One line of text for the agent; Enter sends it, Escape cancels."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="prompt-box"):
+            yield Label("Message to the agent (Enter sends, Escape cancels):")
+            yield Input(placeholder="What is the capital of France?")
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.dismiss(event.value.strip() or None)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)

@@ -1,0 +1,251 @@
+"""The dashboard's one contact with the voice package: the voice server (in-process on loopback, or a
+remote `tradeoff serve`), a realtime client, the simulated caller, the microphone, and typed messages.
+If the voice API changes, only this module changes.
+
+It runs on an asyncio loop of its own, in a worker thread, so VAD, ASR, TTS and audio pacing never run
+on the UI thread and the UI never delays them. What happens in the conversation goes to the screen as
+messages (tui/messages.py); the controls (`set_caller`, `say`, `talk`, `stop`) may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+from textual.message import Message
+
+from engine import Engine
+from tui.messages import AgentSaid, TurnMeasured, UserSaid, VoiceStatus
+from tui.model import VoiceTurn
+
+Post = Callable[[Message], object]
+ENDLESS = 1_000_000  # turns for a caller that goes on until switched off
+
+
+def realtime_url(url: str) -> str:
+    """ws://HOST:PORT -> ws://HOST:PORT/v1/realtime (a URL with a path is kept as it is)."""
+    from voice.server import PATH
+
+    return url.rstrip("/") + PATH if urlsplit(url).path in ("", "/") else url
+
+
+class VoiceLink:
+    def __init__(self, post: Post, url: str | None = None, asr: str = "whisper"):
+        self.post = post
+        self.url = url  # None: run a server in this process
+        self.asr = asr
+        self.caller_on = False
+        self.talking = False
+        self.mic_reason: str | None = None  # why there is no microphone (None: there is one)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._stopped = False
+        self._client = None
+        self._devices = None
+        self._caller: asyncio.Task | None = None
+        self._drain: asyncio.Task | None = None
+        self._mic: asyncio.Task | None = None
+        self._responses: dict[str, dict] = {}  # response id -> {"text", "typed", "metrics"}
+        self._user_text = ""
+
+    # ---- controls (any thread) ---------------------------------------------------------------
+
+    def set_caller(self, on: bool) -> None:
+        self._call(self._set_caller, on)
+
+    def say(self, text: str) -> None:
+        """A typed message: the same engine path as speech, without ASR and TTS (a text-only response)."""
+        self._call(self._say, text)
+
+    def talk(self, on: bool) -> None:
+        """Push-to-talk: stream the microphone to the server while on."""
+        self._call(self._talk, on)
+
+    def stop(self) -> None:
+        """End `run` (or keep it from starting); safe before, during and after it."""
+        self._stopped = True
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None:
+            try:
+                loop.call_soon_threadsafe(stop.set)
+            except RuntimeError:  # the loop closed meanwhile: run has ended
+                pass
+
+    def _call(self, fn: Callable, *args) -> None:
+        if self._loop is None or self._loop.is_closed():
+            return
+        async def run() -> None:
+            try:
+                await fn(*args) if asyncio.iscoroutinefunction(fn) else fn(*args)
+            except Exception as e:  # a control that fails must not end the link
+                self.post(VoiceStatus(f"{type(e).__name__}: {e}", error=True))
+
+        asyncio.run_coroutine_threadsafe(run(), self._loop)
+
+    # ---- the link's own loop (a worker thread) ------------------------------------------------
+
+    async def run(self, engine: Engine | None, caller: bool | None, on_ready: Callable[[str | None], None]) -> None:
+        """Start the server (unless remote), connect, and run until `stop()`. `on_ready(error)` is called
+        once, when connected or when start-up failed; `caller` None means on when there is no microphone."""
+        from voice.client import RealtimeClient
+        from voice.sound import open_devices
+
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        if self._stopped:  # stopped before this thread got going (a quit during start-up)
+            return
+        server = services = None
+        ready_sent = False
+        try:
+            if self.url is None:
+                server, services = await self._start_server(engine)
+                url = server.url
+            else:
+                url = realtime_url(self.url)
+            opened = await asyncio.to_thread(open_devices, self._loop)
+            if isinstance(opened, str):
+                self.mic_reason = opened
+            else:
+                self._devices = opened
+            async with RealtimeClient(url) as client:
+                self._client = client
+                forward = asyncio.create_task(self._forward(client))
+                self.post(VoiceStatus(f"connected to {url}" + (f"; no microphone: {self.mic_reason}" if self.mic_reason else "")))
+                on_ready(None)
+                ready_sent = True
+                await self._set_caller(self._devices is None if caller is None else caller)
+                await self._stop.wait()
+                for task in (self._caller, self._drain, self._mic, forward):
+                    if task is not None:
+                        task.cancel()
+                await asyncio.gather(*(t for t in (self._caller, self._drain, self._mic, forward) if t is not None),
+                                     return_exceptions=True)
+        except Exception as e:
+            message = f"voice loop: {type(e).__name__}: {e}"
+            if ready_sent:
+                self.post(VoiceStatus(message, error=True))
+            else:
+                on_ready(message)
+        finally:
+            self._client = None
+            if self._devices is not None:
+                self._devices.close()
+            if server is not None:
+                await server.close()
+            if services is not None:
+                executor = getattr(services.asr(self.asr), "executor", None)  # Whisper decodes on a thread pool
+                if executor is not None:
+                    executor.shutdown(wait=True)
+
+    async def _start_server(self, engine: Engine):
+        from voice.server import VoiceServer, make_services
+        from voice.tts import make_tts
+
+        self.post(VoiceStatus(f"loading speech recognition ({self.asr}) ..."))
+        services = await asyncio.to_thread(make_services, engine, make_tts("espeak"), asr=self.asr)
+        server = VoiceServer(services, port=0)  # loopback, any free port
+        await server.start()
+        return server, services
+
+    # ---- caller, microphone, typed messages -------------------------------------------------------
+
+    async def _set_caller(self, on: bool) -> None:
+        from voice.caller import SimulatedCaller
+
+        if on == self.caller_on or self._client is None:
+            return
+        self.caller_on = on
+        if on:
+            await self._cancel(self._drain)
+            self._drain = None
+            self._caller = asyncio.create_task(SimulatedCaller(self._client, turns=ENDLESS).run(self._on_caller_turn))
+            self.post(VoiceStatus("simulated caller on"))
+        else:
+            await self._cancel(self._caller)
+            self._caller = None
+            self._drain = asyncio.create_task(self._drain_events(self._client))
+            self.post(VoiceStatus("simulated caller off"))
+
+    async def _say(self, text: str) -> None:
+        await self._client.send({"type": "conversation.item.create",
+                                 "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})
+        await self._client.send({"type": "response.create", "response": {"output_modalities": ["text"]}})
+        self.post(UserSaid(text, typed=True))
+
+    async def _talk(self, on: bool) -> None:
+        if self._devices is None:
+            raise RuntimeError(f"no microphone ({self.mic_reason}); m turns the simulated caller on instead")
+        if on == self.talking:
+            return
+        self.talking = on
+        if on:
+            await self._set_caller(False)
+            self._mic = asyncio.create_task(self._pump_mic())
+        else:
+            await self._cancel(self._mic)
+            self._mic = None
+        self.post(VoiceStatus("talking: speak now" if on else "microphone off"))
+
+    async def _pump_mic(self) -> None:
+        while True:
+            await self._client.send_audio(await self._devices.mic_blocks.get())
+
+    @staticmethod
+    async def _cancel(task: asyncio.Task | None) -> None:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    @staticmethod
+    async def _drain_events(client) -> None:
+        """Without the caller nobody reads the client's event queue (audio deltas pile up): empty it."""
+        while True:
+            await client.next_event()
+
+    # ---- what the client hears -> messages -------------------------------------------------------
+
+    async def _forward(self, client) -> None:
+        """Turn the client's event log into messages (every 50 ms; the caller owns the client's event queue)."""
+        seen = 0
+        while True:
+            log = client.log
+            for _, event in log[seen:]:
+                self._on_event(event)
+            seen = len(log)
+            await asyncio.sleep(0.05)
+
+    def _on_event(self, event: dict) -> None:
+        kind = event["type"]
+        if kind == "conversation.item.input_audio_transcription.completed":
+            self._user_text = event["transcript"]
+            self.post(UserSaid(event["transcript"]))
+        elif kind == "response.created":
+            r = event["response"]
+            self._responses[r["id"]] = {"text": "", "typed": r.get("output_modalities") == ["text"], "metrics": None}
+        elif kind in ("response.output_audio_transcript.delta", "response.output_text.delta"):
+            if (r := self._responses.get(event["response_id"])) is not None:
+                r["text"] += event["delta"]
+                self.post(AgentSaid(event["response_id"], r["text"]))
+        elif kind == "tradeoff.metrics":
+            if (r := self._responses.get(event["response_id"])) is not None:
+                r["metrics"] = event
+        elif kind == "response.done":
+            response = event["response"]
+            r = self._responses.pop(response["id"], None)
+            if r is None:
+                return
+            self.post(AgentSaid(response["id"], r["text"], done=True, status=response["status"]))
+            # spoken turns of the caller are measured when it reports them (with its own E2E); the rest now
+            if r["metrics"] is not None and (r["typed"] or not self.caller_on):
+                self.post(TurnMeasured(VoiceTurn.from_metrics(r["metrics"], "" if r["typed"] else self._user_text,
+                                                              r["text"], response["status"], typed=r["typed"])))
+        elif kind == "error":
+            self.post(VoiceStatus(f"server: {event['error'].get('message')}", error=True))
+
+    def _on_caller_turn(self, turn) -> None:
+        reply = turn.response
+        if reply is None or reply.metrics is None:
+            return
+        self.post(TurnMeasured(VoiceTurn.from_metrics(reply.metrics, turn.transcript or turn.question, reply.transcript,
+                                                      reply.status or "?", client_e2e_ms=turn.e2e_ms)))

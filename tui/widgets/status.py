@@ -1,0 +1,20 @@
+"""The status line: what the engine and the load are doing now (from the latest sample), and the caller."""
+
+from __future__ import annotations
+
+from textual.widgets import Static
+
+from tui.model import Sample
+
+
+class StatusLine(Static):
+    def show(self, s: Sample | None, caller: bool, note: str = "") -> None:
+        if s is None:
+            self.update(f"waiting for the engine ...  {note}")
+            return
+        mode = "[b reverse] BATCHED [/]" if s.mode == "batched" else "[b reverse] LATENCY [/]"
+        parts = [f"synthetic users [b]{s.users}[/]", f"speculation [b]{s.drafter or 'off'}[/]",
+                 f"chunked prefill [b]{'on' if s.chunked_prefill else 'off'}[/]", f"caller [b]{'on' if caller else 'off'}[/]",
+                 f"running {s.running} · queued {s.waiting} · preempted {s.preemptions}",
+                 f"measured over the last {s.window_s:.0f} s"]
+        self.update(f"{mode}  " + "  │  ".join(parts + ([note] if note else [])))

@@ -1,0 +1,46 @@
+"""Per-turn voice latency: one stacked bar per turn, speech end to first reply audio, split into the
+critical-path stages the server reports plus transport to the client (the latest turns at the bottom)."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.widget import Widget
+
+from tui.model import VOICE_E2E_SLO_MS, VoiceTurn, grade, ms_text, stack
+from tui.widgets.palette import hex_color
+
+STAGE_STYLES = {name: (label, hex_color(color)) for name, label, color in (
+    ("endpointing", "endpointing", "blue"), ("asr", "ASR", "purple"), ("llm_ttft", "LLM TTFT", "yellow"),
+    ("first_clause", "first clause", "green"), ("tts", "TTS", "cyan"), ("send", "send", "grey"),
+    ("transport", "transport", "white"))}
+GRADE_STYLES = {"good": hex_color("green"), "warn": hex_color("orange"), "bad": hex_color("red"), "none": ""}
+LABEL_CELLS = 5  # "#12 "
+NUMBER_CELLS = 10  # " 1234 ms"
+
+
+class TurnBars(Widget):
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.turns: list[VoiceTurn] = []
+
+    def set_turns(self, turns: list[VoiceTurn]) -> None:
+        self.turns = turns
+        self.refresh()
+
+    def render(self) -> Text:
+        out = Text()
+        for label, style in STAGE_STYLES.values():
+            out.append("■ ", style=style).append(label + "  ")
+        shown = self.turns[-max(self.size.height - 1, 0):] if self.size.height > 1 else []
+        width = max(self.size.width - LABEL_CELLS - NUMBER_CELLS, 1)
+        scale = max([VOICE_E2E_SLO_MS] + [t.e2e_ms for t in shown if t.e2e_ms is not None and t.parts_ms])
+        first = len(self.turns) - len(shown) + 1
+        for i, turn in enumerate(shown, first):
+            out.append(f"\n#{i:<3} ")
+            if turn.parts_ms:
+                for name, cells in stack(turn.parts_ms, width, scale):
+                    out.append("█" * cells, style=STAGE_STYLES.get(name, STAGE_STYLES["transport"])[1])
+                out.append(f" {ms_text(turn.e2e_ms)}", style=GRADE_STYLES[grade(turn.e2e_ms, VOICE_E2E_SLO_MS)])
+            else:
+                out.append(f"{'typed' if turn.typed else turn.status}: LLM TTFT {ms_text(turn.llm_ttft_ms)}", style="italic")
+        return out
