@@ -87,14 +87,14 @@ if [ "$DRY" = 1 ]; then
         --junitxml="$OUT/kernel_tests.xml"
     step kernel_bench 120 "$PY" -m bench.kernels --dry-run --json "$OUT/kernels.json"
     echo "dry run: decode on the CPU, a few tokens, to check the plumbing (not a GPU figure)"
-    step decode 180 "$PY" -m tui.cli bench decode --device cpu --dtype fp32 --runs 1 --max-tokens 8 \
+    step decode 180 "$PY" -m tui.cli bench decode --device cpu --weights fp32 --runs 1 --max-tokens 8 \
         --json "$OUT/decode.json"
 else
     # fp32 is covered by CI under the interpreter; on the GPU check the dtypes the engine runs in
     step kernel_tests 130 env TRITON_INTERPRET=0 "$PY" -m pytest tests/kernels -q -p no:cacheprovider -k "not float32" \
         --junitxml="$OUT/kernel_tests.xml"
     step kernel_bench 80 "$PY" -m bench.kernels --dtype bf16 --json "$OUT/kernels.json"
-    step decode 60 "$PY" -m tui.cli bench decode --device cuda --dtype bf16 --runs 3 --max-tokens 128 \
+    step decode 60 "$PY" -m tui.cli bench decode --device cuda --weights bf16,fp32 --runs 3 --max-tokens 128 \
         --json "$OUT/decode.json"
 fi
 

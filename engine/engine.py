@@ -51,6 +51,12 @@ class Completion:
         return self.metrics.finish_reason
 
 
+def activation_dtype(device: torch.device, weights: torch.dtype) -> torch.dtype:
+    # Measured (bench/RESULTS.md): this CPU has no native bf16, so norms, RoPE and attention run faster in fp32
+    # while the matmuls still read bf16/int4 weights; GPUs keep activations in the weights' dtype.
+    return torch.float32 if device.type == "cpu" else weights
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     # Measured with `tradeoff bench decode` (bench/RESULTS.md): bf16 halves the bytes per token and
     # decodes ~1.7x faster than fp32 on the 2-core CPU, with no loss in prefill at chat prompt lengths.
@@ -81,7 +87,8 @@ class Engine:
         self.name = loaded.name
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
-        self.model = Transformer(loaded.config, dtype=self.dtype, device=self.device)
+        self.model = Transformer(loaded.config, dtype=self.dtype, device=self.device,
+                                 act_dtype=activation_dtype(self.device, self.dtype))
         self.model.load_canonical(loaded.weights)
         self.max_seq_len = min(max_seq_len or loaded.config.max_seq_len, loaded.config.max_seq_len)
         self.max_waiting = max_waiting
@@ -162,9 +169,10 @@ class Engine:
         """Switch to "latency" or "batched" before the next step; requests in flight move over and go on."""
         self._inbox.put(("set_mode", check_mode(mode)))
 
-    def set_policy(self, chunked_prefill: bool | None = None, max_batch_size: int | None = None) -> None:
+    def set_policy(self, chunked_prefill: bool | None = None, max_batch_size: int | None = None,
+                   token_budget: int | None = None) -> None:
         """Change batched mode's scheduling policy from the next step (kept for later while in latency mode)."""
-        changes = {"chunked_prefill": chunked_prefill, "max_batch_size": max_batch_size}
+        changes = {"chunked_prefill": chunked_prefill, "max_batch_size": max_batch_size, "token_budget": token_budget}
         self.policy = replace(self.policy, **{k: v for k, v in changes.items() if v is not None})  # validates
         self._inbox.put(("policy", self.policy))
 

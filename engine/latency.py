@@ -93,7 +93,8 @@ class LatencyRunner:
     def _decode(self, seq: Sequence) -> None:
         t0 = time.perf_counter()
         ids = seq.all_ids
-        k = min(self.adaptive.choose(), self.max_seq_len - len(ids)) if self.drafter else 0
+        # the step may emit k + 1 tokens, and the sequence must still fit the context after it
+        k = min(self.adaptive.choose(), self.max_seq_len - len(ids) - 1) if self.drafter else 0
         drafts, draft_probs = self.drafter.propose(ids, k, seq.params, seq.generator) if k > 0 else ([], None)
         t1 = time.perf_counter()
         kept = self.cache.length

@@ -152,8 +152,10 @@ class History:
         self.span_s = span_s
         self.series: dict[str, deque[Point]] = {name: deque() for name in [*SERIES, "acceptance"]}
         self._counters: deque[tuple[float, int, int]] = deque()  # (t, drafted, accepted)
+        self.t: float | None = None  # the latest sample's time
 
     def add(self, s: Sample) -> None:
+        self.t = s.t
         for name, value in SERIES.items():
             self._append(name, s.t, value(s))
         self._counters.append((s.t, s.drafted, s.accepted))
@@ -171,8 +173,9 @@ class History:
             points.popleft()
 
     def last(self, name: str) -> float | None:
+        """The series' value in the latest sample; None if that sample had none (not an older value)."""
         points = self.series[name]
-        return points[-1][1] if points else None
+        return points[-1][1] if points and points[-1][0] == self.t else None
 
 
 def downsample(points: list[Point] | deque[Point], width: int, end: float, span: float, how: str = "mean") -> list[Point]:

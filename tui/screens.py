@@ -73,12 +73,15 @@ once it has held 5 s and requests finished; the white `@` is where the engine is
 """
 
 
-class HelpScreen(ModalScreen):
-    BINDINGS = [Binding("escape,question_mark,q", "dismiss", "Close")]
+class HelpScreen(Screen):
+    """A full screen rather than a modal one: nothing behind it has to be drawn dimmed, so it opens at once."""
+
+    BINDINGS = [Binding("escape,question_mark,q", "app.pop_screen", "Close")]
 
     def compose(self) -> ComposeResult:
         with Vertical(id="help-box"):
             yield Markdown(HELP)
+        yield Footer()
 
 
 class MessagePrompt(ModalScreen[str | None]):

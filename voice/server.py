@@ -1,9 +1,11 @@
 """The WebSocket server: ws://HOST:PORT/v1/realtime, one `Session` per connection, all sharing one engine.
 
-The handshake is refused with a plain HTTP status on any other path (404) or, when a token is set,
-without `Authorization: Bearer TOKEN` (401). Binding anywhere but loopback requires a token. Messages
-larger than `max_message_bytes` close the connection (WebSocket code 1009). When a client goes away its
-session is closed: generation stops, tasks end, the recognizer's worker exits.
+Plain HTTP GETs of `/` and the files beside it in voice/web/ get the browser client (static files, no
+token needed: the page itself holds nothing). The handshake is refused with a plain HTTP status on any
+other path (404) or, when a token is set, without `Authorization: Bearer TOKEN` (401). Binding anywhere
+but loopback requires a token. Messages larger than `max_message_bytes` close the connection (WebSocket
+code 1009). When a client goes away its session is closed: generation stops, tasks end, the recognizer's
+worker exits.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import json
 import logging
 from functools import cache
 from http import HTTPStatus
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
@@ -29,6 +33,8 @@ from voice.tts import TTS
 log = logging.getLogger("voice.server")
 
 PATH = "/v1/realtime"
+WEB = Path(__file__).parent / "web"  # the browser client, served at GET /
+WEB_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 
 
 def is_loopback(host: str) -> bool:
@@ -86,8 +92,9 @@ class VoiceServer:
         await self._server.serve_forever()
 
     def _check_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        if urlsplit(request.path).path.rstrip("/") != PATH:
-            return connection.respond(HTTPStatus.NOT_FOUND, f"the realtime endpoint is {PATH}\n")
+        path = urlsplit(request.path).path
+        if path.rstrip("/") != PATH:
+            return web_file(path) or connection.respond(HTTPStatus.NOT_FOUND, f"the realtime endpoint is {PATH}\n")
         if self.token is not None:
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
@@ -109,6 +116,18 @@ class VoiceServer:
         finally:
             self.sessions.discard(session)
             await session.close()
+
+
+def web_file(path: str) -> Response | None:
+    """The browser client's file for an HTTP path (`/` is index.html), or None. Only files directly in WEB."""
+    name = "index.html" if path == "/" else path.removeprefix("/")
+    file = WEB / name
+    if "/" in name or file.suffix not in WEB_TYPES or not file.is_file():
+        return None
+    body = file.read_bytes()
+    headers = Headers({"Content-Type": f"{WEB_TYPES[file.suffix]}; charset=utf-8", "Content-Length": str(len(body)),
+                       "Cache-Control": "no-cache", "Connection": "close"})
+    return Response(HTTPStatus.OK, "OK", headers, body)
 
 
 async def run_server(server: VoiceServer) -> None:

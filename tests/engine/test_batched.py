@@ -251,11 +251,11 @@ def test_policy_changes_apply_to_the_running_engine(tiny_loaded):
             return False
 
         assert settles(2, 3)
-        engine.set_policy(max_batch_size=4, chunked_prefill=False)
+        engine.set_policy(max_batch_size=4, chunked_prefill=False, token_budget=24)
         assert settles(4, 1)
-        assert engine._batched.scheduler.policy == BatchPolicy(max_batch_size=4, token_budget=16, chunked_prefill=False)
+        assert engine._batched.scheduler.policy == BatchPolicy(max_batch_size=4, token_budget=24, chunked_prefill=False)
         with pytest.raises(ValueError, match="max_batch_size"):
-            engine.set_policy(max_batch_size=16)  # must stay below the token budget
+            engine.set_policy(max_batch_size=24)  # must stay below the token budget
         assert engine.policy.max_batch_size == 4
         for s in streams:
             s.cancel()

@@ -2,6 +2,7 @@
 simulated caller, numbers that update, the keys (checked on the engine and the load generator, not on
 labels), a typed message and its reply, and a clean quit."""
 
+import asyncio
 import os
 import threading
 from pathlib import Path
@@ -128,3 +129,32 @@ async def test_a_typed_message_gets_a_reply(engine):
         # it went through the engine as the real user's request
         assert engine.metrics_snapshot()["classes"]["user"]["finished"] > finished
         await pilot.press("q")
+
+
+async def test_connect_attaches_to_a_running_server(engine):
+    from voice.server import VoiceServer, make_services
+    from voice.tts import EspeakTTS
+
+    async with VoiceServer(make_services(engine, EspeakTTS()), port=0) as server:
+        host_port = server.url.removesuffix("/v1/realtime")  # as a user types it: ws://HOST:PORT
+        app = TradeoffApp(Options(connect=host_port, caller=False))
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: app.ready, 60, "start-up")
+            assert app.backend.engine is None
+            await wait_for(pilot, lambda: len(server.sessions) == 1, 10, "the dashboard's session on the server")
+            mode = engine.mode
+            await pilot.press("b")  # the engine is the server's: the key says so and changes nothing
+            assert engine.mode == mode
+            await pilot.press("slash")
+            await wait_for(pilot, lambda: isinstance(app.screen, MessagePrompt), 5, "the message prompt")
+            await pilot.press(*"Hello", "enter")
+            transcript = app.dashboard.query_one(Transcript)
+            await wait_for(pilot, lambda: any(e.role == "bot" and e.status == "completed" for e in transcript.entries),
+                           60, "the server's reply")
+            await pilot.press("q")
+            await wait_for(pilot, lambda: not app.is_running, 30, "the app to exit")
+        for _ in range(100):  # the client went away: the server ends its session
+            if not server.sessions:
+                break
+            await asyncio.sleep(0.1)
+        assert not server.sessions

@@ -127,6 +127,9 @@ def test_history_keeps_its_span_skips_missing_values_and_computes_acceptance_ove
     # over the last 5 s (t=15..20): drafted 50, accepted 8 * 20 - 8 * 15 = 40
     assert h.last("acceptance") == pytest.approx(80.0)
     assert h.last("kv_used") is None
+    assert h.last("tok_s") == 20.0 and h.last("ttft_p50") == 120.0
+    h.add(sample(30.0, drafted=200, accepted=160))  # no TTFT, and nothing drafted in the last 5 s
+    assert h.last("ttft_p50") is None and h.last("acceptance") is None  # not the older values
 
 
 def test_downsample_bins_by_time():

@@ -45,7 +45,7 @@ class TradeoffChart(PlotextPlot):
             plt.scatter([self.current.total_tok_s], [self.current.tok_s_per_user], marker="@", color=RGB["white"])
         if self.slo is not None:
             plt.hline(self.slo, RGB["red"])
-            plt.text("SLO", right * 0.93, self.slo, color=RGB["red"])
+            plt.text("SLO", right / 100, self.slo, color=RGB["red"])
         plt.xlim(0, right)
         plt.ylim(0, top)
         plt.xlabel("total tok/s   (cyan: latency mode, orange: batched; labels: synthetic users; @: now)")
