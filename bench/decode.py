@@ -1,4 +1,5 @@
-"""`tradeoff bench decode`: batch-1 prefill and decode speed (no speculation) per weight format, TTFT, TBT, and achieved memory bandwidth.
+"""`tradeoff bench decode`: batch-1 prefill and decode speed (no speculation) per weight format, TTFT, TBT,
+and achieved memory bandwidth.
 
 Achieved bandwidth = bytes of weights read per decode step x decode steps/s. It is printed next to the
 machine's measured read bandwidth (a large tensor sum), the ceiling a memory-bound decode can reach.
@@ -90,7 +91,8 @@ def run(model: str, formats: list[str], runs: int, max_tokens: int, device: str 
 
 
 COLUMNS = [
-    ("weights", "weights", ""), ("activations", "activations", ""), ("prompt_tokens", "prompt", "d"), ("prefill_tok_s", "prefill tok/s", ".0f"),
+    ("weights", "weights", ""), ("activations", "activations", ""), ("prompt_tokens", "prompt", "d"),
+    ("prefill_tok_s", "prefill tok/s", ".0f"),
     ("decode_tok_s", "decode tok/s", ".1f"), ("ttft_ms", "TTFT ms", ".1f"), ("tbt_p50_ms", "TBT p50 ms", ".1f"),
     ("tbt_p99_ms", "TBT p99 ms", ".1f"), ("weight_mb_per_token", "MB/token", ".0f"),
     ("achieved_gb_s", "achieved GB/s", ".1f"), ("read_bandwidth_gb_s", "machine GB/s", ".1f"),

@@ -51,6 +51,15 @@ def int4_quantize(weight: Tensor, group: int = INT4_GROUP) -> tuple[Tensor, Tens
 
 
 class Int4Linear(nn.Module):
+    """int4 for decode and verification (a few rows); prefill chunks of `DENSE_ROWS`+ rows use the dense bf16 weight.
+
+    The int4 CPU kernel unpacks weights per row block, so past a few rows it is slower than a bf16 GEMM
+    (measured: 95 rows take 2.7x longer). Keeping the bf16 weight costs memory only: it is the tensor the
+    model loaded anyway.
+    """
+
+    DENSE_ROWS = 8
+
     def __init__(self, weight: Tensor, bias: Tensor | None, dtype: torch.dtype, group: int = INT4_GROUP):
         super().__init__()
         if weight.device.type != "cpu":
@@ -63,10 +72,13 @@ class Int4Linear(nn.Module):
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
         # [K/g, N, 2]: (scale, zero) pairs, the layout the kernel reads
         self.register_buffer("scales_zeros", torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous().to(dtype))
+        self.dense = weight.to(dtype)
         self.bias = bias
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.to(self.scales_zeros.dtype)
+        if x.numel() >= self.DENSE_ROWS * x.shape[-1]:
+            return F.linear(x, self.dense, self.bias)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), self.packed, self.group, self.scales_zeros)
         y = y.view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias

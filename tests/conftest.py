@@ -1,9 +1,13 @@
 """Shared fixtures: the default model, loaded once per test session (fetched by `make setup`)."""
 
-import pytest
+import os
 
-from engine.loader import LoadedModel, load
-from engine.registry import DEFAULT_MODEL, fetch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the `tradeoff` command does (tui/__init__.py): set before torch loads
+
+import pytest  # noqa: E402
+
+from engine.loader import LoadedModel, load  # noqa: E402
+from engine.registry import DEFAULT_MODEL, fetch  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -70,7 +70,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              first_words=args.first_words)
     server = VoiceServer(services, args.host, args.port, args.token, max_message_bytes=args.max_message_kb * 1024)
     print(f"tradeoff serve: {engine.name} on {engine.device}, ASR {args.asr}, TTS {args.tts}; "
-          f"listening on {server.url}  (Ctrl-C to stop)", file=sys.stderr)
+          f"listening on {server.url}; browser client at http://{args.host}:{args.port}/  (Ctrl-C to stop)",
+          file=sys.stderr)
     try:
         asyncio.run(run_server(server))
     finally:

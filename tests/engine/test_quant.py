@@ -48,6 +48,13 @@ def test_int4_kernel_matches_the_dequantized_matmul():
     torch.testing.assert_close(lin(x).float(), ref, rtol=2e-2, atol=0.15)
 
 
+def test_int4_prefill_rows_use_the_dense_weight():
+    w = torch.randn(96, 128)
+    lin = Int4Linear(w, None, torch.bfloat16)
+    x = torch.randn(Int4Linear.DENSE_ROWS, 128)
+    torch.testing.assert_close(lin(x), F.linear(x.bfloat16(), w.bfloat16()))
+
+
 @pytest.mark.parametrize("mode, min_agreement", [("int8", 0.9), ("int4", 0.95)])
 def test_greedy_agreement_with_fp32_on_the_default_model(default_model, mode, min_agreement):
     prompts = ["What is the capital of France?", "Write a haiku about autumn.", "How do vaccines work?"]

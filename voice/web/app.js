@@ -255,8 +255,10 @@ function renderTurn(turn) {
     $("turns").prepend(div);
     return;
   }
-  const parts = STAGES.slice(0, -1).map(([name, color]) => [name, color, server.parts[name]]);
-  if (browserMs !== null) parts.push([STAGES[6][0], STAGES[6][1], Math.max(0, browserMs - server.total)]);
+  const parts = STAGES.slice(0, -1).filter(([name]) => name in server.parts)
+    .map(([name, color]) => [name, color, server.parts[name]]);
+  const serverCount = parts.length;
+  if (browserMs !== null) parts.push([server.rest, STAGES[6][1], Math.max(0, browserMs - server.total)]);
   const total = parts.reduce((s, p) => s + p[2], 0);
   const bar = document.createElement("div");
   bar.className = "bar";
@@ -270,7 +272,7 @@ function renderTurn(turn) {
   }
   const label = document.createElement("div");
   label.textContent = (browserMs !== null ? `E2E ${fmt(browserMs)} ms in the browser (end of speech sent → first reply audio out) · ` : "") +
-    `server ${fmt(server.total)} ms = ` + parts.slice(0, 6).map(([n, , ms]) => `${n} ${fmt(ms)}`).join(" + ") +
+    `server ${fmt(server.total)} ms = ` + parts.slice(0, serverCount).map(([n, , ms]) => `${n} ${fmt(ms)}`).join(" + ") +
     (m.drafted ? " (drafted)" : "") + (m.tbt_ms && m.tbt_ms.p50 !== null ? ` · TBT p50 ${fmt(m.tbt_ms.p50)} ms` : "");
   div.dataset.serverE2eMs = fmt(server.total);
   if (browserMs !== null) div.dataset.e2eMs = fmt(browserMs);
@@ -278,22 +280,25 @@ function renderTurn(turn) {
   $("turns").prepend(div);
 }
 
-// The server's critical path in ms per stage, and its total. A VAD turn has it in breakdown_ms; a push-to-talk
-// turn (committed by the client) has no speech end on the server, so its path starts at the commit, with the
-// same rule as the server's: each stage is charged its finish minus the latest earlier finish.
+// The server's critical path in ms per stage, its total, and what the browser's remainder holds. A VAD turn
+// has it all in breakdown_ms. A push-to-talk turn is committed by the client and answered on its
+// response.create, so the server's path starts when the request reached the engine (first token time minus
+// TTFT), charged with the server's rule (each stage: its finish minus the latest earlier finish); waiting for
+// the transcript then falls in the browser's remainder.
 function serverParts(m) {
-  if (m.breakdown_ms) return { parts: m.breakdown_ms, total: m.e2e_ms };
+  if (m.breakdown_ms) return { parts: m.breakdown_ms, total: m.e2e_ms, rest: "transport + playout" };
   const t = m.timestamps;
-  const order = [["asr", "asr_final"], ["llm_ttft", "llm_first_token"], ["first_clause", "first_clause"],
-                 ["tts", "tts_first_chunk"], ["send", "first_audio_sent"]];
-  if (t.vad_decision === null || order.some(([, key]) => t[key] === null)) return null;
-  const parts = { endpointing: 0 };
-  let latest = t.vad_decision;
+  const order = [["llm_ttft", "llm_first_token"], ["first_clause", "first_clause"], ["tts", "tts_first_chunk"],
+                 ["send", "first_audio_sent"]];
+  if (!m.llm || m.llm.ttft_ms === null || order.some(([, key]) => t[key] === null)) return null;
+  const arrival = t.llm_first_token - m.llm.ttft_ms / 1000;
+  const parts = {};
+  let latest = arrival;
   for (const [name, key] of order) {
     parts[name] = Math.max(0, t[key] - latest) * 1000;
     latest = Math.max(latest, t[key]);
   }
-  return { parts, total: (latest - t.vad_decision) * 1000 };
+  return { parts, total: (latest - arrival) * 1000, rest: "commit + ASR + transport + playout" };
 }
 
 function line(who, text) {
