@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/tradeoff chat --demo
+	$(VENV)/bin/tradeoff
 
 test: setup
 	$(VENV)/bin/ruff check .

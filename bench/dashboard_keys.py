@@ -45,7 +45,7 @@ async def measure(users: int, presses: int, warmup_s: float) -> tuple[list[dict]
         return timed
 
     rows = []
-    async with app.run_test(size=(160, 60), message_hook=hook) as pilot:
+    async with app.run_test(size=(160, 60), message_hook=hook, notifications=True) as pilot:
         while not app.ready:
             await pilot.pause(0.2)
         app._display = frame_timed(app._display)

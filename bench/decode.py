@@ -21,12 +21,11 @@ from engine.sampling import SamplingParams
 
 # weight format -> (weight dtype, quantization, bytes per layer weight, bytes per head weight).
 # int4: half a byte plus a bf16 scale and zero per 32 weights; int8: one byte plus a scale per row (negligible).
-# The quantized formats keep an int8 head.
 FORMATS = {
     "fp32": (torch.float32, "none", 4.0, 4.0),
     "bf16": (torch.bfloat16, "none", 2.0, 2.0),
     "int8": (torch.bfloat16, "int8", 1.0, 1.0),
-    "int4": (torch.bfloat16, "int4", 0.5 + 4 / 32, 1.0),
+    "int4": (torch.bfloat16, "int4", 0.5 + 4 / 32, 0.5 + 4 / 32),
 }
 
 

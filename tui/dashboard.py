@@ -9,6 +9,7 @@ dashboard's state (tui/model.py) and hand the widgets what they show.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 
@@ -18,7 +19,7 @@ from textual.binding import Binding
 from textual.containers import Grid, Horizontal
 from textual.screen import Screen
 from textual.widgets import Footer
-from textual.worker import Worker
+from textual.worker import Worker, WorkerError
 
 from tui.messages import AgentSaid, MetricsUpdated, TurnMeasured, UserSaid, VoiceStatus
 from tui.model import (
@@ -148,7 +149,8 @@ class DashboardScreen(Screen):
             self._sweep.cancel()
         for worker in (self._sampler, self._voice):
             if worker is not None:
-                await worker.wait()
+                with contextlib.suppress(WorkerError):  # one that crashed has ended too: quit anyway
+                    await worker.wait()
 
     def on_unmount(self) -> None:
         """However the app ends, the sampler's and the voice loop's threads must end with it."""

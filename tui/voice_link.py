@@ -18,15 +18,19 @@ from textual.message import Message
 from engine import Engine
 from tui.messages import AgentSaid, TurnMeasured, UserSaid, VoiceStatus
 from tui.model import VoiceTurn
+from voice.caller import SimulatedCaller
+from voice.client import RealtimeClient
+from voice.server import PATH, VoiceServer, make_services
+from voice.sound import open_devices
+from voice.tts import make_tts
 
 Post = Callable[[Message], object]
 ENDLESS = 1_000_000  # turns for a caller that goes on until switched off
+CALLER_PATIENCE_S = 120  # an overloaded engine (latency mode, many users) may take this long to answer a turn
 
 
 def realtime_url(url: str) -> str:
     """ws://HOST:PORT -> ws://HOST:PORT/v1/realtime (a URL with a path is kept as it is)."""
-    from voice.server import PATH
-
     return url.rstrip("/") + PATH if urlsplit(url).path in ("", "/") else url
 
 
@@ -73,12 +77,14 @@ class VoiceLink:
                 pass
 
     def _call(self, fn: Callable, *args) -> None:
+        """Run the coroutine function `fn(*args)` on the link's loop; a failure becomes a note, not a crash."""
         if self._loop is None or self._loop.is_closed():
             return
+
         async def run() -> None:
             try:
-                await fn(*args) if asyncio.iscoroutinefunction(fn) else fn(*args)
-            except Exception as e:  # a control that fails must not end the link
+                await fn(*args)
+            except Exception as e:
                 self.post(VoiceStatus(f"{type(e).__name__}: {e}", error=True))
 
         asyncio.run_coroutine_threadsafe(run(), self._loop)
@@ -88,9 +94,6 @@ class VoiceLink:
     async def run(self, engine: Engine | None, caller: bool | None, on_ready: Callable[[str | None], None]) -> None:
         """Start the server (unless remote), connect, and run until `stop()`. `on_ready(error)` is called
         once, when connected or when start-up failed; `caller` None means on when there is no microphone."""
-        from voice.client import RealtimeClient
-        from voice.sound import open_devices
-
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         if self._stopped:  # stopped before this thread got going (a quit during start-up)
@@ -111,6 +114,8 @@ class VoiceLink:
             async with RealtimeClient(url) as client:
                 self._client = client
                 forward = asyncio.create_task(self._forward(client))
+                if self._devices is not None:
+                    self._mic = asyncio.create_task(self._pump_mic())
                 self.post(VoiceStatus(f"connected to {url}" + (f"; no microphone: {self.mic_reason}" if self.mic_reason else "")))
                 on_ready(None)
                 ready_sent = True
@@ -139,9 +144,6 @@ class VoiceLink:
                     executor.shutdown(wait=True)
 
     async def _start_server(self, engine: Engine):
-        from voice.server import VoiceServer, make_services
-        from voice.tts import make_tts
-
         self.post(VoiceStatus(f"loading speech recognition ({self.asr}) ..."))
         services = await asyncio.to_thread(make_services, engine, make_tts("espeak"), asr=self.asr)
         server = VoiceServer(services, port=0)  # loopback, any free port
@@ -151,21 +153,24 @@ class VoiceLink:
     # ---- caller, microphone, typed messages -------------------------------------------------------
 
     async def _set_caller(self, on: bool) -> None:
-        from voice.caller import SimulatedCaller
-
         if on == self.caller_on or self._client is None:
             return
         self.caller_on = on
         if on:
             await self._cancel(self._drain)
             self._drain = None
-            self._caller = asyncio.create_task(SimulatedCaller(self._client, turns=ENDLESS).run(self._on_caller_turn))
+            self._caller = asyncio.create_task(self._run_caller())
             self.post(VoiceStatus("simulated caller on"))
         else:
             await self._cancel(self._caller)
             self._caller = None
             self._drain = asyncio.create_task(self._drain_events(self._client))
             self.post(VoiceStatus("simulated caller off"))
+
+    async def _run_caller(self) -> None:
+        while True:  # the caller gives up on a turn that gets no reply in time: then it asks the next question
+            await SimulatedCaller(self._client, turns=ENDLESS, turn_timeout_s=CALLER_PATIENCE_S).run(self._on_caller_turn)
+            self.post(VoiceStatus(f"the caller got no reply within {CALLER_PATIENCE_S} s", error=True))
 
     async def _say(self, text: str) -> None:
         await self._client.send({"type": "conversation.item.create",
@@ -176,20 +181,17 @@ class VoiceLink:
     async def _talk(self, on: bool) -> None:
         if self._devices is None:
             raise RuntimeError(f"no microphone ({self.mic_reason}); m turns the simulated caller on instead")
-        if on == self.talking:
-            return
-        self.talking = on
-        if on:
+        if on and self.caller_on:
             await self._set_caller(False)
-            self._mic = asyncio.create_task(self._pump_mic())
-        else:
-            await self._cancel(self._mic)
-            self._mic = None
+        self.talking = on
         self.post(VoiceStatus("talking: speak now" if on else "microphone off"))
 
     async def _pump_mic(self) -> None:
+        """The microphone's blocks go to the server while talking; the others are dropped, not queued."""
         while True:
-            await self._client.send_audio(await self._devices.mic_blocks.get())
+            block = await self._devices.mic_blocks.get()
+            if self.talking:
+                await self._client.send_audio(block)
 
     @staticmethod
     async def _cancel(task: asyncio.Task | None) -> None:

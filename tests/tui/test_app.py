@@ -1,6 +1,6 @@
 """Pilot tests of the dashboard on the real engine and voice loop: start-up with the default model and the
 simulated caller, numbers that update, the keys (checked on the engine and the load generator, not on
-labels), a typed message and its reply, and a clean quit."""
+labels), a typed message and its reply, a clean quit, and attaching to a running server (--connect)."""
 
 import asyncio
 import os
@@ -115,14 +115,13 @@ async def test_a_typed_message_gets_a_reply(engine):
         finished = engine.metrics_snapshot()["classes"]["user"]["finished"]
         await pilot.press("slash")
         await wait_for(pilot, lambda: isinstance(app.screen, MessagePrompt), 5, "the message prompt")
-        await pilot.press(*"Hi")
-        await pilot.press("space", *"there!", "enter")
+        await pilot.press(*"Hi", "space", *"quick", "space", *"question!", "enter")  # q and space are text here
         transcript = app.dashboard.query_one(Transcript)
         await wait_for(pilot, lambda: any(e.role == "bot" and e.status == "completed" for e in transcript.entries), 60,
                        "the reply")
         you = next(e for e in transcript.entries if e.role == "you")
         bot = next(e for e in transcript.entries if e.role == "bot")
-        assert you.text.startswith("Hi there!") and bot.text.strip()
+        assert you.text.startswith("Hi quick question!") and bot.text.strip()
         await wait_for(pilot, lambda: app.dashboard.voice.turns, 10, "the turn's numbers")
         turn = app.dashboard.voice.turns[-1]
         assert turn.typed and turn.parts_ms == () and turn.llm_ttft_ms > 0 and turn.reply_text == bot.text

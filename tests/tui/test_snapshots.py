@@ -1,4 +1,4 @@
-"""Snapshot of the main screen at 160 x 60, fed from a recorded metrics stream (no engine, no voice loop,
+"""Snapshots of the main screen at 160 x 60 (and 120 x 40), fed from a recorded metrics stream (no engine, no voice loop,
 no clock on screen), so a change of layout or rendering shows up as a diff. Update after an intended
 change with `pytest tests/tui/test_snapshots.py --snapshot-update` and look at the new SVG."""
 
@@ -43,3 +43,7 @@ async def feed(pilot) -> None:
 
 def test_main_screen_from_a_recorded_stream(snap_compare):
     assert snap_compare(ReplayApp(), terminal_size=(160, 60), run_before=feed)
+
+
+def test_main_screen_shrinks_to_120x40(snap_compare):
+    assert snap_compare(ReplayApp(), terminal_size=(120, 40), run_before=feed)

@@ -31,7 +31,8 @@ class TurnBars(Widget):
         out = Text()
         for label, style in STAGE_STYLES.values():
             out.append("■ ", style=style).append(label + "  ")
-        shown = self.turns[-max(self.size.height - 1, 0):] if self.size.height > 1 else []
+        rows = self.size.height - len(out.wrap(self.app.console, max(self.size.width, 1)))  # under the legend
+        shown = self.turns[-rows:] if rows > 0 else []
         width = max(self.size.width - LABEL_CELLS - NUMBER_CELLS, 1)
         scale = max([VOICE_E2E_SLO_MS] + [t.e2e_ms for t in shown if t.e2e_ms is not None and t.parts_ms])
         first = len(self.turns) - len(shown) + 1
