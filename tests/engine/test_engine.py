@@ -143,3 +143,15 @@ def test_bad_requests(engine):
         engine.submit(Request(prompt=""))
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
+
+
+def test_a_reader_whose_event_loop_closed_cancels_its_request_and_the_engine_lives_on(engine):
+    loop = asyncio.new_event_loop()
+    stream = engine.submit(chat("Tell me a long story.", max_tokens=100, ignore_eos=True), loop)
+    loop.close()  # the reader is gone before the first token arrives
+    for _ in range(200):
+        if stream.metrics.finish_reason:
+            break
+        threading.Event().wait(0.05)
+    assert stream.metrics.finish_reason == "cancelled"
+    assert "Paris" in engine.generate(chat("What is the capital of France?", max_tokens=30)).text
