@@ -122,8 +122,9 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def logits(self, hidden: Tensor) -> Tensor:
-        head = self.head_q or (lambda h: F.linear(h.to(self.lm_head.dtype), self.lm_head))
-        return head(hidden).float()
+        if self.head_q is not None:
+            return self.head_q(hidden).float()
+        return F.linear(hidden.to(self.lm_head.dtype), self.lm_head).float()
 
     def load_canonical(self, weights: dict[str, Tensor]) -> None:
         """Copy weights named in the canonical (Hugging Face) scheme into the fused parameters."""
