@@ -1,8 +1,10 @@
 """`tradeoff bench decode`: batch-1 prefill and decode speed (no speculation) per weight format, TTFT, TBT,
-and achieved memory bandwidth.
+and achieved memory bandwidth; on CUDA, with and without CUDA graphs.
 
 Achieved bandwidth = bytes of weights read per decode step x decode steps/s. It is printed next to the
-machine's measured read bandwidth (a large tensor sum), the ceiling a memory-bound decode can reach.
+machine's measured read bandwidth (a large tensor sum), the ceiling a memory-bound decode can reach, and as
+MBU (memory-bandwidth utilisation): achieved bandwidth over the measured device-to-device copy bandwidth.
+On CUDA each format runs eagerly and from CUDA graphs in the same run, and graph rows show their speedup.
 """
 
 from __future__ import annotations
@@ -53,49 +55,89 @@ def read_bandwidth(device: torch.device, mib: int = 512, repeats: int = 7) -> fl
     return x.numel() * 4 / statistics.median(times)
 
 
-def run(model: str, formats: list[str], runs: int, max_tokens: int, device: str | None) -> tuple[list[dict], float]:
+def copy_bandwidth(device: torch.device, mib: int = 512, repeats: int = 7) -> float:
+    """Median bytes/s (read + write) of copying a large tensor on the device, the denominator of MBU. On CUDA it is
+    timed with CUDA events, so only the copy is measured."""
+    src = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up: first-touch page faults on a CPU, lazy initialisation on a GPU
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t)
+    return 2 * src.numel() * 4 / statistics.median(times)
+
+
+def measure(engine: Engine, max_tokens: int, runs: int) -> dict:
+    """Median prefill and decode speed, TTFT and TBT of one engine over `runs` cold-cache runs."""
+    req = Request(messages=[{"role": "user", "content": PROMPT}],
+                  sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    engine.generate(Request(prompt_ids=[1, 2, 3], sampling=SamplingParams(max_tokens=4)))  # warm-up
+    prefill, decode, ttfts, itls = [], [], [], []
+    for _ in range(runs):
+        engine.clear_cache()  # measure a cold prefill every run
+        m = engine.generate(req).metrics
+        ttfts.append(m.ttft)
+        prefill.append(m.prompt_tokens / m.ttft)
+        decode.append(1 / m.tpot)
+        itls += m.itls
+    return {"prompt_tokens": m.prompt_tokens, "output_tokens": max_tokens, "runs": runs,
+            "prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
+            "ttft_ms": statistics.median(ttfts) * 1000,
+            "tbt_p50_ms": percentile(itls, 50) * 1000, "tbt_p99_ms": percentile(itls, 99) * 1000}
+
+
+def run(model: str, formats: list[str], runs: int, max_tokens: int, device: str | None,
+        graph_settings: tuple[bool, ...]) -> tuple[list[dict], float]:
+    """One row per weight format and CUDA-graph setting (graphs apply on CUDA only; elsewhere the setting is moot)."""
     loaded = load(model)
     rows = []
-    bandwidth = None
+    bandwidth = copy_bw = None
     for name in formats:
         dtype, quant, _, _ = FORMATS[name]
-        engine = Engine(loaded, device=device, dtype=dtype, quant=quant, spec="off")
-        if bandwidth is None:
-            bandwidth = read_bandwidth(engine.device)
-        req = Request(messages=[{"role": "user", "content": PROMPT}],
-                      sampling=SamplingParams(max_tokens=max_tokens, ignore_eos=True))
-        engine.generate(Request(prompt_ids=[1, 2, 3], sampling=SamplingParams(max_tokens=4)))  # warm-up
-        prefill, decode, ttfts, itls = [], [], [], []
-        for _ in range(runs):
-            engine.clear_cache()  # measure a cold prefill every run
-            m = engine.generate(req).metrics
-            ttfts.append(m.ttft)
-            prefill.append(m.prompt_tokens / m.ttft)
-            decode.append(1 / m.tpot)
-            itls += m.itls
-        engine.close()
-        tok_s = statistics.median(decode)
         step_bytes = weight_bytes(loaded.config, name)
-        rows.append({
-            "model": loaded.name, "weights": name, "activations": str(engine.model.dtype).removeprefix("torch."),
-            "device": str(engine.device), "prompt_tokens": m.prompt_tokens,
-            "output_tokens": max_tokens, "runs": runs,
-            "prefill_tok_s": statistics.median(prefill), "decode_tok_s": tok_s,
-            "ttft_ms": statistics.median(ttfts) * 1000,
-            "tbt_p50_ms": percentile(itls, 50) * 1000, "tbt_p99_ms": percentile(itls, 99) * 1000,
-            "weight_mb_per_token": step_bytes / 1e6,
-            "achieved_gb_s": step_bytes * tok_s / 1e9, "read_bandwidth_gb_s": bandwidth / 1e9,
-        })
+        eager_tok_s = None
+        for graphs in graph_settings:
+            engine = Engine(loaded, device=device, dtype=dtype, quant=quant, spec="off", cuda_graphs=graphs)
+            if bandwidth is None:
+                bandwidth, copy_bw = read_bandwidth(engine.device), copy_bandwidth(engine.device)
+            try:
+                row = measure(engine, max_tokens, runs)
+            finally:
+                engine.close()
+            tok_s = row["decode_tok_s"]
+            rows.append({
+                "model": loaded.name, "weights": name, "activations": str(engine.model.dtype).removeprefix("torch."),
+                "device": str(engine.device), "graphs": ("on" if graphs else "off") if engine.device.type == "cuda" else "n/a",
+                **row, "weight_mb_per_token": step_bytes / 1e6,
+                "achieved_gb_s": step_bytes * tok_s / 1e9, "read_bandwidth_gb_s": bandwidth / 1e9,
+                "copy_bandwidth_gb_s": copy_bw / 1e9, "mbu_pct": 100 * step_bytes * tok_s / copy_bw,
+                "vs_eager": tok_s / eager_tok_s if graphs and eager_tok_s else None,
+            })
+            if not graphs:
+                eager_tok_s = tok_s
     return rows, bandwidth
 
 
 COLUMNS = [
-    ("weights", "weights", ""), ("activations", "activations", ""), ("prompt_tokens", "prompt", "d"),
+    ("weights", "weights", ""), ("activations", "activations", ""), ("graphs", "CUDA graphs", ""),
+    ("prompt_tokens", "prompt", "d"),
     ("prefill_tok_s", "prefill tok/s", ".0f"),
     ("decode_tok_s", "decode tok/s", ".1f"), ("ttft_ms", "TTFT ms", ".1f"), ("tbt_p50_ms", "TBT p50 ms", ".1f"),
     ("tbt_p99_ms", "TBT p99 ms", ".1f"), ("weight_mb_per_token", "MB/token", ".0f"),
     ("achieved_gb_s", "achieved GB/s", ".1f"), ("read_bandwidth_gb_s", "machine GB/s", ".1f"),
+    ("mbu_pct", "MBU %", ".0f"), ("vs_eager", "vs eager", ".2f"),
 ]
+GRAPH_SETTINGS = {"on": (True,), "off": (False,), "both": (False, True)}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -107,12 +149,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="weight formats to compare in one run (default: %(default)s)")
     p.add_argument("--runs", type=int, default=5, help="runs per format; figures are medians (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per run (default: %(default)s)")
+    p.add_argument("--cuda-graphs", choices=sorted(GRAPH_SETTINGS), default=None,
+                   help="latency mode's CUDA graphs: on, off, or both for an eager vs graph comparison "
+                        "(default: both on CUDA, off elsewhere, where they do not apply)")
     p.add_argument("--json", default="bench/out/decode.json", help="where to write the JSON (default: %(default)s)")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    rows, _ = run(args.model, args.weights.split(","), args.runs, args.max_tokens, args.device)
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    graphs = GRAPH_SETTINGS[args.cuda_graphs or ("both" if cuda else "off")]
+    rows, _ = run(args.model, args.weights.split(","), args.runs, args.max_tokens, args.device, graphs)
     print(table(rows, COLUMNS))
     print(f"JSON: {write_json(args.json, 'decode', rows)}")
     return 0

@@ -3,14 +3,18 @@
 #   1. installs the project's missing wheels from .whl/ (a folder carried with the working tree) into /tmp/site;
 #   2. checks every Triton kernel against its reference on CUDA: pytest tests/kernels, fp16 and bf16, several shapes;
 #   3. times each kernel against its PyTorch equivalent (bench/kernels.py, medians of triton.testing.do_bench);
-#   4. times batch-1 decode of the default model (tradeoff bench decode --device cuda);
+#   4. times batch-1 decode of the default model, eager vs CUDA graphs, with MBU (tradeoff bench decode);
+#   5. the speculative speedup over plain decoding, with target MBU (tradeoff bench spec);
+#   6. a short batched sweep: throughput vs per-user speed at a few concurrencies (tradeoff bench sweep);
 # then prints one summary table last. JSON, logs and the tests' JUnit XML go under $OUT (default: bench/out).
+# The steps' time limits add up to under 5 minutes.
 #
 #   bench/gpu.sh            on a GPU machine
 #   bench/gpu.sh --dry-run  on a CPU: the kernel tests under the Triton interpreter (fp32/fp16), the kernel
-#                           bench with tiny shapes and no timing, a few decode tokens on the CPU
+#                           bench with tiny shapes and no timing, and steps 4-6 with a few tokens on the CPU
+#                           (plumbing only: CUDA graphs do not apply there)
 #
-# Step 4 needs the default model on the GPU machine, which has no network: carry the model cache folder as
+# Steps 4-6 need the default model on the GPU machine, which has no network: carry the model cache folder as
 # .tradeoff-cache/ (used when present, unless TRADEOFF_CACHE is set), and gguf etc. as wheels in .whl/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -86,16 +90,22 @@ if [ "$DRY" = 1 ]; then
     step kernel_tests 240 env TRITON_INTERPRET=1 "$PY" -m pytest tests/kernels -q -p no:cacheprovider \
         --junitxml="$OUT/kernel_tests.xml"
     step kernel_bench 120 "$PY" -m bench.kernels --dry-run --json "$OUT/kernels.json"
-    echo "dry run: decode on the CPU, a few tokens, to check the plumbing (not a GPU figure)"
-    step decode 180 "$PY" -m tui.cli bench decode --device cpu --weights fp32 --runs 1 --max-tokens 8 \
+    echo "dry run: decode, speculation and a batched sweep on the CPU, a few tokens, to check the plumbing (not GPU figures)"
+    step decode 180 "$PY" -m tui.cli bench decode --device cpu --weights fp32 --cuda-graphs both --runs 1 --max-tokens 8 \
         --json "$OUT/decode.json"
+    step spec 240 "$PY" -m tui.cli bench spec --drafters off,ngram --max-tokens 8 --json "$OUT/spec.json"
+    step sweep 180 "$PY" -m tui.cli bench sweep --device cpu --concurrency 1,2 --requests-per-user 3 --prompt-tokens 16 \
+        --output-tokens 8 --no-latency-point --json "$OUT/sweep.json" --plot ""
 else
     # fp32 is covered by CI under the interpreter; on the GPU check the dtypes the engine runs in
-    step kernel_tests 130 env TRITON_INTERPRET=0 "$PY" -m pytest tests/kernels -q -p no:cacheprovider -k "not float32" \
+    step kernel_tests 110 env TRITON_INTERPRET=0 "$PY" -m pytest tests/kernels -q -p no:cacheprovider -k "not float32" \
         --junitxml="$OUT/kernel_tests.xml"
-    step kernel_bench 80 "$PY" -m bench.kernels --dtype bf16 --json "$OUT/kernels.json"
-    step decode 60 "$PY" -m tui.cli bench decode --device cuda --weights bf16,fp32 --runs 3 --max-tokens 128 \
+    step kernel_bench 60 "$PY" -m bench.kernels --dtype bf16 --json "$OUT/kernels.json"
+    step decode 45 "$PY" -m tui.cli bench decode --device cuda --weights bf16 --cuda-graphs both --runs 3 --max-tokens 128 \
         --json "$OUT/decode.json"
+    step spec 40 "$PY" -m tui.cli bench spec --drafters off,ngram,auto --max-tokens 64 --json "$OUT/spec.json"
+    step sweep 35 "$PY" -m tui.cli bench sweep --device cuda --concurrency 1,4,16 --requests-per-user 2 --prompt-tokens 64 \
+        --output-tokens 32 --no-latency-point --json "$OUT/sweep.json" --plot ""
 fi
 
 # The summary: one table, last; also written to $OUT/gpu_summary.json.
@@ -157,11 +167,31 @@ if kernels:
 
 decode = load("decode.json")
 for r in decode["rows"] if decode else []:
-    mbu = r["achieved_gb_s"] / r["read_bandwidth_gb_s"] * 100
-    target = "" if dry else ">= 1500 tok/s (graphs)"
-    status = "ok" if dry else ("meets" if r["decode_tok_s"] >= 1500 else "below")
-    add(f"decode {r['model']} {r['dtype']} {r['device']}" + (" (CPU plumbing check)" if dry else ""),
-        f"{r['decode_tok_s']:.1f} tok/s, TTFT {r['ttft_ms']:.1f} ms, {mbu:.0f}% of read bw", target, status)
+    graphs = r["graphs"] == "on"
+    result = f"{r['decode_tok_s']:.1f} tok/s, TTFT {r['ttft_ms']:.1f} ms, MBU {r['mbu_pct']:.0f}%"
+    if r.get("vs_eager"):
+        result += f", {r['vs_eager']:.2f}x eager"
+    target = ">= 1500 tok/s" if graphs else ""
+    status = ("meets" if r["decode_tok_s"] >= 1500 else "below") if graphs else "ok"
+    add(f"decode {r['model']} {r['weights']} graphs {r['graphs']} {r['device']}" + (" (CPU plumbing check)" if dry else ""),
+        result, target, status)
+
+spec = load("spec.json")
+for r in spec["rows"] if spec else []:
+    result = f"{r['decode_tok_s']:.1f} tok/s"
+    if r.get("speedup"):
+        result += f", {r['speedup']:.2f}x off"
+    if r.get("acceptance_rate") is not None:
+        result += f", accept {r['acceptance_rate']:.2f}, {r['tokens_per_target_forward']:.2f} tok/forward"
+    if r.get("target_mbu_pct") is not None:
+        result += f", target MBU {r['target_mbu_pct']:.0f}%"
+    add(f"spec {r['drafter']} ({r['quant']})" + (" (CPU plumbing check)" if dry else ""), result)
+
+sweep = load("sweep.json")
+for r in sweep["rows"] if sweep else []:
+    add(f"sweep {r['mode']} N={r['concurrency']}" + (" (CPU plumbing check)" if dry else ""),
+        f"{r['output_tok_s']:.1f} tok/s total, {r['tok_s_per_user']:.1f} tok/s/user, TTFT p50 {r['ttft_p50_s'] * 1000:.0f} ms, "
+        f"TBT p50 {r['tbt_p50_s'] * 1000:.1f} ms")
 
 print()
 print(table(rows, [("check", "check", ""), ("result", "result", ""), ("target", "target", ""), ("status", "status", "")]))

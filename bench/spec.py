@@ -4,7 +4,8 @@ Fixed chat prompts, greedy: questions (prompt lookup can't help), summaries of a
 (it can). Per drafter: acceptance rate, mean accepted length, tokens per target forward, draft time share,
 decode tok/s (median over prompts) and the speedup over `off` measured in the same run. Also the TTFT of a
 ~30-token user turn after a cached system prompt and first turn. If llama-cpp-python is installed, it runs
-the same GGUF greedily in the same run and the table shows our ratio to it.
+the same GGUF greedily in the same run and the table shows our ratio to it. Target MBU: the target's weight
+bytes per forward x target forwards/s over the device's measured copy bandwidth (the draft's reads left out).
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import argparse
 import statistics
 import time
 
+import torch
+
+from bench.decode import FORMATS, copy_bandwidth, weight_bytes
 from bench.report import table, write_json
 from engine.engine import Engine, Request
 from engine.loader import load
@@ -49,7 +53,7 @@ def follow_up_ttft(engine: Engine) -> float:
     return engine.generate(Request(messages=history, sampling=SamplingParams(max_tokens=8))).metrics.ttft
 
 
-def run_engine(loaded, spec: str, max_tokens: int, quant: str | None) -> dict:
+def run_engine(loaded, spec: str, max_tokens: int, quant: str | None, copy_bw: float) -> dict:
     engine = Engine(loaded, spec=spec, quant=quant)
     try:
         engine.generate(Request(prompt="Hello", sampling=SamplingParams(max_tokens=8)))  # warm-up
@@ -63,9 +67,14 @@ def run_engine(loaded, spec: str, max_tokens: int, quant: str | None) -> dict:
                 rates.append(r)
                 kinds.setdefault(kind, []).append(r)
         ttft = statistics.median(follow_up_ttft(engine) for _ in range(3))
-        return {"drafter": spec, "quant": engine.quant, "decode_tok_s": statistics.median(rates),
+        fmt = next(name for name, (dtype, quant, _, _) in FORMATS.items()
+                   if quant == engine.quant and (quant != "none" or dtype == engine.dtype))
+        tok_s, summary = statistics.median(rates), totals.summary()
+        forwards_s = tok_s / summary["tokens_per_target_forward"]
+        return {"drafter": spec, "quant": engine.quant, "decode_tok_s": tok_s,
                 **{f"tok_s_{k}": statistics.median(v) for k, v in kinds.items()},
-                **totals.summary(), "follow_up_ttft_ms": ttft * 1000}
+                **summary, "follow_up_ttft_ms": ttft * 1000,
+                "target_mbu_pct": 100 * forwards_s * weight_bytes(loaded.config, fmt) / copy_bw}
     finally:
         engine.close()
 
@@ -94,6 +103,7 @@ COLUMNS = [
     ("tok_s_rewrite", "rewrites", ".1f"), ("acceptance_rate", "accept", ".2f"),
     ("mean_accepted_length", "accepted/step", ".2f"), ("tokens_per_target_forward", "tok/forward", ".2f"),
     ("draft_time_share", "draft share", ".2f"), ("follow_up_ttft_ms", "TTFT 30-tok turn ms", ".0f"),
+    ("target_mbu_pct", "target MBU %", ".0f"),
 ]
 
 
@@ -110,7 +120,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     loaded = load(args.model)
-    rows = [run_engine(loaded, spec, args.max_tokens, args.quant) for spec in args.drafters.split(",")]
+    copy_bw = copy_bandwidth(torch.device("cuda" if torch.cuda.is_available() else "cpu"))  # the engines' device
+    rows = [run_engine(loaded, spec, args.max_tokens, args.quant, copy_bw) for spec in args.drafters.split(",")]
     if (ref := run_llama_cpp(str(resolve(args.model)), args.max_tokens)) is not None:
         rows.append(ref)
     base = next((r["decode_tok_s"] for r in rows if r["drafter"] == "off"), None)

@@ -158,7 +158,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-latency-point", action="store_true", help="skip latency mode's point at concurrency 1")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--json", default="bench/out/sweep.json", help="(default: %(default)s)")
-    p.add_argument("--plot", default="bench/out/sweep.png", help="(default: %(default)s)")
+    p.add_argument("--plot", default="bench/out/sweep.png", help="(default: %(default)s; empty: no plot)")
     p.set_defaults(func=main)
 
 
@@ -196,6 +196,7 @@ def main(args: argparse.Namespace) -> int:
     settings = {"policy": asdict(policy), "workload": asdict(workload), "slo": asdict(slo), "batched_dtype": str(batched_dtype),
                 "knee_concurrency": knee_row["concurrency"] if knee_row else None}
     print(f"JSON: {write_json(args.json, 'sweep', all_rows, **settings)}")
-    plot(rows, latency_row, slo, knee_row, args.plot)
-    print(f"plot: {args.plot}")
+    if args.plot:  # bench/gpu.sh passes "": the GPU machine may have no matplotlib
+        plot(rows, latency_row, slo, knee_row, args.plot)
+        print(f"plot: {args.plot}")
     return 0

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from engine.engine import Engine, Request
-from engine.loader import EXPECTED
+from engine.loader import EXPECTED, load_tokenizer
 from engine.metrics import RequestMetrics
 from engine.quant import QUANT_MODES
 from engine.registry import DEFAULT_MODEL, REGISTRY, fetch
+from engine.remote import RemoteEngine
 from engine.sampling import SamplingParams
 from engine.speculative import SPEC_MODES
 
@@ -33,8 +35,26 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "tokenizer (default: the committed trained draft of the default model)")
 
 
-def engine_from(args: argparse.Namespace) -> Engine:
-    return Engine(args.model, device=args.device, quant=args.quant, spec=args.spec, draft=args.draft)
+    p.add_argument("--backend", default=None, metavar="URL",
+                   help="use an OpenAI-compatible server instead of running the model here: openai://HOST:PORT/v1 "
+                        "(vLLM, SGLang, llama.cpp's server, another `tradeoff serve`; openai+https:// for TLS). "
+                        "TTFT/TBT/E2E are then measured here, from its stream; --model only sizes synthetic prompts")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
+                   help="environment variable holding the --backend's API key, if it needs one (default: %(default)s)")
+    p.add_argument("--backend-model", default=None, metavar="NAME",
+                   help="model name at the --backend (default: the first one its /v1/models lists)")
+
+
+def engine_from(args: argparse.Namespace, **options) -> Engine | RemoteEngine:
+    """The in-process engine, or with --backend the remote one."""
+    if args.backend:
+        return remote_from(args, **options)
+    return Engine(args.model, device=args.device, quant=args.quant, spec=args.spec, draft=args.draft, **options)
+
+
+def remote_from(args: argparse.Namespace, **options) -> RemoteEngine:
+    return RemoteEngine(args.backend, api_key=os.environ.get(args.api_key_env), model=args.backend_model,
+                        tokenizer=load_tokenizer(args.model), **options)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
@@ -99,13 +119,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     engine = engine_from(args)
     req = Request(prompt=args.prompt) if args.raw else Request(messages=[{"role": "user", "content": args.prompt}])
     req.sampling = sampling_from(args)
-    if args.json:
-        c = engine.generate(req)
-        print(json.dumps({"model": engine.name, "text": c.text, "token_ids": c.token_ids, "metrics": c.metrics.summary()}))
-    else:
-        stream = engine.submit(req)
-        for ev in stream:
+    stream = engine.submit(req)
+    text, ids = [], []
+    for ev in stream:
+        text.append(ev.text)
+        ids += ev.token_ids
+        if not args.json:
             print(ev.text, end="", flush=True)
+    if args.json:  # token ids are empty from a --backend: the server sends text
+        print(json.dumps({"model": engine.name, "text": "".join(text), "token_ids": ids, "metrics": stream.metrics.summary()}))
+    else:
         print("\n" + format_metrics(stream.metrics), file=sys.stderr)
     engine.close()
     return 0
@@ -116,7 +139,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     interactive = not args.demo and sys.stdin.isatty()
     questions = iter(DEMO_QUESTIONS) if args.demo else None
-    print(f"tradeoff chat: {engine.name} on {engine.device} ({engine.dtype}). "
+    print(f"tradeoff chat: {engine.describe()}. "
           + ("Ctrl-D to quit." if interactive else ""), file=sys.stderr)
     while True:
         if questions is not None:

@@ -13,7 +13,7 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -74,12 +74,13 @@ MODES = ("latency", "batched")
 
 class Engine:
     """`dtype` applies to both modes when given; by default latency mode runs `default_dtype` and batched mode
-    `engine.batched.choose_dtype` (sharing the latency model's weights when the two agree)."""
+    `engine.batched.choose_dtype` (sharing the latency model's weights when the two agree). On CUDA, latency mode
+    replays its decode steps from CUDA graphs unless `cuda_graphs` is False (eager, for comparison)."""
 
     def __init__(self, model: str | LoadedModel = "smollm2-135m", device: str | None = None,
                  dtype: torch.dtype | None = None, max_seq_len: int | None = None, max_waiting: int = 64,
                  mode: str = "latency", policy: BatchPolicy | None = None, kv_cache_tokens: int = 16384,
-                 quant: str | None = None, spec: str = "auto", draft: str | None = None):
+                 quant: str | None = None, spec: str = "auto", draft: str | None = None, cuda_graphs: bool = True):
         loaded = load(model) if isinstance(model, str) else model
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or default_dtype(self.device)
@@ -95,12 +96,13 @@ class Engine:
         self.policy = policy or BatchPolicy()  # batched mode's scheduling policy; `set_policy` changes it live
         self.kv_cache_tokens = kv_cache_tokens
         self.stats = RollingStats()
+        self.finish_listeners: list[Callable[[RequestMetrics], None]] = []  # called on the worker as requests end
         self.quant = quant or default_quant(self.device)
         quantize(self.model, self.quant)
         self.spec = spec
         drafter = build_drafter(spec, self.model, self.name, draft, self.max_seq_len, self.quant)
         self._drafter = drafter  # kept so `set_speculation(True)` can bring it back
-        self._latency = LatencyRunner(self.model, self.max_seq_len, drafter)
+        self._latency = LatencyRunner(self.model, self.max_seq_len, drafter, cuda_graphs=cuda_graphs)
         self._batched_model = batched_model(loaded, self.model, self.quant, self.batched_dtype)
         self._batched: BatchedRunner | None = None  # built on first use: its KV pool is large
         self.runner: LatencyRunner | BatchedRunner = self._latency
@@ -113,6 +115,10 @@ class Engine:
         self._worker.start()
 
     # ---- public API -------------------------------------------------------------------------
+
+    def describe(self) -> str:
+        return (f"{self.name} on {self.device}: latency mode {self.dtype} ({self.quant} weights), "
+                f"batched mode {self.batched_dtype}; speculation {self.spec}")
 
     def prompt_ids(self, request: Request) -> list[int]:
         given = [x is not None for x in (request.prompt, request.messages, request.prompt_ids)]
@@ -140,7 +146,7 @@ class Engine:
                 self.stats.record_rejected()
                 raise OverloadedError(f"engine overloaded: {self.max_waiting} requests already waiting "
                                       f"(max_waiting); request not queued, retry later")
-            seq = Sequence(Stream(request, loop), ids, self.tokenizer)
+            seq = Sequence(Stream(request, loop), ids, self.tokenizer, on_finish=self._finished)
             self.stats.track(seq.metrics)
             self._inbox.put(seq)
         return seq.stream
@@ -194,11 +200,16 @@ class Engine:
         return snap
 
     def close(self) -> None:
+        """Cancel what is queued or running and stop the worker."""
         self._closed = True
         self._inbox.put(None)
         self._worker.join(timeout=30)
 
     # ---- worker -----------------------------------------------------------------------------
+
+    def _finished(self, metrics: RequestMetrics) -> None:
+        for listener in self.finish_listeners:
+            listener(metrics)
 
     def _run(self) -> None:
         while True:

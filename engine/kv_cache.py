@@ -30,17 +30,25 @@ class StaticKVCache:
 
     def begin(self, n_new: int) -> Tensor:
         """Reserve room for `n_new` tokens and return their positions."""
+        return torch.arange(self.reserve(n_new), self.length, device=self.k.device)
+
+    def reserve(self, n_new: int) -> int:
+        """`begin` without the positions tensor; returns the first position."""
         if self.length + n_new > self.max_seq_len:
             raise ValueError(f"KV cache full: {self.length} + {n_new} tokens > {self.max_seq_len}")
         self._start = self.length
         self.length += n_new
-        return torch.arange(self._start, self.length, device=self.k.device)
+        return self._start
 
     def extend(self, ids: list[int]) -> Tensor:
         """`begin` for these tokens, remembering them so a later sequence can reuse a common prefix."""
-        positions = self.begin(len(ids))
+        return torch.arange(self.record(ids), self.length, device=self.k.device)
+
+    def record(self, ids: list[int]) -> int:
+        """`extend` without the positions tensor (the CUDA-graph step builds them on the device); returns the first position."""
+        start = self.reserve(len(ids))
         self.ids += ids
-        return positions
+        return start
 
     def reuse_prefix(self, ids: list[int]) -> int:
         """Keep the k/v of the longest common prefix with `ids`, leaving at least one token of `ids` to run."""

@@ -5,6 +5,9 @@ The cache keeps the k/v of the last sequence it ran, so a follow-up turn sharing
 (system prompt, conversation so far) prefills only its new tokens. Each decode step feeds the last
 emitted token plus k drafted tokens through the target at once, emits what verification accepts
 (all with one timestamp), and truncates the cache back to what was accepted. k = 0 is a plain decode step.
+
+On CUDA the decode step replays a captured CUDA graph and chooses tokens on the device (engine/cuda_graph.py);
+prefill, and a step whose shape no graph covers, run eagerly.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections import deque
 
 import torch
 
+from engine.cuda_graph import DecodeGraphs, verify_on_device
 from engine.kv_cache import StaticKVCache
 from engine.model import Transformer
 from engine.sequence import Sequence
@@ -23,10 +27,13 @@ MODE = "latency"
 
 
 class LatencyRunner:
-    def __init__(self, model: Transformer, max_seq_len: int, drafter: Drafter | None = None, k_max: int = 6):
+    def __init__(self, model: Transformer, max_seq_len: int, drafter: Drafter | None = None, k_max: int = 6,
+                 cuda_graphs: bool = True):
         self.model = model
         self.max_seq_len = max_seq_len
         self.cache = StaticKVCache(model.cfg, max_seq_len, model.dtype, model.device)
+        cuda = model.device.type == "cuda"
+        self.graphs = DecodeGraphs(model, self.cache, k_max + 1) if cuda_graphs and cuda else None  # decode steps
         self.queue: deque[Sequence] = deque()
         self.drafter = drafter
         self.adaptive = AdaptiveK(k_max=k_max)
@@ -63,6 +70,7 @@ class LatencyRunner:
 
     def step(self) -> None:
         """One model step for the sequence at the head: its prefill, or one (speculative) decode step."""
+        self._drop_cancelled_waiting()
         seq = self.queue[0]
         try:
             if seq.cancelled:
@@ -82,13 +90,25 @@ class LatencyRunner:
 
     # ---- internals --------------------------------------------------------------------------
 
+    def _drop_cancelled_waiting(self) -> None:
+        """A request cancelled while it waits (its client left) ends now, not when its turn would have come."""
+        if any(s.cancelled for s in self.queue):
+            head, *waiting = self.queue
+            for seq in waiting:
+                if seq.cancelled:
+                    seq.finish("cancelled")
+            self.queue = deque([head, *(s for s in waiting if not s.finished)])
+
     def _prefill(self, seq: Sequence) -> None:
         seq.mark_scheduled()
         ids = seq.all_ids  # a sequence moved in from batched mode brings its output so far
         cached = self.cache.reuse_prefix(ids)
-        logits = self._forward(ids[cached:])[-1]
+        logits = self._forward(ids[cached:])[-1:]
         self._prefilled = True
-        seq.append([seq.sample(logits)], MODE)
+        if logits.is_cuda:  # torch cannot sample CUDA tensors with the request's (CPU) generator
+            seq.append(verify_on_device([], None, logits, seq.params, seq.generator), MODE)
+        else:
+            seq.append([seq.sample(logits[0])], MODE)
 
     def _decode(self, seq: Sequence) -> None:
         t0 = time.perf_counter()
@@ -98,15 +118,22 @@ class LatencyRunner:
         drafts, draft_probs = self.drafter.propose(ids, k, seq.params, seq.generator) if k > 0 else ([], None)
         t1 = time.perf_counter()
         kept = self.cache.length
-        logits = self._forward([ids[-1], *drafts])
-        tokens = verify(drafts, draft_probs, logits, seq.params, seq.generator)
+        step = [ids[-1], *drafts]
+        timed = True  # a step that first captures its CUDA graph says nothing about k's cost: AdaptiveK skips it
+        if self.graphs is not None and self.graphs.fits(len(step)):
+            timed = self.graphs.ready(len(step))
+            logits, best = self.graphs.run(step)
+            tokens = verify_on_device(drafts, draft_probs, logits, seq.params, seq.generator, best)
+        else:
+            logits = self._forward(step)
+            tokens = (verify_on_device if logits.is_cuda else verify)(drafts, draft_probs, logits, seq.params, seq.generator)
         accepted = len(tokens) - 1
         self.cache.truncate(kept + 1 + accepted)  # forget the rejected drafts
         t2 = time.perf_counter()
         seq.append(tokens, MODE)
         for stats in (self.spec, seq.metrics.spec):
             stats.add(len(drafts), accepted, len(tokens), t1 - t0, t2 - t0)
-        if self.drafter:
+        if self.drafter and timed:
             self.adaptive.update(k, len(drafts), accepted, t1 - t0, t2 - t1)
 
     def _forward(self, ids: list[int]) -> torch.Tensor:

@@ -38,15 +38,7 @@ class LoadedModel:
 
 
 def load(spec: str) -> LoadedModel:
-    path = registry.resolve(spec)
-    if not path.exists():
-        raise ModelLoadError(f"{path}: no such file or folder; expected {EXPECTED}")
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise ModelLoadError(f"{path}: not a .gguf file; expected {EXPECTED}")
-        folder = gguf_folder(path)
-    else:
-        folder = path
+    path, folder = model_folder(spec)
     try:
         config = read_config(folder)
         weights = read_weights(folder)
@@ -56,6 +48,27 @@ def load(spec: str) -> LoadedModel:
     except Exception as e:  # corrupt JSON/safetensors/tokenizer: report the path, keep the cause
         raise ModelLoadError(f"{path}: could not read model ({type(e).__name__}: {e}); expected {EXPECTED}") from e
     return LoadedModel(spec if spec in registry.REGISTRY else path.name, config, weights, tokenizer, folder)
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """Only the tokenizer of a model (what a remote backend's load generator sizes its prompts with)."""
+    path, folder = model_folder(spec)
+    try:
+        return Tokenizer.from_folder(folder)
+    except Exception as e:
+        raise ModelLoadError(f"{path}: could not read the tokenizer ({type(e).__name__}: {e}); expected {EXPECTED}") from e
+
+
+def model_folder(spec: str) -> tuple[Path, Path]:
+    """(the path `spec` names, the HF-style folder holding it), converting a GGUF file on first use."""
+    path = registry.resolve(spec)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file or folder; expected {EXPECTED}")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{path}: not a .gguf file; expected {EXPECTED}")
+        return path, gguf_folder(path)
+    return path, path
 
 
 def gguf_folder(path: Path) -> Path:

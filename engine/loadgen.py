@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from engine.engine import Engine, OverloadedError
 from engine.metrics import RequestMetrics
+from engine.remote import RemoteEngine
 from engine.sampling import SamplingParams
 from engine.sequence import EngineError, Request
 from engine.tokenizer import Tokenizer
@@ -82,6 +83,9 @@ class PromptSet:
         self.sentence_tokens = [len(tokenizer.encode(" " + s)) for s in SENTENCES]
 
     def prompt_ids(self, n_tokens: int, rng: random.Random) -> list[int]:
+        return self.tokenizer.encode_chat(self.messages(n_tokens, rng))
+
+    def messages(self, n_tokens: int, rng: random.Random) -> list[dict]:
         """A question after passage sentences (from a random one on, wrapping around) up to ~n_tokens in all."""
         q = rng.randrange(len(QUESTIONS))
         i = rng.randrange(len(SENTENCES))
@@ -91,13 +95,13 @@ class PromptSet:
             total += self.sentence_tokens[i % len(SENTENCES)]
             i += 1
         content = " ".join(parts) + "\n\n" + QUESTIONS[q] if parts else QUESTIONS[q]
-        return self.tokenizer.encode_chat([{"role": "user", "content": content}])
+        return [{"role": "user", "content": content}]
 
 
 class LoadGenerator:
     """Synthetic users ("synthetic" class in the metrics) against `engine`, started, resized and stopped at run time."""
 
-    def __init__(self, engine: Engine, workload: Workload | None = None, seed: int = 0):
+    def __init__(self, engine: Engine | RemoteEngine, workload: Workload | None = None, seed: int = 0):
         self.engine = engine
         self.workload = workload or Workload()
         self.prompts = PromptSet(engine.tokenizer)
@@ -204,18 +208,17 @@ class LoadGenerator:
 
     async def _request(self) -> None:
         w = self.workload
-        ids = self.prompts.prompt_ids(w.prompt_tokens.sample(self.rng), self.rng)
+        messages = self.prompts.messages(w.prompt_tokens.sample(self.rng), self.rng)
         sampling = SamplingParams(max_tokens=w.output_tokens.sample(self.rng), ignore_eos=True)
         try:
-            stream = self.engine.submit(Request(prompt_ids=ids, sampling=sampling, user_class="synthetic"), self._loop)
-        except OverloadedError:
+            stream = self.engine.submit(Request(messages=messages, sampling=sampling, user_class="synthetic"), self._loop)
+            self.submitted.append(stream.metrics)
+            async for _ in stream:
+                pass
+        except OverloadedError:  # from `submit`, or through the stream from a remote server
             self.rejected += 1
             await asyncio.sleep(self.rng.uniform(0.5, 1.0) * MAX_BACKOFF_S)
             return
-        self.submitted.append(stream.metrics)
-        try:
-            async for _ in stream:
-                pass
         except EngineError:
             self.failed += 1
             return

@@ -161,8 +161,9 @@ def rotation_matrices(cos: Tensor, sin: Tensor) -> Tensor:
     T, D = cos.shape
     half = D // 2
     lo = torch.arange(half, device=cos.device)
+    diag = torch.arange(D, device=cos.device)  # on the device: a CUDA graph cannot capture a copy from the host
     R = torch.zeros(T, D, D, dtype=cos.dtype, device=cos.device)
-    R[:, torch.arange(D), torch.arange(D)] = cos
+    R[:, diag, diag] = cos
     R[:, lo + half, lo] = -sin[:, :half]  # out[j] (j < half) takes -x[j + half] * sin[j]
     R[:, lo, lo + half] = sin[:, half:]  # out[j + half] takes x[j] * sin[j + half]
     return R

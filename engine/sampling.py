@@ -16,6 +16,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False  # keep going past stop tokens (benchmarks want a fixed output length)
+    stop: tuple[str, ...] = ()  # end the output before the first of these strings (which is not emitted)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -26,6 +27,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
 
     @property
     def greedy(self) -> bool:

@@ -12,7 +12,7 @@ import asyncio
 import queue
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -72,6 +72,10 @@ class Stream:
         else:
             self._events.put(item)
 
+    def end(self) -> None:
+        """Engine side: no more events."""
+        self.put(_DONE)
+
     def __iter__(self) -> Iterator[TokenEvent]:
         try:
             while (item := self._events.get()) is not _DONE:
@@ -92,8 +96,10 @@ class Stream:
 
 
 class Sequence:
-    def __init__(self, stream: Stream, prompt_ids: list[int], tokenizer: Tokenizer):
+    def __init__(self, stream: Stream, prompt_ids: list[int], tokenizer: Tokenizer,
+                 on_finish: Callable[[RequestMetrics], None] | None = None):
         self.stream = stream
+        self.on_finish = on_finish  # told once, with the final metrics, however the request ends
         self.params: SamplingParams = stream.request.sampling
         self.prompt_ids = prompt_ids
         self.output_ids: list[int] = []
@@ -103,6 +109,7 @@ class Sequence:
         self.generator = make_generator(self.params)
         self.stop_ids = frozenset() if self.params.ignore_eos else tokenizer.stop_ids
         self._detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self._stops = StopStrings(self.params.stop)
         self.finished = False
 
     @property
@@ -132,7 +139,10 @@ class Sequence:
         if accepted:
             self.output_ids += accepted
             self.metrics.record(t, len(accepted), mode)
-            self.stream.put(TokenEvent(accepted, self._detok.add(accepted), t))
+            text, stopped = self._stops.feed(self._detok.add(accepted))
+            self.stream.put(TokenEvent(accepted, text, t))
+            if stopped:
+                reason = "stop"
         if reason:
             self.finish(reason)
 
@@ -145,9 +155,10 @@ class Sequence:
             return
         self.finished = True
         self.metrics.finish_reason = reason
-        if tail := self._detok.flush():
+        if not self._stops.stopped and (tail := self._stops.flush(self._detok.flush())):
             self.stream.put(TokenEvent([], tail, time.monotonic()))
-        self.stream.put(_DONE)
+        self.stream.end()
+        self._notify()
 
     def fail(self, error: Exception) -> None:
         if self.finished:
@@ -155,3 +166,40 @@ class Sequence:
         self.finished = True
         self.metrics.finish_reason = "error"
         self.stream.put(EngineError(f"request {self.stream.request.id} failed: {type(error).__name__}: {error}"))
+        self._notify()
+
+    def _notify(self) -> None:
+        if self.on_finish is not None:
+            self.on_finish(self.metrics)
+
+
+class StopStrings:
+    """Cuts generated text before the first stop string. Text that could still turn out to begin one is held
+    back until it can't (or the output ends), so no part of a stop string ever reaches the reader."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.held = ""
+        self.stopped = False
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """(text that may be released now, whether a stop string was found)."""
+        if not self.stops or self.stopped:
+            return ("" if self.stopped else delta), self.stopped
+        text = self.held + delta
+        # the stop string that ends first wins (the longer one on a tie), as if the text came a character at a time
+        hits = [(i + len(s), i) for s in self.stops if (i := text.find(s)) >= 0]
+        if hits:
+            self.held, self.stopped = "", True
+            return text[: min(hits)[1]], True
+        keep = max((n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[: len(text) - keep], False
+
+    def flush(self, delta: str) -> str:
+        """The rest, once the output has ended without a stop string."""
+        text, stopped = self.feed(delta)
+        if stopped:
+            return text
+        text, self.held = text + self.held, ""
+        return text

@@ -90,6 +90,16 @@ class ModelDrafter:
         return tokens, (torch.stack(probs) if probs else None)
 
 
+def accept_greedy(drafts: list[int], best: list[int]) -> list[int]:
+    """Greedy verification: the drafts that match the target's argmax, then the target's next token."""
+    out = []
+    for d, b in zip(drafts, best):
+        if d != b:
+            break
+        out.append(d)
+    return out + [best[len(out)]]
+
+
 def verify(drafts: list[int], draft_probs: Tensor | None, target_logits: Tensor, params: SamplingParams,
            generator: torch.Generator | None) -> list[int]:
     """Tokens to emit: the accepted drafts plus one correction or bonus token.
@@ -97,13 +107,7 @@ def verify(drafts: list[int], draft_probs: Tensor | None, target_logits: Tensor,
     target_logits: [len(drafts) + 1, V], row i = the target's distribution after the i-th draft prefix.
     """
     if params.greedy:
-        best = target_logits.argmax(dim=-1).tolist()
-        out = []
-        for d, b in zip(drafts, best):
-            if d != b:
-                break
-            out.append(d)
-        return out + [best[len(out)]]
+        return accept_greedy(drafts, target_logits.argmax(dim=-1).tolist())
     p = probabilities(target_logits, params)
     out = []
     for i, d in enumerate(drafts):

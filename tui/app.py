@@ -13,7 +13,7 @@ from textual import work
 from textual.app import App
 from textual.binding import Binding
 
-from tui.backend import LocalBackend, Options, RemoteBackend
+from tui.backend import Backend, Options
 from tui.dashboard import DashboardScreen
 from tui.messages import Loaded, LoadProgress
 from tui.screens import HelpScreen, LoadingScreen
@@ -26,11 +26,11 @@ class TradeoffApp(App):
     BINDINGS = [Binding("q", "quit", "quit"), Binding("question_mark", "help", "help")]
     SCREENS = {"help": HelpScreen}  # made once, on first use, and reused
 
-    def __init__(self, options: Options | None = None, backend: LocalBackend | RemoteBackend | None = None) -> None:
+    def __init__(self, options: Options | None = None, backend: Backend | None = None) -> None:
         super().__init__()
         self.options = options = options or Options()
         if backend is None:
-            backend = RemoteBackend(options) if options.connect else LocalBackend(options)
+            backend = Backend(options)
         self.backend = backend
         self.link = VoiceLink(self._to_dashboard, url=options.connect, asr=options.asr)
         self.dashboard = DashboardScreen(backend, self.link)

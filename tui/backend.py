@@ -1,5 +1,5 @@
-"""What the dashboard drives: the engine and its synthetic users in this process, their controls, and
-samples of their metrics. (The voice loop is tui/voice_link.py.)
+"""What the dashboard drives: the engine (in this process, or a remote one: --backend, --connect), the synthetic
+users, their controls, and samples of their metrics. (The voice loop is tui/voice_link.py.)
 
 Every method that may block (start-up, `sample`, `close`) is called from a worker thread, never from the
 UI thread; the controls only queue a message for the engine's worker (mode, policy, speculation) or make a
@@ -8,17 +8,22 @@ short round trip to the load generator's loop, behind a lock so presses apply in
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from engine import Engine
 from engine.gguf_convert import converted_folder
+from engine.loader import load_tokenizer
 from engine.loadgen import LoadGenerator
 from engine.registry import DEFAULT_MODEL, REGISTRY, cache_dir, local_file
+from engine.remote import RemoteEngine
 from tui.model import RECENT_S, USER_LEVELS, Sample
 
 Progress = Callable[[int, int, str], None]  # (stage, stages, line of output)
@@ -38,6 +43,9 @@ class Options:
     users: int = 0  # synthetic users at start
     caller: bool | None = None  # the simulated caller; None = on when there is no microphone
     connect: str | None = None  # attach to a running `tradeoff serve` at this URL instead
+    backend: str | None = None  # an OpenAI-compatible server to run the LLM on (openai://HOST:PORT/v1)
+    api_key_env: str = "OPENAI_API_KEY"  # where the backend's key is
+    backend_model: str | None = None
 
 
 def needs_fetch(model: str) -> bool:
@@ -48,10 +56,19 @@ def needs_fetch(model: str) -> bool:
     return path is None or not (converted_folder(path, cache_dir()) / "config.json").is_file()
 
 
-class LocalBackend:
-    """The engine, and the synthetic users as a closed-loop load generator, both in this process.
+def api_url(realtime: str) -> str:
+    """ws://HOST:PORT[/v1/realtime] -> http://HOST:PORT/v1: where a `tradeoff serve` has its HTTP API."""
+    parts = urlsplit(realtime)
+    return f"{'https' if parts.scheme == 'wss' else 'http'}://{parts.netloc}/v1"
 
-    Given an `engine`, the backend uses it and leaves it open on `close` (tests share one engine)."""
+
+class Backend:
+    """The engine and the synthetic users (a closed-loop load generator in this process).
+
+    The engine runs here, or remotely: with `backend` the LLM runs on that server and every number is measured
+    here, from the streams; with `connect` the whole voice loop runs on a `tradeoff serve`, so the numbers are
+    its engine's own (every client's requests). Given an `engine`, the backend uses it and leaves it open on
+    `close` (tests share one engine)."""
 
     STAGES = 3
 
@@ -64,6 +81,10 @@ class LocalBackend:
         self.started = time.monotonic()
         self.level_start = self.started  # the last change of mode or load: the headline numbers start here
         self._lock = threading.Lock()
+        # controls apply in order on one thread: a remote engine's take a network round trip, which must not
+        # hold the UI; a failure goes to `on_error` (the dashboard shows it)
+        self._controls = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controls")
+        self.on_error: Callable[[str], None] = lambda message: None
         self._fetch: subprocess.Popen | None = None
         self._closed = False
 
@@ -72,22 +93,28 @@ class LocalBackend:
     def start(self, progress: Progress) -> None:
         o = self.options
         if self.engine is None:
-            if needs_fetch(o.model):
+            if needs_fetch(o.model):  # a remote engine still sizes the synthetic prompts with its tokenizer
                 self._fetch_model(progress)
-            progress(2, self.STAGES, f"loading {o.model} ...")
             # every synthetic user on the ladder may wait at once, with room for the real user: the load alone
             # never gets requests refused
-            engine = Engine(o.model, device=o.device, quant=o.quant, spec=o.spec, draft=o.draft,
-                            max_waiting=USER_LEVELS[-1] + 8)
+            max_waiting = USER_LEVELS[-1] + 8
+            if o.backend or o.connect:
+                url = o.backend or api_url(o.connect)
+                progress(2, self.STAGES, f"connecting to {url} ...")
+                engine = RemoteEngine(url, api_key=os.environ.get(o.api_key_env), model=o.backend_model,
+                                      tokenizer=load_tokenizer(o.model), max_waiting=max_waiting)
+            else:
+                progress(2, self.STAGES, f"loading {o.model} ...")
+                engine = Engine(o.model, device=o.device, quant=o.quant, spec=o.spec, draft=o.draft, max_waiting=max_waiting)
             if self._closed:  # quit while loading
                 engine.close()
                 return
             self.engine = engine
         engine = self.engine
-        progress(2, self.STAGES, f"{engine.name} on {engine.device}: latency mode {engine.dtype} "
-                 f"({engine.quant} weights), batched mode {engine.batched_dtype}; speculation {engine.spec}")
+        progress(2, self.STAGES, engine.describe())
         progress(3, self.STAGES, "starting synthetic users ...")
-        engine.set_mode(o.mode)
+        if not o.connect:  # attached to a server, the dashboard takes the mode it is in
+            engine.set_mode(o.mode)
         self.loadgen = LoadGenerator(engine)
         self.loadgen.start_closed(o.users)
         self.users = o.users
@@ -114,6 +141,7 @@ class LocalBackend:
     def close(self) -> None:
         """Stop the synthetic users and, if this backend made it, the engine. Safe to call twice."""
         self._closed = True
+        self._controls.shutdown(wait=True)
         if self._fetch is not None and self._fetch.poll() is None:
             self._fetch.kill()
             self._fetch.wait()
@@ -131,8 +159,14 @@ class LocalBackend:
             return None
         now = time.monotonic()
         level_start = self.level_start
-        level = engine.metrics_snapshot(since=level_start)
-        recent = engine.stats.snapshot(now, since=now - RECENT_S)
+        if self.options.connect:  # the server's own numbers: they include the voice loop running there
+            level = engine.server_snapshot(since_s=now - level_start)
+            recent = engine.server_snapshot(since_s=RECENT_S)
+            if level is None or recent is None:
+                return None
+        else:
+            level = engine.metrics_snapshot(since=level_start)
+            recent = engine.stats.snapshot(now, since=now - RECENT_S)
         return Sample.from_snapshots(now - self.started, level, recent, self.users, now - level_start)
 
     # ---- controls ----------------------------------------------------------------------------
@@ -142,15 +176,22 @@ class LocalBackend:
         return self.engine is not None and self.engine.spec != "off"
 
     def set_mode(self, mode: str) -> None:
-        self.engine.set_mode(mode)
-        self._changed()
+        self._control(self.engine.set_mode, mode)
 
     def set_speculation(self, on: bool) -> None:
-        self.engine.set_speculation(on)
-        self._changed()
+        self._control(self.engine.set_speculation, on)
 
     def set_chunked_prefill(self, on: bool) -> None:
-        self.engine.set_policy(chunked_prefill=on)
+        self._control(lambda: self.engine.set_policy(chunked_prefill=on))
+
+    def _control(self, fn: Callable, *args) -> None:
+        def apply() -> None:
+            try:
+                fn(*args)
+            except Exception as e:
+                self.on_error(f"{type(e).__name__}: {e}")
+
+        self._controls.submit(apply)
         self._changed()
 
     def set_users(self, users: int) -> None:
@@ -164,25 +205,3 @@ class LocalBackend:
 
     def _changed(self) -> None:
         self.level_start = time.monotonic()
-
-
-class RemoteBackend:
-    """Attached to a running `tradeoff serve` (--connect): the engine is the server's, so there is nothing to
-    load here and no engine control. The conversation panels work as in-process; the engine panels stay
-    empty, because the server does not stream its engine metrics (yet)."""
-
-    STAGES = 1
-    engine = None
-    can_speculate = False
-
-    def __init__(self, options: Options):
-        self.options = options
-
-    def start(self, progress: Progress) -> None:
-        progress(1, self.STAGES, f"attaching to {self.options.connect} ...")
-
-    def sample(self) -> Sample | None:
-        return None
-
-    def close(self) -> None:
-        pass

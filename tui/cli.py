@@ -10,6 +10,7 @@ import engine.cli
 import voice.cli
 from engine.engine import ContextLengthError, OverloadedError
 from engine.loader import ModelLoadError
+from engine.remote import RemoteError
 from tui import launch
 
 
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "func", None):
             return launch.main(args)
         return args.func(args)
-    except (ModelLoadError, ContextLengthError, OverloadedError, ValueError) as e:
+    except (ModelLoadError, RemoteError, ContextLengthError, OverloadedError, ValueError) as e:
         print(f"tradeoff: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -126,6 +126,9 @@ class DashboardScreen(Screen):
         if engine is not None:
             self.speculation = self.backend.can_speculate
             self.chunked_prefill = engine.policy.chunked_prefill
+            if self.backend.options.connect:
+                self.mode = engine.mode  # the server's
+        self.backend.on_error = lambda text: self.app.call_from_thread(self.notify, text, severity="error")
         self._sampler = self.sample_forever()
 
     def start_voice(self, engine, caller: bool | None, on_ready) -> None:
@@ -216,7 +219,7 @@ class DashboardScreen(Screen):
 
     def _has_engine(self) -> bool:
         if self.backend.engine is None:
-            self.notify("attached to a remote server: the engine is controlled there", severity="warning")
+            self.notify("the engine is still starting", severity="warning")
             return False
         return True
 
@@ -240,7 +243,7 @@ class DashboardScreen(Screen):
         if not self._has_engine():
             return
         if not self.backend.can_speculate:
-            self.notify("speculation is off for this run (--spec off)", severity="warning")
+            self.notify("speculation is off for this run (--spec off, or a --backend that is not tradeoff)", severity="warning")
             return
         self.speculation = not self.speculation
         self.backend.set_speculation(self.speculation)

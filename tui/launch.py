@@ -14,7 +14,8 @@ from tui.backend import Options
 def add_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("dashboard (`tradeoff` with no command)")
     g.add_argument("--connect", metavar="URL", default=None,
-                   help="attach to a running `tradeoff serve` (ws://HOST:PORT) instead of running the engine here")
+                   help="attach to a running `tradeoff serve` (ws://HOST:PORT): its voice loop, its engine's numbers "
+                        "and controls; synthetic users are sent from here")
     g.add_argument("--users", type=int, default=0, help="synthetic users at start (default: %(default)s)")
     g.add_argument("--batched", action="store_true", help="start in batched mode (default: latency mode)")
     caller = g.add_mutually_exclusive_group()
@@ -29,9 +30,13 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def options_from(args: argparse.Namespace) -> Options:
     if args.users < 0:
         raise ValueError(f"--users must be >= 0, got {args.users}")
+    if args.connect and args.backend:
+        raise ValueError("--connect attaches to a whole running server; --backend points this one's LLM elsewhere: "
+                         "give one of them")
     return Options(model=args.model, device=args.device, quant=args.quant, spec=args.spec, draft=args.draft,
                    asr=args.asr, mode="batched" if args.batched else "latency", users=args.users, caller=args.caller,
-                   connect=args.connect)
+                   connect=args.connect, backend=args.backend, api_key_env=args.api_key_env,
+                   backend_model=args.backend_model)
 
 
 def main(args: argparse.Namespace) -> int:

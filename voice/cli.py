@@ -13,12 +13,16 @@ from voice.server import PATH
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     from engine.cli import add_model_args
 
-    p = sub.add_parser("serve", help="run the realtime voice server (OpenAI Realtime protocol over WebSocket)",
+    p = sub.add_parser("serve", help="run the server: realtime voice (WebSocket) and the OpenAI HTTP API on one port",
                        description=f"Serve ws://HOST:PORT{PATH}: VAD -> ASR -> engine -> TTS with barge-in, "
-                       "speaking the OpenAI Realtime API (GA events), so stock clients can talk to it.")
+                       "speaking the OpenAI Realtime API (GA events), so stock clients can talk to it; on the same "
+                       "port, the OpenAI HTTP API (http://HOST:PORT/v1: chat/completions, completions, models), "
+                       "/health, Prometheus /metrics and the browser client at /. With --backend, the model runs "
+                       "on another OpenAI-compatible server and this one measures it.")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s; others need --token)")
     p.add_argument("--port", type=int, default=8765, help="port (default: %(default)s)")
-    p.add_argument("--token", default=None, help="require 'Authorization: Bearer TOKEN' on the handshake")
+    p.add_argument("--token", default=None,
+                   help="require 'Authorization: Bearer TOKEN' on the WebSocket handshake and on /v1 HTTP calls")
     p.add_argument("--asr", default="whisper", choices=("whisper", "pocketsphinx"),
                    help="default speech recognizer (default: %(default)s; a session may pick the other)")
     p.add_argument("--tts", default="espeak", choices=("espeak", "piper"), help="speech synthesizer (default: %(default)s)")
@@ -52,30 +56,46 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
-    from dataclasses import replace
 
-    from engine import Engine
-    from voice.protocol import SessionConfig, TurnDetection
-    from voice.server import VoiceServer, is_loopback, make_services, run_server
-    from voice.tts import make_tts
+    from voice.server import is_loopback
 
     if not is_loopback(args.host) and not args.token:
         raise ValueError(f"--host {args.host} exposes the server beyond this machine: pass --token as well")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    engine = Engine(args.model, device=args.device)
-    defaults = replace(SessionConfig(), transcription_model=args.asr, temperature=args.temperature,
-                       turn_detection=TurnDetection(silence_duration_ms=args.silence_ms))
-    services = make_services(engine, make_tts(args.tts, args.piper_model), asr=args.asr, defaults=defaults,
-                             max_output_tokens=args.max_tokens, max_buffer_s=args.max_buffer_s, lead_ms=args.lead_ms,
-                             first_words=args.first_words)
-    server = VoiceServer(services, args.host, args.port, args.token, max_message_bytes=args.max_message_kb * 1024)
-    print(f"tradeoff serve: {engine.name} on {engine.device}, ASR {args.asr}, TTS {args.tts}; "
-          f"listening on {server.url}; browser client at http://{args.host}:{args.port}/  (Ctrl-C to stop)",
-          file=sys.stderr)
-    try:
-        asyncio.run(run_server(server))
-    finally:
-        engine.close()
+    return asyncio.run(serve(args))
+
+
+async def serve(args: argparse.Namespace) -> int:
+    """Listen at once (answering 503 while the model loads), then serve until Ctrl-C."""
+    from dataclasses import replace
+
+    from engine.cli import engine_from
+    from voice.protocol import SessionConfig, TurnDetection
+    from voice.server import VoiceServer, make_services
+    from voice.tts import make_tts
+
+    server = VoiceServer(None, args.host, args.port, args.token, max_message_bytes=args.max_message_kb * 1024)
+    engine = None
+    async with server:
+        http = f"http://{args.host}:{server.port}"
+        print(f"tradeoff serve: listening on {http} (loading; /health answers 503 until ready)", file=sys.stderr)
+        try:
+            engine = await asyncio.to_thread(engine_from, args)
+            defaults = replace(SessionConfig(), transcription_model=args.asr, temperature=args.temperature,
+                               turn_detection=TurnDetection(silence_duration_ms=args.silence_ms))
+            services = await asyncio.to_thread(
+                make_services, engine, make_tts(args.tts, args.piper_model), asr=args.asr, defaults=defaults,
+                max_output_tokens=args.max_tokens, max_buffer_s=args.max_buffer_s, lead_ms=args.lead_ms,
+                first_words=args.first_words)
+            server.attach(services)
+            print(f"tradeoff serve: ready. {engine.describe()}; ASR {args.asr}, TTS {args.tts}\n"
+                  f"  realtime voice  {server.url}\n  OpenAI API      {server.http_url}  (chat/completions, "
+                  f"completions, models)\n  browser client  {http}/\n  metrics         {http}/metrics  "
+                  "(Ctrl-C to stop)", file=sys.stderr)
+            await server.serve_forever()
+        finally:
+            if engine is not None:
+                engine.close()
     return 0
 
 

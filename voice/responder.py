@@ -26,7 +26,11 @@ from voice.tts import TTS
 
 FRAME = WIRE_RATE * 20 // 1000  # samples per audio delta (20 ms)
 
-Send = Callable[[dict], Awaitable[None]]
+Send = Callable[[dict], Awaitable[None]]  # raises Disconnected once the client has gone
+
+
+class Disconnected(ConnectionError):
+    """The client went away; nothing more can be sent."""
 
 
 class Response:

@@ -1,11 +1,14 @@
-"""The WebSocket server: ws://HOST:PORT/v1/realtime, one `Session` per connection, all sharing one engine.
+"""The server: one ASGI app on one port, as OpenAI's API is laid out.
 
-Plain HTTP GETs of `/` and the files beside it in voice/web/ get the browser client (static files, no
-token needed: the page itself holds nothing). The handshake is refused with a plain HTTP status on any
-other path (404) or, when a token is set, without `Authorization: Bearer TOKEN` (401). Binding anywhere
-but loopback requires a token. Messages larger than `max_message_bytes` close the connection (WebSocket
-code 1009). When a client goes away its session is closed: generation stops, tasks end, the recognizer's
-worker exits.
+- `ws://HOST:PORT/v1/realtime`: the realtime voice WebSocket, one `Session` per connection, all sharing one engine;
+- `http://HOST:PORT/v1/...`: the OpenAI HTTP API of that engine (engine/openai_api.py), `/health`, `/metrics`;
+- `GET /` and the files beside it in voice/web/: the browser client (static, no token needed: the page holds nothing).
+
+A token, when set, is required as `Authorization: Bearer TOKEN` on the WebSocket handshake (else 401) and on /v1
+HTTP calls; binding anywhere but loopback requires one. Other WebSocket paths get 404. Messages larger than
+`max_message_bytes` close the connection (code 1009). When a client goes away its session is closed: generation
+stops, tasks end, the recognizer's worker exits. Until `attach` gives it an engine, everything answers 503, so a
+server can listen while its model loads. Starlette routes, served by uvicorn.
 """
 
 from __future__ import annotations
@@ -16,17 +19,20 @@ import ipaddress
 import json
 import logging
 from functools import cache
-from http import HTTPStatus
 from pathlib import Path
-from urllib.parse import urlsplit
 
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import FileResponse, PlainTextResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from engine import Engine
+from engine.openai_api import OpenAIAPI
+from engine.remote import RemoteEngine
 from voice.asr import ASR, make_asr
+from voice.responder import Disconnected
 from voice.session import Services, Session
 from voice.tts import TTS
 
@@ -46,7 +52,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def make_services(engine: Engine, tts: TTS, asr: str = "whisper", **options) -> Services:
+def make_services(engine: Engine | RemoteEngine, tts: TTS, asr: str = "whisper", **options) -> Services:
     """Services with `asr` loaded now (so the first turn does not wait for it) and others on first use."""
 
     @cache
@@ -58,28 +64,59 @@ def make_services(engine: Engine, tts: TTS, asr: str = "whisper", **options) -> 
 
 
 class VoiceServer:
-    def __init__(self, services: Services, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
+    def __init__(self, services: Services | None, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
                  max_message_bytes: int = 1 << 20):
         if not is_loopback(host) and not token:
             raise ValueError(f"binding {host} exposes the server beyond this machine: pass --token to require one")
-        self.services, self.host, self.port, self.token = services, host, port, token
+        self.host, self.port, self.token = host, port, token
         self.max_message_bytes = max_message_bytes
+        self.services: Services | None = None
+        self.api = OpenAIAPI(token=token)
+        if services is not None:
+            self.attach(services)
         self.sessions: set[Session] = set()
-        self._server: Server | None = None
+        self.app = Starlette(routes=[
+            WebSocketRoute(PATH, self._realtime),
+            *self.api.routes,
+            Route("/", web_file),
+            Route("/{name}", web_file),
+            WebSocketRoute("/{path:path}", self._not_found),
+        ])
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task | None = None
+
+    def attach(self, services: Services) -> None:
+        """Start serving with these services (the engine has loaded)."""
+        self.services = services
+        self.api.attach(services.engine)
 
     async def start(self) -> None:
-        self._server = await serve(self._handle, self.host, self.port, process_request=self._check_request,
-                                   max_size=self.max_message_bytes, compression=None)
-        self.port = self._server.sockets[0].getsockname()[1]  # the real port when 0 was asked for
+        config = uvicorn.Config(self.app, host=self.host, port=self.port, ws="websockets-sansio",
+                                ws_max_size=self.max_message_bytes, ws_per_message_deflate=False, lifespan="off",
+                                log_level="warning", timeout_graceful_shutdown=2)
+        self._server = uvicorn.Server(config)
+        self._task = asyncio.create_task(self._server.serve())
+        while not self._server.started:
+            if self._task.done():  # e.g. the port is taken
+                self._task.result()
+                raise OSError(f"could not listen on {self.host}:{self.port}")
+            await asyncio.sleep(0.01)
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]  # the real port when 0 was asked for
 
     @property
     def url(self) -> str:
         return f"ws://{self.host}:{self.port}{PATH}"
 
+    @property
+    def http_url(self) -> str:
+        """The OpenAI API's base URL."""
+        return f"http://{self.host}:{self.port}/v1"
+
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            await self._task
+            self._server = self._task = None
 
     async def __aenter__(self) -> VoiceServer:
         await self.start()
@@ -89,48 +126,64 @@ class VoiceServer:
         await self.close()
 
     async def serve_forever(self) -> None:
-        await self._server.serve_forever()
+        await self._task
 
-    def _check_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        path = urlsplit(request.path).path
-        if path.rstrip("/") != PATH:
-            return web_file(path) or connection.respond(HTTPStatus.NOT_FOUND, f"the realtime endpoint is {PATH}\n")
+    # ---- the realtime WebSocket -------------------------------------------------------------
+
+    async def _realtime(self, ws: WebSocket) -> None:
         if self.token is not None:
-            given = request.headers.get("Authorization", "")
+            given = ws.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
-                return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong 'Authorization: Bearer TOKEN'\n")
-        return None
+                await ws.send_denial_response(PlainTextResponse("missing or wrong 'Authorization: Bearer TOKEN'\n", 401))
+                return
+        if self.services is None:
+            await ws.send_denial_response(PlainTextResponse("the model is still loading; retry shortly\n", 503))
+            return
+        await ws.accept()
 
-    async def _handle(self, ws: ServerConnection) -> None:
         async def send(event: dict) -> None:
-            await ws.send(json.dumps(event))
+            try:
+                await ws.send_text(json.dumps(event))
+            except (WebSocketDisconnect, RuntimeError, OSError) as e:  # closed: Starlette and uvicorn say it these ways
+                raise Disconnected(str(e)) from e
 
         session = Session(self.services, send)
         self.sessions.add(session)
         try:
             await session.start()
-            async for message in ws:
-                await session.handle(message)
-        except ConnectionClosed:
+            while (message := await ws.receive())["type"] != "websocket.disconnect":
+                await session.handle(message["text"] if message.get("text") is not None else message.get("bytes") or b"")
+        except (Disconnected, WebSocketDisconnect):
             pass
         finally:
             self.sessions.discard(session)
             await session.close()
 
+    async def _not_found(self, ws: WebSocket) -> None:
+        await ws.send_denial_response(PlainTextResponse(f"the realtime endpoint is {PATH}\n", 404))
 
-def web_file(path: str) -> Response | None:
-    """The browser client's file for an HTTP path (`/` is index.html), or None. Only files directly in WEB."""
-    name = "index.html" if path == "/" else path.removeprefix("/")
+
+async def web_file(request: HTTPRequest) -> Response:
+    """The browser client's file for an HTTP path (`/` is index.html). Only files directly in WEB."""
+    name = request.path_params.get("name", "index.html")
     file = WEB / name
-    if "/" in name or file.suffix not in WEB_TYPES or not file.is_file():
-        return None
-    body = file.read_bytes()
-    headers = Headers({"Content-Type": f"{WEB_TYPES[file.suffix]}; charset=utf-8", "Content-Length": str(len(body)),
-                       "Cache-Control": "no-cache", "Connection": "close"})
-    return Response(HTTPStatus.OK, "OK", headers, body)
+    if file.suffix not in WEB_TYPES or not file.is_file():
+        return PlainTextResponse(f"not found; the realtime endpoint is {PATH} and the HTTP API is under /v1\n", 404)
+    return FileResponse(file, media_type=f"{WEB_TYPES[file.suffix]}; charset=utf-8", headers={"Cache-Control": "no-cache"})
+
+
+class _DenialNoise(logging.Filter):
+    """uvicorn (0.54, websockets-sansio) logs this error after a WebSocket handshake is refused with an HTTP
+    response through the ASGI denial extension, though the response went out correctly."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "returned without completing handshake" not in record.getMessage()
+
+
+logging.getLogger("uvicorn.error").addFilter(_DenialNoise())
 
 
 async def run_server(server: VoiceServer) -> None:
     async with server:
         log.info("listening on %s", server.url)
-        await asyncio.Future()  # until cancelled
+        await server.serve_forever()

@@ -34,7 +34,7 @@ from voice.protocol import (
     parse_client_event,
     server_event,
 )
-from voice.responder import Response, Send
+from voice.responder import Disconnected, Response, Send
 from voice.tts import TTS
 from voice.vad import SileroVAD, VadEvent
 
@@ -107,7 +107,7 @@ class Session:
 
     def _task_done(self, task: asyncio.Task) -> None:
         self.tasks.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None and not _is_disconnect(exc):
+        if not task.cancelled() and (exc := task.exception()) is not None and not isinstance(exc, Disconnected):
             log.error("session task failed", exc_info=exc)
 
     # ---- dispatch ---------------------------------------------------------------------------
@@ -123,7 +123,7 @@ class Session:
                 e.event_id = event["event_id"]  # so the client knows which of its events failed
             await self.send(error_event(e))
         except Exception as e:
-            if _is_disconnect(e):
+            if isinstance(e, Disconnected):
                 raise
             log.exception("error handling a client event")
             await self.send(error_event(ProtocolError("server_error", f"internal error: {type(e).__name__}: {e}"),
@@ -419,9 +419,3 @@ def _split_system(messages: list[dict]) -> tuple[str | None, list[dict]]:
     if messages and messages[0]["role"] == "system":
         return messages[0]["content"], messages[1:]
     return None, messages
-
-
-def _is_disconnect(exc: BaseException) -> bool:
-    from websockets.exceptions import ConnectionClosed
-
-    return isinstance(exc, ConnectionClosed)

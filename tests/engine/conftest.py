@@ -1,5 +1,8 @@
 """Fixtures shared by the engine tests: a tiny random-weight model for tests that need a model but not a good one."""
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -25,3 +28,54 @@ def tiny_loaded(default_model) -> LoadedModel:
         weights |= {p + name + ".weight": torch.randn(*shape, generator=g) * 0.3 for name, shape in shapes.items()}
         weights |= {p + norm + ".weight": torch.ones(TINY.dim) for norm in ("input_layernorm", "post_attention_layernorm")}
     return LoadedModel("tiny-random", TINY, weights, default_model.tokenizer, None)
+
+
+class APIServer:
+    """An ASGI app served by uvicorn on a free loopback port, in a background thread (so sync clients can call it)."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "APIServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the API server did not start"
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/v1"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def api_app(engine, token=None, tradeoff_routes=True):
+    """The OpenAI API over `engine` as an app; without tradeoff's own routes it looks like any OpenAI-compatible server."""
+    from starlette.applications import Starlette
+
+    from engine.openai_api import OpenAIAPI
+
+    api = OpenAIAPI(engine, token=token)
+    routes = [r for r in api.routes if tradeoff_routes or not r.path.startswith("/v1/tradeoff")]
+    return Starlette(routes=routes)
+
+
+@pytest.fixture(scope="session")
+def served_engine(default_model):
+    """One engine behind the HTTP API tests (the API's and the remote backend's)."""
+    from engine import Engine
+
+    e = Engine(default_model)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="session")
+def api_server(served_engine):
+    with APIServer(api_app(served_engine)) as s:
+        yield s

@@ -7,9 +7,10 @@ import os
 import threading
 from pathlib import Path
 
+from engine.remote import RemoteEngine
 from tests.tui.conftest import wait_for
 from tui.app import TradeoffApp
-from tui.backend import LocalBackend, Options
+from tui.backend import Backend, Options
 from tui.model import format_ms
 from tui.screens import MessagePrompt
 from tui.widgets.headline import Headline
@@ -34,7 +35,7 @@ def child_processes() -> list[int]:
 def app_on(engine, **options) -> TradeoffApp:
     """The dashboard on the shared engine, without the simulated caller unless asked."""
     opts = Options(**{"caller": False, **options})
-    return TradeoffApp(opts, backend=LocalBackend(opts, engine=engine))
+    return TradeoffApp(opts, backend=Backend(opts, engine=engine))
 
 
 async def test_starts_with_the_default_model_and_the_caller_the_numbers_update_and_q_quits_cleanly():
@@ -139,17 +140,22 @@ async def test_connect_attaches_to_a_running_server(engine):
         app = TradeoffApp(Options(connect=host_port, caller=False))
         async with app.run_test(size=SIZE) as pilot:
             await wait_for(pilot, lambda: app.ready, 60, "start-up")
-            assert app.backend.engine is None
+            assert isinstance(app.backend.engine, RemoteEngine) and app.backend.engine.tradeoff
             await wait_for(pilot, lambda: len(server.sessions) == 1, 10, "the dashboard's session on the server")
             mode = engine.mode
-            await pilot.press("b")  # the engine is the server's: the key says so and changes nothing
-            assert engine.mode == mode
+            await pilot.press("b")  # the engine is the server's: the key switches it there
+            await wait_for(pilot, lambda: engine.mode != mode, 10, "the server's mode to change")
+            await pilot.press("b")
+            await wait_for(pilot, lambda: engine.mode == mode, 10, "the server's mode to change back")
             await pilot.press("slash")
             await wait_for(pilot, lambda: isinstance(app.screen, MessagePrompt), 5, "the message prompt")
             await pilot.press(*"Hello", "enter")
             transcript = app.dashboard.query_one(Transcript)
             await wait_for(pilot, lambda: any(e.role == "bot" and e.status == "completed" for e in transcript.entries),
                            60, "the server's reply")
+            # the engine panels show the server's own numbers, which include the reply it just made
+            await wait_for(pilot, lambda: app.dashboard.sample is not None and app.dashboard.sample.finished >= 1, 10,
+                           "the server's numbers")
             await pilot.press("q")
             await wait_for(pilot, lambda: not app.is_running, 30, "the app to exit")
         for _ in range(100):  # the client went away: the server ends its session

@@ -42,17 +42,20 @@ def chromium() -> str:
     return path
 
 
-def test_page_and_its_files_are_served():
+async def test_page_and_its_files_are_served(server):
     """GET / and the page's files come from the package's voice/web folder; nothing else does."""
-    from voice.server import WEB, web_file
+    import httpx
 
-    for path, name in (("/", "index.html"), ("/app.js", "app.js"), ("/capture-worklet.js", "capture-worklet.js")):
-        response = web_file(path)
-        assert response is not None and response.status_code == 200
-        assert response.body == (WEB / name).read_bytes()
-    assert web_file("/app.js").headers["Content-Type"].startswith("text/javascript")
-    for path in ("/../server.py", "/%2e%2e/server.py", "/nope.js", "/web/app.js", "/__init__.py"):
-        assert web_file(path) is None, path
+    from voice.server import WEB
+
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as http:
+        for path, name in (("/", "index.html"), ("/app.js", "app.js"), ("/capture-worklet.js", "capture-worklet.js")):
+            response = await http.get(path)
+            assert response.status_code == 200
+            assert response.content == (WEB / name).read_bytes()
+        assert (await http.get("/app.js")).headers["Content-Type"].startswith("text/javascript")
+        for path in ("/../server.py", "/%2e%2e/server.py", "/nope.js", "/web/app.js", "/__init__.py", "/server.py"):
+            assert (await http.get(path)).status_code == 404, path
 
 
 async def test_served_over_http_on_the_realtime_port(server):

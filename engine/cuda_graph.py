@@ -1,0 +1,186 @@
+"""CUDA graphs for latency mode's target step (batch 1, static KV cache), and token choice on the device.
+
+A captured graph replays fixed kernels on fixed buffers, so the step it captures may hold no Python int that
+changes from step to step. `GraphAttention` is the static cache's attention written that way: the new k/v go in
+with index_copy_ at a device tensor of positions, and the queries attend over a fixed window of the cache through
+a mask built from the same positions. `DecodeGraphs` captures one graph per (rows, window) bucket on first use:
+rows is 1 for a plain decode step or the k + 1 of a speculative verification, padded up to a power of two; the
+window is the next power of two from `MIN_WINDOW` that holds the sequence, so a step reads at most twice the keys
+it needs. Padding rows come after the real ones, so the causal mask hides them from the real rows; their k/v land
+past the cache's length, where later steps overwrite them.
+
+Nothing in the step syncs with the host: greedy argmax runs inside the graph, sampled tokens are drawn on the
+device (`verify_on_device`), and each step reads back its tokens once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from engine.kv_cache import StaticKVCache
+from engine.model import Transformer
+from engine.sampling import SamplingParams, probabilities
+from engine.speculative import accept_greedy
+
+MIN_WINDOW = 256  # keys attended by the smallest window; small enough that short chats read little padding
+
+StepOutput = tuple[Tensor, Tensor]  # logits [rows, V] (float32) and their argmax [rows]
+
+
+def bucket(n: int) -> int:
+    """The next power of two >= n."""
+    return 1 << (n - 1).bit_length()
+
+
+class GraphAttention:
+    """Attention over a `StaticKVCache`'s storage for the new tokens at `positions` (a device tensor), over its
+    first `window` positions. Same maths as `StaticKVCache.attend`, without Python ints that change per step."""
+
+    def __init__(self, cache: StaticKVCache, window: int):
+        self.cache = cache
+        self.window = window
+        self._keys = torch.arange(window, device=cache.k.device)
+        self.positions: Tensor | None = None
+        self._hidden: Tensor | None = None
+
+    def set_positions(self, positions: Tensor) -> None:
+        """positions [T]: where the step's tokens go; token i sees keys 0..positions[i]."""
+        self.positions = positions
+        self._hidden = self._keys > positions[:, None]  # [T, window], built once per step for every layer
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        T, H, D = q.shape
+        KV = k.shape[1]
+        k_cache, v_cache = self.cache.k[layer, 0], self.cache.v[layer, 0]  # [KV, max_seq_len, D]
+        k_cache.index_copy_(1, self.positions, k.transpose(0, 1))
+        v_cache.index_copy_(1, self.positions, v.transpose(0, 1))
+        keys, values = k_cache[:, : self.window], v_cache[:, : self.window]
+        # GQA as batched matmuls per KV head over the G query heads sharing it, for every new token: [KV, G * T, D]
+        scores = torch.bmm(q.transpose(0, 1).reshape(KV, H // KV * T, D), keys.transpose(1, 2)).mul_(D**-0.5)
+        scores = scores.view(KV, H // KV, T, self.window).masked_fill_(self._hidden, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+        out = torch.bmm(probs.view(KV, H // KV * T, self.window), values)  # [KV, G * T, D] = [H, T, D]
+        return out.view(H, T, D).transpose(0, 1).reshape(T, H * D)
+
+
+class StaticStep:
+    """The target step for `rows` tokens, reading its inputs from `inputs` = [first position, token ids...]."""
+
+    def __init__(self, model: Transformer, cache: StaticKVCache, inputs: Tensor, rows: int, window: int):
+        self.model = model
+        self.inputs = inputs
+        self.rows = rows
+        self.attention = GraphAttention(cache, window)
+        self._offsets = torch.arange(rows, device=inputs.device)
+
+    @torch.inference_mode()
+    def __call__(self) -> StepOutput:
+        positions = self.inputs[0] + self._offsets
+        self.attention.set_positions(positions)
+        logits = self.model.logits(self.model(self.inputs[1 : 1 + self.rows], positions, self.attention))
+        return logits, logits.argmax(dim=-1)
+
+
+class DecodeGraphs:
+    """Latency mode's decode/verify steps of up to `max_rows` tokens, replayed from CUDA graphs.
+
+    The cache's prefill stays eager (`StaticKVCache.attend`) and writes the same storage the graphs read.
+    capture=False runs the same static step eagerly (the CPU tests check it against the eager path).
+    """
+
+    def __init__(self, model: Transformer, cache: StaticKVCache, max_rows: int, capture: bool = True):
+        self.model = model
+        self.cache = cache
+        self.max_rows = bucket(max_rows)
+        self.capture = capture
+        self.inputs = torch.zeros(1 + self.max_rows, dtype=torch.long, device=cache.k.device)
+        self._steps: dict[tuple[int, int], Callable[[], StepOutput]] = {}
+        self._pool = torch.cuda.graph_pool_handle() if capture else None  # one memory pool shared by every graph
+
+    def fits(self, n: int) -> bool:
+        """Can a step of `n` tokens run here (else the caller runs it eagerly)?"""
+        return n <= self.max_rows and self.cache.length + bucket(n) <= self.cache.max_seq_len
+
+    def ready(self, n: int) -> bool:
+        """Is the graph for a step of `n` tokens captured already (else `run` captures it first, which takes longer)?"""
+        return self._shape(n) in self._steps
+
+    def run(self, ids: list[int]) -> StepOutput:
+        """Run `ids` after the cached tokens (extending the cache by them); logits [len(ids), V] and their argmax."""
+        n = len(ids)
+        shape = self._shape(n)
+        # One host-to-device copy per step; padding rows keep earlier (valid) ids. non_blocking: a pageable source is
+        # staged at once, so this does not wait for the device.
+        self.inputs[: 1 + n].copy_(torch.tensor([self.cache.length, *ids]), non_blocking=True)
+        self.cache.record(ids)
+        step = self._steps.get(shape) or self._build(*shape)
+        logits, best = step()
+        return logits[:n], best[:n]
+
+    def _shape(self, n: int) -> tuple[int, int]:
+        """(rows, window) of the graph for `n` tokens after the cached ones."""
+        rows = bucket(n)
+        return rows, min(max(MIN_WINDOW, bucket(self.cache.length + rows)), self.cache.max_seq_len)
+
+    def _build(self, rows: int, window: int) -> Callable[[], StepOutput]:
+        step = StaticStep(self.model, self.cache, self.inputs, rows, window)
+        if self.capture:
+            step = self._capture(step)
+        self._steps[rows, window] = step
+        return step
+
+    def _capture(self, step: StaticStep) -> Callable[[], StepOutput]:
+        # Warm up on a side stream first (cuBLAS workspaces, lazy initialisation), as torch's graph docs ask. The
+        # inputs already hold this step's tokens, so the warm-up writes the same k/v the replay will write.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: CUDA work on other threads (another engine, the voice server) must not break the capture
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            out = step()
+
+        def replay() -> StepOutput:
+            graph.replay()
+            return out
+
+        return replay
+
+
+def verify_on_device(drafts: list[int], draft_probs: Tensor | None, logits: Tensor, params: SamplingParams,
+                     generator: torch.Generator | None, best: Tensor | None = None) -> list[int]:
+    """`engine.speculative.verify` for logits on the device, with a single readback (no drafts: plain sampling).
+
+    Same rule and so the same distribution: draft i is accepted when u_i * q_i(d_i) < p_i(d_i); the first rejected
+    one is replaced by a draw from max(0, p - q) renormalised, and if all are accepted a bonus token comes from the
+    last row. The draw is by inverse CDF from a uniform, and the uniforms come from the request's own generator
+    (a CPU one: torch cannot draw on CUDA tensors with it), so seeded requests stay reproducible.
+    best: the logits' argmax when the caller has it already (the CUDA graph computes it).
+    """
+    if params.greedy:
+        return accept_greedy(drafts, (logits.argmax(dim=-1) if best is None else best).tolist())
+    dev = logits.device
+    k, V = len(drafts), logits.shape[-1]
+    p = probabilities(logits, params)  # [k + 1, V]
+    u = torch.rand(k + 1, generator=generator).to(dev, non_blocking=True)  # k acceptance tests, then one draw
+    d = torch.tensor(drafts, dtype=torch.long, device=dev)
+    q = F.one_hot(d, V).to(p.dtype) if draft_probs is None else draft_probs.to(dev, p.dtype)  # prompt lookup: one-hot
+    rows = torch.arange(k, device=dev)
+    n = (u[:k] * q[rows, d] < p[rows, d]).long().cumprod(0).sum().view(1)  # drafts accepted before the first rejection
+    # row n of this is where the draw comes from: the residual after the rejected draft, or the bonus row
+    dists = torch.cat([(p[:k] - q).clamp_(min=0), p[k:]])
+    dist = dists.index_select(0, n)[0]  # a device index: no host sync
+    total = dist.sum()
+    dist = torch.where(total > 0, dist / total, p.index_select(0, n)[0])  # total 0 only if p == q: then rejection had p 0
+    cdf = dist.cumsum(0)
+    # right=True: the first token whose cdf exceeds the draw, so a zero-probability token is never drawn, even at u = 0
+    token = torch.searchsorted(cdf, u[k:] * cdf[-1], right=True).clamp_(max=V - 1)
+    accepted, tok = torch.cat([n, token]).tolist()
+    return drafts[:accepted] + [tok]

@@ -1,0 +1,404 @@
+"""The OpenAI-compatible HTTP API over an engine (in-process, or remote: engine/remote.py).
+
+`/v1/chat/completions` and `/v1/completions` (streamed as server-sent events or whole), `/v1/models`, `/health`,
+`/metrics` (Prometheus text), and tradeoff's own `/v1/tradeoff/metrics` (the live numbers the dashboard shows)
+and `/v1/tradeoff/control` (mode, speculation, batching policy). These are Starlette routes only: the voice server
+mounts them beside the realtime WebSocket, so one port serves both, as OpenAI's API does.
+
+Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, and status: 400 bad request,
+401 missing key, 404 unknown model, 429 overloaded, 503 still loading. A request is admitted before any byte of
+the response is sent, so an overloaded engine answers 429 even to a streaming request. A client that
+disconnects, while waiting or while streaming, cancels its request at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from engine.engine import ContextLengthError, Engine, OverloadedError
+from engine.prometheus import EngineMetrics
+from engine.remote import RemoteEngine
+from engine.sampling import SamplingParams
+from engine.sequence import Request, Stream, TokenEvent
+
+Backend = Engine | RemoteEngine
+MAX_STOP = 4  # OpenAI's limit on stop sequences
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before its answer was ready."""
+
+
+@dataclass
+class Call:
+    """One parsed completion call."""
+
+    request: Request
+    stream: bool
+    include_usage: bool
+    chat: bool
+
+
+class OpenAIAPI:
+    """The routes over `engine`, which may be set later (`attach`): until then they answer 503."""
+
+    def __init__(self, engine: Backend | None = None, token: str | None = None):
+        self.token = token
+        self.engine: Backend | None = None
+        self.metrics: EngineMetrics | None = None
+        if engine is not None:
+            self.attach(engine)
+        self.routes = [
+            Route("/health", self.health),
+            Route("/metrics", self.prometheus),
+            Route("/v1/models", self.guarded(self.models)),
+            Route("/v1/chat/completions", self.guarded(self.chat_completions), methods=["POST"]),
+            Route("/v1/completions", self.guarded(self.completions), methods=["POST"]),
+            Route("/v1/tradeoff/metrics", self.guarded(self.engine_metrics)),
+            Route("/v1/tradeoff/control", self.guarded(self.control), methods=["POST"]),
+        ]
+
+    def attach(self, engine: Backend) -> None:
+        self.engine = engine
+        self.metrics = EngineMetrics(engine)
+
+    def guarded(self, endpoint: Callable) -> Callable:
+        """The key check, the loading check and the error shape, around an endpoint."""
+
+        async def run(request: HTTPRequest) -> Response:
+            try:
+                if self.token is not None:
+                    given = request.headers.get("authorization", "")
+                    if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+                        raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                       code="invalid_api_key")
+                if self.engine is None:
+                    raise APIError(503, "the model is still loading; retry shortly", "service_unavailable")
+                return await endpoint(request, self.engine)
+            except APIError as e:
+                return e.response()
+            except ClientGone:
+                return Response(status_code=499)  # nobody reads it; the request was cancelled
+
+        return run
+
+    # ---- plain endpoints --------------------------------------------------------------------
+
+    async def health(self, request: HTTPRequest) -> Response:
+        if self.engine is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ok", "model": self.engine.name})
+
+    async def prometheus(self, request: HTTPRequest) -> Response:
+        if self.metrics is None:
+            return PlainTextResponse("# the model is still loading\n", status_code=503)
+        body, content_type = await asyncio.to_thread(self.metrics.render)  # a remote engine's gauges take a round trip
+        return Response(body, media_type=content_type)
+
+    async def models(self, request: HTTPRequest, engine: Backend) -> Response:
+        return JSONResponse({"object": "list", "data": [
+            {"id": engine.name, "object": "model", "created": 0, "owned_by": "tradeoff", "max_model_len": engine.max_seq_len},
+        ]})
+
+    async def engine_metrics(self, request: HTTPRequest, engine: Backend) -> Response:
+        """`engine.metrics_snapshot()`; `?since_s=S` starts its window S seconds ago (as the dashboard asks)."""
+        try:
+            since_s = float(request.query_params.get("since_s", "inf"))
+        except ValueError:
+            raise APIError(400, "since_s must be a number of seconds", param="since_s") from None
+        since = time.monotonic() - since_s if since_s != float("inf") else None
+        snapshot = await asyncio.to_thread(engine.metrics_snapshot, since)
+        return JSONResponse({**snapshot, "model": engine.name, "can_speculate": engine.spec != "off"})
+
+    async def control(self, request: HTTPRequest, engine: Backend) -> Response:
+        """{"mode": "latency"|"batched", "speculation": bool, "chunked_prefill": bool, "max_batch_size": int}, any subset."""
+        body = await json_body(request)
+        checks = {"mode": str, "speculation": bool, "chunked_prefill": bool, "max_batch_size": int}
+        for name, value in body.items():
+            if name not in checks or not isinstance(value, checks[name]):
+                raise APIError(400, f"'{name}' is not a control here (controls: {', '.join(checks)}) or has the wrong type",
+                               param=name)
+
+        def apply() -> None:  # on a thread: a remote engine's controls take a round trip
+            if "mode" in body:
+                engine.set_mode(body["mode"])
+            if "speculation" in body:
+                engine.set_speculation(body["speculation"])
+            if "chunked_prefill" in body or "max_batch_size" in body:
+                engine.set_policy(chunked_prefill=body.get("chunked_prefill"), max_batch_size=body.get("max_batch_size"))
+
+        try:
+            await asyncio.to_thread(apply)
+        except (ValueError, RuntimeError) as e:
+            raise APIError(400, str(e)) from None
+        return JSONResponse({"ok": True, "applied": body})
+
+    # ---- completions ------------------------------------------------------------------------
+
+    async def chat_completions(self, request: HTTPRequest, engine: Backend) -> Response:
+        return await self.complete(request, parse_call(await json_body(request), engine, chat=True))
+
+    async def completions(self, request: HTTPRequest, engine: Backend) -> Response:
+        return await self.complete(request, parse_call(await json_body(request), engine, chat=False))
+
+    async def complete(self, http: HTTPRequest, call: Call) -> Response:
+        engine = self.engine
+        try:
+            stream = engine.submit(call.request, asyncio.get_running_loop())
+        except Exception as e:
+            raise engine_error(e) from None
+        events = aiter(stream)
+        try:
+            # admit before answering: a refusal that comes through the stream (a remote backend) gets its status
+            first = await until_disconnect(http, anext(events, None))
+        except ClientGone:
+            stream.cancel()
+            raise
+        except Exception as e:
+            stream.cancel()
+            raise engine_error(e) from None
+        reply = Reply(call, engine.name, stream)
+        if call.stream:
+            return StreamingResponse(reply.sse(first, events), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            text = await until_disconnect(http, reply.collect(first, events))
+        except ClientGone:
+            stream.cancel()
+            raise
+        except Exception as e:
+            raise engine_error(e) from None
+        return JSONResponse(reply.whole(text))
+
+
+class Reply:
+    """Renders one request's events as OpenAI objects."""
+
+    def __init__(self, call: Call, model: str, stream: Stream):
+        self.call, self.model, self.stream = call, model, stream
+        self.id = ("chatcmpl-" if call.chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    async def collect(self, first: TokenEvent | None, events: AsyncIterator[TokenEvent]) -> str:
+        parts = [first.text] if first is not None else []
+        async for ev in events:
+            parts.append(ev.text)
+        return "".join(parts)
+
+    def whole(self, text: str) -> dict:
+        if self.call.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": self.finish_reason()}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": self.finish_reason()}
+        return {"id": self.id, "object": "chat.completion" if self.call.chat else "text_completion",
+                "created": self.created, "model": self.model, "choices": [choice], "usage": self.usage()}
+
+    async def sse(self, first: TokenEvent | None, events: AsyncIterator[TokenEvent]) -> AsyncIterator[str]:
+        """The chunks; the stream is cancelled if the client goes (Starlette cancels this generator)."""
+        try:
+            if self.call.chat:
+                yield self.chunk({"role": "assistant", "content": ""})
+            if first is not None and first.text:
+                yield self.chunk({"content": first.text})
+            try:
+                async for ev in events:
+                    if ev.text:
+                        yield self.chunk({"content": ev.text})
+            except Exception as e:  # failed mid-stream: headers are out, so the error goes in the stream
+                yield sse_data(engine_error(e).body())
+                return
+            yield self.chunk({}, self.finish_reason())
+            if self.call.include_usage:
+                yield sse_data({**self.base("chunk"), "choices": [], "usage": self.usage()})
+            yield "data: [DONE]\n\n"
+        finally:
+            self.stream.cancel()
+
+    def chunk(self, delta: dict, finish_reason: str | None = None) -> str:
+        if self.call.chat:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish_reason}
+        body = {**self.base("chunk"), "choices": [choice]}
+        if self.call.include_usage:
+            body["usage"] = None
+        return sse_data(body)
+
+    def base(self, kind: str) -> dict:
+        obj = "chat.completion.chunk" if self.call.chat else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def finish_reason(self) -> str | None:
+        reason = self.stream.metrics.finish_reason
+        return reason if reason in ("stop", "length") else None
+
+    def usage(self) -> dict:
+        m = self.stream.metrics
+        return {"prompt_tokens": m.prompt_tokens, "completion_tokens": m.output_tokens,
+                "total_tokens": m.prompt_tokens + m.output_tokens}
+
+
+# ---- parsing --------------------------------------------------------------------------------------
+
+def parse_call(body: dict, engine: Backend, chat: bool) -> Call:
+    model = body.get("model")
+    if not isinstance(model, str):
+        raise APIError(400, "'model' is required: a string (GET /v1/models lists the one served)", param="model")
+    if model != engine.name:
+        raise APIError(404, f"the model '{model}' does not exist; this server serves '{engine.name}'",
+                       param="model", code="model_not_found")
+    for name, why in (("tools", "tool calls"), ("functions", "function calls"), ("logprobs", "logprobs"),
+                      ("echo", "echo"), ("suffix", "suffix")):
+        if body.get(name) not in (None, False, []):
+            raise APIError(400, f"{why} are not supported by this server", param=name)
+    if body.get("n", 1) != 1 or body.get("best_of", 1) != 1:
+        raise APIError(400, "only n = 1 (and best_of = 1) is supported", param="n")
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
+    stream = get(body, "stream", bool, False)
+    options = get(body, "stream_options", dict, None)
+    if options is not None and not stream:
+        raise APIError(400, "stream_options needs stream: true", param="stream_options")
+    include_usage = bool(options and options.get("include_usage"))
+    sampling = parse_sampling(body, engine.max_seq_len)
+    if chat:
+        request = Request(messages=parse_messages(body.get("messages")), sampling=sampling)
+    else:
+        request = parse_prompt(body.get("prompt"), sampling)
+    return Call(request, stream, include_usage, chat)
+
+
+def parse_sampling(body: dict, context: int) -> SamplingParams:
+    max_tokens = get(body, "max_completion_tokens", int, None)
+    if max_tokens is None:
+        max_tokens = get(body, "max_tokens", int, None)
+    if max_tokens is not None and max_tokens < 1:
+        raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+    temperature = get(body, "temperature", float, 1.0)
+    if not 0 <= temperature <= 2:
+        raise APIError(400, f"temperature must be in [0, 2], got {temperature}", param="temperature")
+    top_p = get(body, "top_p", float, 1.0)
+    if not 0 < top_p <= 1:
+        raise APIError(400, f"top_p must be in (0, 1], got {top_p}", param="top_p")
+    top_k = get(body, "top_k", int, 0)  # vLLM's extension; -1 also means off there
+    stop = body.get("stop")
+    stops = (stop,) if isinstance(stop, str) else stop if stop is not None else ()
+    if not isinstance(stops, (list, tuple)) or len(stops) > MAX_STOP or not all(isinstance(s, str) and s for s in stops):
+        raise APIError(400, f"stop must be a non-empty string or a list of up to {MAX_STOP} of them", param="stop")
+    return SamplingParams(max_tokens=max_tokens or context, temperature=temperature, top_p=top_p,
+                          top_k=max(top_k, 0), seed=get(body, "seed", int, None),
+                          ignore_eos=get(body, "ignore_eos", bool, False), stop=tuple(stops))
+
+
+def parse_messages(messages: Any) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
+            raise APIError(400, f"{where} needs a role of system, developer, user or assistant", param=where)
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: only text here
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+                raise APIError(400, f"{where}.content: only text parts are supported", param=where + ".content")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise APIError(400, f"{where}.content must be a string or a list of text parts", param=where + ".content")
+        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+    return out
+
+
+def parse_prompt(prompt: Any, sampling: SamplingParams) -> Request:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str) and prompt:
+        return Request(prompt=prompt, sampling=sampling)
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return Request(prompt_ids=prompt, sampling=sampling)
+    raise APIError(400, "'prompt' must be a non-empty string or a list of token ids (one prompt per request)", param="prompt")
+
+
+def get(body: dict, name: str, kind: type, default: Any) -> Any:
+    """body[name] checked against `kind` (an int is a float too; a bool is neither)."""
+    value = body.get(name)
+    if value is None:
+        return default
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok, value = True, float(value)
+    if not ok:
+        raise APIError(400, f"'{name}' must be {kind.__name__}, got {type(value).__name__}", param=name)
+    return value
+
+
+async def json_body(request: HTTPRequest) -> dict:
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the body must be a JSON object")
+    return body
+
+
+def engine_error(e: Exception) -> APIError:
+    """The HTTP error for an exception from submitting or running a request."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, OverloadedError):
+        return APIError(429, str(e), "rate_limit_exceeded", code="rate_limit_exceeded")
+    if isinstance(e, ContextLengthError):
+        return APIError(400, str(e), param="messages", code="context_length_exceeded")
+    if isinstance(e, ValueError):
+        return APIError(400, str(e))
+    return APIError(500, f"{type(e).__name__}: {e}", "server_error")
+
+
+def sse_data(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+async def until_disconnect(http: HTTPRequest, work: Any) -> Any:
+    """Await `work`, or raise ClientGone (cancelling it) as soon as the client disconnects."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(wait_disconnect(http))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not task.done():
+        task.cancel()
+        raise ClientGone
+    return task.result()
+
+
+async def wait_disconnect(http: HTTPRequest) -> None:
+    while (await http.receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,171 @@
+"""The CUDA-graph decode step (engine/cuda_graph.py): its graph-safe static step equals the eager path on the CPU
+(prefill, decode steps, padded speculative verification, truncation of rejected drafts, across context windows),
+and device-side token choice equals `verify` for greedy and keeps the target's distribution when sampling.
+The capture itself is checked only where CUDA exists."""
+
+import pytest
+import torch
+
+from engine import Engine, Request, SamplingParams
+from engine.cuda_graph import MIN_WINDOW, DecodeGraphs, verify_on_device
+from engine.kv_cache import StaticKVCache
+from engine.latency import LatencyRunner
+from engine.model import Transformer
+from engine.sampling import probabilities
+from engine.speculative import verify
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+PROMPT_LEN = 250
+CACHE_LEN = 300  # windows: 256 while the sequence fits it, then the whole cache
+# (tokens to run, accepted length to truncate back to afterwards or None): decode steps, a verification of k + 1 = 4
+# rows with two drafts rejected, one of 3 rows (padded to 4) that crosses into the second window, more decode steps
+SCRIPT = [([5], None), ([17], None), ([3, 9, 11, 2], 254), ([8, 1, 4], 255), ([7], None), ([6, 6], 257), ([40], None)]
+
+
+def tiny_model(tiny_loaded, device: str = "cpu") -> Transformer:
+    model = Transformer(tiny_loaded.config, dtype=torch.float32, device=device)
+    model.load_canonical(tiny_loaded.weights)
+    return model
+
+
+def eager(model: Transformer, cache: StaticKVCache, ids: list[int]) -> torch.Tensor:
+    """The latency runner's eager forward: logits [len(ids), V]."""
+    return model.logits(model(torch.tensor(ids, device=model.device), cache.extend(ids), cache))
+
+
+def run_script(model: Transformer, graphs_for) -> tuple[list[torch.Tensor], list[torch.Tensor], DecodeGraphs, list[bool]]:
+    """Prefill eagerly into two caches, then run SCRIPT eagerly on one and through DecodeGraphs on the other."""
+    prompt = torch.randint(0, model.cfg.vocab_size, (PROMPT_LEN,), generator=torch.Generator().manual_seed(1)).tolist()
+    ref = StaticKVCache(model.cfg, CACHE_LEN, torch.float32, model.device)
+    cache = StaticKVCache(model.cfg, CACHE_LEN, torch.float32, model.device)
+    eager(model, ref, prompt)
+    eager(model, cache, prompt)
+    graphs = graphs_for(cache)
+    want, got, ready = [], [], []
+    for ids, keep in SCRIPT:
+        assert graphs.fits(len(ids))
+        ready.append(graphs.ready(len(ids)))
+        want.append(eager(model, ref, ids))
+        logits, best = graphs.run(ids)
+        assert torch.equal(best, logits.argmax(dim=-1))
+        got.append(logits)
+        assert cache.length == ref.length and cache.ids == ref.ids
+        if keep is not None:
+            ref.truncate(keep)
+            cache.truncate(keep)
+    return want, got, graphs, ready
+
+
+def test_static_step_equals_the_eager_path(tiny_loaded):
+    model = tiny_model(tiny_loaded)
+    want, got, graphs, ready = run_script(model, lambda cache: DecodeGraphs(model, cache, max_rows=7, capture=False))
+    for w, g in zip(want, got):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    # the script exercised the padded verification and both context windows
+    assert set(graphs._steps) == {(1, MIN_WINDOW), (4, MIN_WINDOW), (4, CACHE_LEN), (2, CACHE_LEN), (1, CACHE_LEN)}
+    assert ready == [False, True, False, False, True, False, False]  # shapes seen before
+
+
+def test_steps_that_no_graph_covers_are_left_to_the_eager_path(tiny_loaded):
+    model = tiny_model(tiny_loaded)
+    cache = StaticKVCache(model.cfg, 20, torch.float32)
+    graphs = DecodeGraphs(model, cache, max_rows=7, capture=False)
+    assert graphs.fits(8) and not graphs.fits(9)  # rows are padded to 8
+    eager(model, cache, list(range(14)))
+    assert graphs.fits(4) and not graphs.fits(5)  # 14 + 8 padded rows would overrun the cache
+    assert LatencyRunner(model, 64).graphs is None  # the CPU keeps its eager path
+
+
+def test_greedy_choice_on_the_device_equals_verify():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 50, generator=g)
+    best = logits.argmax(dim=-1).tolist()
+    greedy = SamplingParams()
+    for drafts in ([], best[:4], best[:2] + [(best[2] + 1) % 50, best[3]], [(best[0] + 1) % 50, *best[1:4]]):
+        rows = logits[: len(drafts) + 1]
+        want = verify(drafts, None, rows, greedy, None)
+        assert verify_on_device(drafts, None, rows, greedy, None) == want
+        assert verify_on_device(drafts, None, rows, greedy, None, rows.argmax(dim=-1)) == want
+
+
+def frequencies(tokens: list[int], V: int) -> torch.Tensor:
+    return torch.bincount(torch.tensor(tokens), minlength=V).double() / len(tokens)
+
+
+def test_sampling_on_the_device_draws_from_the_sampling_distribution():
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.2, -1.0, -3.0]])
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=0)
+    p = probabilities(logits, params)[0].double()
+    assert (p == 0).any()  # top-p cut some tokens
+    g = torch.Generator().manual_seed(0)
+    drawn = [verify_on_device([], None, logits, params, g)[0] for _ in range(8000)]
+    freq = frequencies(drawn, 6)
+    torch.testing.assert_close(freq, p, atol=0.02, rtol=0)
+    assert (freq[p == 0] == 0).all()
+    # the request's generator makes the draws reproducible
+    assert [verify_on_device([], None, logits, params, torch.Generator().manual_seed(5))[0] for _ in range(3)] == \
+        [verify_on_device([], None, logits, params, torch.Generator().manual_seed(5))[0] for _ in range(3)]
+
+
+@pytest.mark.parametrize("drafter", ["prompt lookup", "model"])
+def test_speculative_sampling_on_the_device_keeps_the_target_distribution(drafter):
+    """The first emitted token follows p[0]; after an accepted draft the next one follows p[1], and after two p[2]."""
+    V = 5
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, V, generator=g) * 1.5
+    params = SamplingParams(temperature=1.0, seed=0)
+    p = probabilities(logits, params).double()
+    q = torch.softmax(logits[:2] + torch.randn(2, V, generator=g), dim=-1)  # a draft near the target: most steps go on
+    firsts, seconds, thirds = [], [], []
+    for _ in range(12000):
+        if drafter == "model":
+            drafts, draft_probs = torch.multinomial(q, 1, generator=g)[:, 0].tolist(), q
+        else:
+            drafts, draft_probs = [0, 2], None  # likely enough that both acceptance and rejection happen often
+        out = verify_on_device(drafts, draft_probs, logits, params, g)
+        assert 1 <= len(out) <= 3 and out[:-1] == drafts[: len(out) - 1]
+        firsts.append(out[0])
+        if len(out) > 1 and out[0] == drafts[0]:  # a rejected draft's residual has no mass on it: it was accepted
+            seconds.append(out[1])
+        if len(out) > 2 and out[1] == drafts[1]:
+            thirds.append(out[2])  # the bonus token
+    torch.testing.assert_close(frequencies(firsts, V), p[0], atol=0.02, rtol=0)
+    assert len(seconds) > 5000
+    torch.testing.assert_close(frequencies(seconds, V), p[1], atol=0.02, rtol=0)
+    assert len(thirds) > 3000
+    torch.testing.assert_close(frequencies(thirds, V), p[2], atol=0.025, rtol=0)
+
+
+# ---- on a GPU ----------------------------------------------------------------------------------------------------
+
+
+@needs_cuda
+def test_graph_replay_equals_the_eager_step(tiny_loaded):
+    model = tiny_model(tiny_loaded, "cuda")
+    static, _, _, _ = run_script(model, lambda cache: DecodeGraphs(model, cache, max_rows=7, capture=False))
+    want, got, graphs, _ = run_script(model, lambda cache: DecodeGraphs(model, cache, max_rows=7))
+    for w, s, g in zip(want, static, got):
+        torch.testing.assert_close(g, s, atol=1e-5, rtol=1e-5)  # the same kernels, replayed
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    assert len(graphs._steps) == 5
+
+
+@needs_cuda
+@pytest.mark.parametrize("spec", ["off", "ngram"])
+def test_engine_greedy_output_is_the_same_with_graphs_on_and_off(default_model, spec):
+    prompts = ["What is the capital of France?", "Repeat after me: one two three four five six seven eight nine ten."]
+    outputs = []
+    for graphs in (False, True):
+        engine = Engine(default_model, device="cuda", dtype=torch.float32, quant="none", spec=spec, cuda_graphs=graphs)
+        try:
+            outputs.append([engine.generate(Request(messages=[{"role": "user", "content": p}],
+                                                    sampling=SamplingParams(max_tokens=64))).token_ids for p in prompts])
+            assert (engine._latency.graphs is not None) == graphs
+            if graphs:
+                assert engine._latency.graphs._steps  # the decode steps did replay graphs
+        finally:
+            engine.close()
+    assert outputs[0] == outputs[1]

@@ -1,0 +1,151 @@
+"""The remote backend against a second in-process tradeoff API server on loopback (and the same server with
+tradeoff's own routes removed, to stand for any other OpenAI-compatible server)."""
+
+import asyncio
+import random
+import statistics
+import threading
+import time
+
+import pytest
+
+from engine import OverloadedError, Request, SamplingParams
+from engine.loadgen import LoadGenerator, PromptSet, Workload
+from engine.remote import RemoteEngine, RemoteError, base_url
+from tests.engine.conftest import APIServer, api_app
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture
+def remote(api_server, default_model):
+    r = RemoteEngine(api_server.url.replace("http://", "openai://"), tokenizer=default_model.tokenizer)
+    yield r
+    r.close()
+
+
+def read(stream) -> tuple[str, object]:
+    return "".join(ev.text for ev in stream), stream.metrics
+
+
+def test_backend_urls():
+    assert base_url("openai://gpu-node:8000/v1") == "http://gpu-node:8000/v1"
+    assert base_url("openai+https://api.example.com/v1/") == "https://api.example.com/v1"
+    assert base_url("http://127.0.0.1:8765") == "http://127.0.0.1:8765/v1"
+    with pytest.raises(ValueError, match="openai://HOST:PORT/v1"):
+        base_url("gpu-node:8000")
+
+
+def test_unreachable_or_wrong_endpoints_are_named(api_server):
+    with pytest.raises(RemoteError, match="127.0.0.1:9/v1/models"):
+        RemoteEngine("openai://127.0.0.1:9/v1", connect_timeout_s=2)
+    with pytest.raises(RemoteError, match="does not serve 'llama-70b'"):
+        RemoteEngine(api_server.url, model="llama-70b")
+
+
+def test_streams_what_the_server_generates(served_engine, remote):
+    assert remote.name == served_engine.name and remote.tradeoff
+    served_engine.clear_cache()
+    want = served_engine.generate(Request(messages=QUESTION, sampling=SamplingParams(max_tokens=16)))
+    served_engine.clear_cache()
+    text, m = read(remote.submit(Request(messages=QUESTION, sampling=SamplingParams(max_tokens=16))))
+    assert text == want.text
+    assert (m.prompt_tokens, m.output_tokens, m.finish_reason) == (want.metrics.prompt_tokens, len(want.token_ids),
+                                                                   want.finish_reason)
+
+
+def test_client_side_ttft_agrees_with_the_server(served_engine, remote, default_model):
+    """The same requests timed at both ends: medians of TTFT within 10% (the difference is loopback HTTP)."""
+    server_side = []
+    served_engine.finish_listeners.append(server_side.append)
+    prompts = PromptSet(default_model.tokenizer)
+    rng = random.Random(1)
+    client_side = []
+    try:
+        for _ in range(8):
+            served_engine.clear_cache()  # a full prefill each time: TTFT of ~100+ ms, so 10% is not lost in the noise
+            messages = prompts.messages(200, rng)
+            _, m = read(remote.submit(Request(messages=messages, sampling=SamplingParams(max_tokens=4))))
+            client_side.append(m.ttft)
+    finally:
+        served_engine.finish_listeners.remove(server_side.append)
+    client, server = statistics.median(client_side), statistics.median(m.ttft for m in server_side)
+    assert len(server_side) == 8
+    assert server <= client <= server * 1.10, (client, server)
+
+
+def test_async_reader_and_cancel_frees_the_server(served_engine, remote):
+    async def main():
+        stream = remote.submit(Request(messages=QUESTION, sampling=SamplingParams(max_tokens=500, ignore_eos=True)),
+                               asyncio.get_running_loop())
+        n = 0
+        async for _ in stream:
+            n += 1
+            if n == 3:
+                break  # leaving the loop cancels the stream, which closes the HTTP request
+        return stream
+
+    stream = asyncio.run(main())
+    deadline = time.monotonic() + 5
+    while served_engine.runner.has_work() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not served_engine.runner.has_work()
+    assert stream.metrics.finish_reason == "cancelled"
+
+
+def test_overload_arrives_as_overloaded_error(served_engine, remote):
+    served_engine.max_waiting = 0
+    try:
+        with pytest.raises(OverloadedError, match="429"):
+            read(remote.submit(Request(messages=QUESTION, sampling=SamplingParams(max_tokens=4))))
+    finally:
+        served_engine.max_waiting = 64
+
+
+def test_controls_reach_a_tradeoff_server(served_engine, remote):
+    remote.set_mode("batched")
+    deadline = time.monotonic() + 5
+    while served_engine.mode != "batched" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert served_engine.mode == "batched" and remote.metrics_snapshot()["mode"] == "batched"
+    remote.set_mode("latency")
+    while served_engine.mode != "latency" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert served_engine.mode == "latency"
+
+
+def test_latency_mode_is_emulated_for_other_servers(served_engine, default_model):
+    """Without tradeoff's controls, latency mode means one request in flight; batched admits several at once."""
+    with APIServer(api_app(served_engine, tradeoff_routes=False)) as plain:
+        remote = RemoteEngine(plain.url, tokenizer=default_model.tokenizer)
+        try:
+            assert not remote.tradeoff and remote.mode == "batched"
+            served_engine.set_mode("batched")  # the "server" batches whatever it is sent
+            for mode, most in (("latency", 1), ("batched", 3)):
+                remote.set_mode(mode)
+                streams = [remote.submit(Request(messages=QUESTION, sampling=SamplingParams(max_tokens=12, ignore_eos=True)))
+                           for _ in range(3)]
+                peak = 0
+                while any(s.metrics.finish_reason is None for s in streams):
+                    peak = max(peak, served_engine.runner.num_running())
+                    time.sleep(0.005)
+                assert peak == most, mode
+                assert all(s.metrics.finish_reason == "length" for s in streams)
+        finally:
+            remote.close()
+            served_engine.set_mode("latency")
+
+
+def test_synthetic_users_drive_the_remote(served_engine, remote):
+    gen = LoadGenerator(remote, Workload(think_time_s=0.0))
+    gen.start_closed(2)
+    try:
+        deadline = time.monotonic() + 60
+        while len(gen.completed) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        gen.stop()
+    assert len(gen.completed) >= 3 and gen.failed == 0
+    snap = remote.metrics_snapshot()["classes"]["synthetic"]
+    assert snap["ttft_s"]["p50"] is not None and snap["output_tok_s"] > 0
+    assert threading.active_count() < 50  # no thread per request
