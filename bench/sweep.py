@@ -7,6 +7,10 @@ against the SLOs, mean running batch size, preemptions, and where batched mode's
 (scheduler = schedule + prepare inputs + bookkeeping after the step). The plot draws tokens/s per user
 against total tokens/s, with the SLO's per-user rate as a line, the knee of the curve marked, and
 latency mode's point at concurrency 1.
+
+With --backend openai://HOST:PORT/v1 the same levels run against that server (vLLM, SGLang, another tradeoff...)
+and every number is measured here, from the streams; its latency point is a tradeoff server's latency mode, or
+for other servers one request in flight at a time (engine/remote.py).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 
 from bench.report import table, write_json
 from engine.batched import PHASES, StepProfile
+from engine.cli import add_backend_args, remote_from
 from engine.engine import Engine
 from engine.loader import load
 from engine.loadgen import Lengths, LoadGenerator, Workload
@@ -36,8 +41,8 @@ def run_level(engine: Engine, concurrency: int, requests_per_user: int, workload
     try:
         wait_for(lambda: len(lg.completed) >= concurrency)
         start = time.monotonic()
-        runner = engine.runner
-        batched = engine.mode == "batched"
+        runner = getattr(engine, "runner", None)  # a remote engine's runner is on the server
+        batched = runner is not None and engine.mode == "batched"
         preemptions = runner.scheduler.preemptions if batched else 0
         if batched:
             runner.profile = StepProfile()
@@ -146,8 +151,9 @@ COLUMNS = [
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sweep", help="throughput vs latency: one row per concurrency level, JSON and a PNG",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default="smollm2-135m", help="model to run (with --backend: whose tokenizer sizes prompts)")
     p.add_argument("--device", default=None)
+    add_backend_args(p)
     p.add_argument("--mode", choices=("batched", "latency"), default="batched")
     p.add_argument("--concurrency", default="1,2,4,8,16,32,64", help="comma-separated user counts (default: %(default)s)")
     p.add_argument("--requests-per-user", type=int, default=3, help="per level, the first is warm-up (default: %(default)s)")
@@ -171,21 +177,31 @@ def main(args: argparse.Namespace) -> int:
     defaults = BatchPolicy()
     budget = args.token_budget or defaults.token_budget
     policy = BatchPolicy(max_batch_size=args.max_batch_size or min(defaults.max_batch_size, budget - 1), token_budget=budget)
-    loaded = load(args.model)
     # every request of a level waits in the engine at most once: the queue bound must not refuse the sweep's own users
-    engine = Engine(loaded, device=args.device, mode=args.mode, policy=policy, max_waiting=max(levels) + 1)
-    batched_dtype = engine.batched_dtype
+    max_waiting = max(levels) + 1
+    if args.backend:  # the same levels through the remote's stream, measured here (engine/remote.py)
+        engine = remote_from(args, policy=policy, max_waiting=max_waiting)
+        engine.set_policy(max_batch_size=policy.max_batch_size)
+        engine.set_mode(args.mode)
+        print(engine.describe(), flush=True)
+    else:
+        loaded = load(args.model)
+        engine = Engine(loaded, device=args.device, mode=args.mode, policy=policy, max_waiting=max_waiting)
+    batched_dtype = getattr(engine, "batched_dtype", None)
     rows = []
     for i, c in enumerate(levels):
         rows.append(run_level(engine, c, args.requests_per_user, workload, slo, seed=i))
         print(progress(rows[-1]), flush=True)
-    engine.close()
     latency_row = None
     if args.mode == "batched" and not args.no_latency_point:
-        engine = Engine(loaded, device=args.device, mode="latency")
+        if args.backend:
+            engine.set_mode("latency")
+        else:
+            engine.close()
+            engine = Engine(loaded, device=args.device, mode="latency")
         latency_row = run_level(engine, 1, args.requests_per_user, workload, slo, seed=0)
-        engine.close()
         print(progress(latency_row), flush=True)
+    engine.close()
     knee_row = knee(rows)
     all_rows = rows + ([latency_row] if latency_row else [])
     print()
@@ -194,6 +210,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"knee: N={knee_row['concurrency']} ({knee_row['output_tok_s']:.0f} tok/s total, "
               f"{knee_row['tok_s_per_user']:.1f} tok/s per user)")
     settings = {"policy": asdict(policy), "workload": asdict(workload), "slo": asdict(slo), "batched_dtype": str(batched_dtype),
+                "backend": args.backend,
                 "knee_concurrency": knee_row["concurrency"] if knee_row else None}
     print(f"JSON: {write_json(args.json, 'sweep', all_rows, **settings)}")
     if args.plot:  # bench/gpu.sh passes "": the GPU machine may have no matplotlib

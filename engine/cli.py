@@ -35,6 +35,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "tokenizer (default: the committed trained draft of the default model)")
 
 
+    add_backend_args(p)
+
+
+def add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=None, metavar="URL",
                    help="use an OpenAI-compatible server instead of running the model here: openai://HOST:PORT/v1 "
                         "(vLLM, SGLang, llama.cpp's server, another `tradeoff serve`; openai+https:// for TLS). "

@@ -65,9 +65,9 @@ def api_app(engine, token=None, tradeoff_routes=True):
     return Starlette(routes=routes)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def served_engine(default_model):
-    """One engine behind the HTTP API tests (the API's and the remote backend's)."""
+    """The engine behind a module's HTTP API tests (module scope: later tests check that no engine thread is left)."""
     from engine import Engine
 
     e = Engine(default_model)
@@ -75,7 +75,7 @@ def served_engine(default_model):
     e.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def api_server(served_engine):
     with APIServer(api_app(served_engine)) as s:
         yield s

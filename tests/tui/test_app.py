@@ -163,3 +163,32 @@ async def test_connect_attaches_to_a_running_server(engine):
                 break
             await asyncio.sleep(0.1)
         assert not server.sessions
+
+
+async def test_backend_runs_the_llm_on_another_server(engine):
+    """--backend: the voice loop runs here, its LLM on another server; the numbers are measured here from its stream."""
+    from voice.server import VoiceServer, make_services
+    from voice.tts import EspeakTTS
+
+    async with VoiceServer(make_services(engine, EspeakTTS()), port=0) as server:
+        app = TradeoffApp(Options(backend=server.http_url.replace("http://", "openai://"), caller=False))
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: app.ready, 60, "start-up")
+            remote = app.backend.engine
+            assert isinstance(remote, RemoteEngine) and remote.url == server.http_url
+            await pilot.press("b")  # a tradeoff server: the key switches its engine
+            await wait_for(pilot, lambda: engine.mode == "batched", 10, "the server's mode to change")
+            await pilot.press("b")
+            await wait_for(pilot, lambda: engine.mode == "latency", 10, "the server's mode to change back")
+            await pilot.press("slash")
+            await wait_for(pilot, lambda: isinstance(app.screen, MessagePrompt), 5, "the message prompt")
+            await pilot.press(*"Hello", "enter")
+            transcript = app.dashboard.query_one(Transcript)
+            await wait_for(pilot, lambda: any(e.role == "bot" and e.status == "completed" for e in transcript.entries),
+                           60, "the reply through the other server")
+            # measured here: the remote engine's own client-side stats hold the request
+            await wait_for(pilot, lambda: app.dashboard.sample is not None and app.dashboard.sample.finished >= 1, 10,
+                           "the client-side numbers")
+            assert remote.stats.snapshot()["classes"]["user"]["finished"] >= 1
+            await pilot.press("q")
+            await wait_for(pilot, lambda: not app.is_running, 30, "the app to exit")
