@@ -131,6 +131,24 @@ async def test_a_typed_message_gets_a_reply(engine):
         await pilot.press("q")
 
 
+async def toggle_the_servers_mode_and_say_hello(pilot, app: TradeoffApp, engine) -> None:
+    """`b` twice switches the server's engine there and back; a typed "Hello" gets a reply through it, and the
+    dashboard's numbers count it."""
+    mode = engine.mode
+    await pilot.press("b")
+    await wait_for(pilot, lambda: engine.mode != mode, 10, "the server's mode to change")
+    await pilot.press("b")
+    await wait_for(pilot, lambda: engine.mode == mode, 10, "the server's mode to change back")
+    await pilot.press("slash")
+    await wait_for(pilot, lambda: isinstance(app.screen, MessagePrompt), 5, "the message prompt")
+    await pilot.press(*"Hello", "enter")
+    transcript = app.dashboard.query_one(Transcript)
+    await wait_for(pilot, lambda: any(e.role == "bot" and e.status == "completed" for e in transcript.entries),
+                   60, "the reply from the server")
+    await wait_for(pilot, lambda: app.dashboard.sample is not None and app.dashboard.sample.finished >= 1, 10,
+                   "the numbers to count it")
+
+
 async def test_connect_attaches_to_a_running_server(engine):
     from voice.server import VoiceServer, make_services
     from voice.tts import EspeakTTS
@@ -142,20 +160,8 @@ async def test_connect_attaches_to_a_running_server(engine):
             await wait_for(pilot, lambda: app.ready, 60, "start-up")
             assert isinstance(app.backend.engine, RemoteEngine) and app.backend.engine.tradeoff
             await wait_for(pilot, lambda: len(server.sessions) == 1, 10, "the dashboard's session on the server")
-            mode = engine.mode
-            await pilot.press("b")  # the engine is the server's: the key switches it there
-            await wait_for(pilot, lambda: engine.mode != mode, 10, "the server's mode to change")
-            await pilot.press("b")
-            await wait_for(pilot, lambda: engine.mode == mode, 10, "the server's mode to change back")
-            await pilot.press("slash")
-            await wait_for(pilot, lambda: isinstance(app.screen, MessagePrompt), 5, "the message prompt")
-            await pilot.press(*"Hello", "enter")
-            transcript = app.dashboard.query_one(Transcript)
-            await wait_for(pilot, lambda: any(e.role == "bot" and e.status == "completed" for e in transcript.entries),
-                           60, "the server's reply")
+            await toggle_the_servers_mode_and_say_hello(pilot, app, engine)
             # the engine panels show the server's own numbers, which include the reply it just made
-            await wait_for(pilot, lambda: app.dashboard.sample is not None and app.dashboard.sample.finished >= 1, 10,
-                           "the server's numbers")
             await pilot.press("q")
             await wait_for(pilot, lambda: not app.is_running, 30, "the app to exit")
         for _ in range(100):  # the client went away: the server ends its session
@@ -176,19 +182,8 @@ async def test_backend_runs_the_llm_on_another_server(engine):
             await wait_for(pilot, lambda: app.ready, 60, "start-up")
             remote = app.backend.engine
             assert isinstance(remote, RemoteEngine) and remote.url == server.http_url
-            await pilot.press("b")  # a tradeoff server: the key switches its engine
-            await wait_for(pilot, lambda: engine.mode == "batched", 10, "the server's mode to change")
-            await pilot.press("b")
-            await wait_for(pilot, lambda: engine.mode == "latency", 10, "the server's mode to change back")
-            await pilot.press("slash")
-            await wait_for(pilot, lambda: isinstance(app.screen, MessagePrompt), 5, "the message prompt")
-            await pilot.press(*"Hello", "enter")
-            transcript = app.dashboard.query_one(Transcript)
-            await wait_for(pilot, lambda: any(e.role == "bot" and e.status == "completed" for e in transcript.entries),
-                           60, "the reply through the other server")
+            await toggle_the_servers_mode_and_say_hello(pilot, app, engine)
             # measured here: the remote engine's own client-side stats hold the request
-            await wait_for(pilot, lambda: app.dashboard.sample is not None and app.dashboard.sample.finished >= 1, 10,
-                           "the client-side numbers")
             assert remote.stats.snapshot()["classes"]["user"]["finished"] >= 1
             await pilot.press("q")
             await wait_for(pilot, lambda: not app.is_running, 30, "the app to exit")
