@@ -103,6 +103,7 @@ class LatencyRunner:
         seq.mark_scheduled()
         ids = seq.all_ids  # a sequence moved in from batched mode brings its output so far
         cached = self.cache.reuse_prefix(ids)
+        seq.metrics.cached_tokens = min(cached, len(seq.prompt_ids))
         logits = self._forward(ids[cached:])[-1:]
         self._prefilled = True
         if logits.is_cuda:  # torch cannot sample CUDA tensors with the request's (CPU) generator

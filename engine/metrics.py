@@ -21,6 +21,7 @@ class RequestMetrics:
     scheduled: float | None = None  # prefill started
     emissions: list[tuple[float, int, str]] = field(default_factory=list)  # (time, tokens, mode that made them)
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose k/v were reused from an earlier request (not recomputed)
     finish_reason: str | None = None
     user_class: str = "user"
     spec: SpecStats = field(default_factory=SpecStats)  # decode steps, drafted/accepted tokens, draft time
@@ -58,6 +59,7 @@ class RequestMetrics:
         itls = self.itls
         return {
             "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
             "output_tokens": self.output_tokens,
             "finish_reason": self.finish_reason,
             "queue_time_s": self.queue_time,

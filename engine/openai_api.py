@@ -260,7 +260,8 @@ class Reply:
     def usage(self) -> dict:
         m = self.stream.metrics
         return {"prompt_tokens": m.prompt_tokens, "completion_tokens": m.output_tokens,
-                "total_tokens": m.prompt_tokens + m.output_tokens}
+                "total_tokens": m.prompt_tokens + m.output_tokens,
+                "prompt_tokens_details": {"cached_tokens": m.cached_tokens}}
 
 
 # ---- parsing --------------------------------------------------------------------------------------

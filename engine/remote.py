@@ -259,6 +259,7 @@ class RemoteEngine:
                     finish = choice.get("finish_reason") or finish
                 if usage := chunk.get("usage"):
                     m.prompt_tokens = usage.get("prompt_tokens", 0)
+                    m.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
                     extra = usage.get("completion_tokens", counted) - counted
                     if extra > 0 and m.emissions:  # chunks that carried several tokens: count them at the end
                         last = m.emissions[-1]

@@ -99,6 +99,7 @@ class Scheduler:
             self.waiting.popleft()
             self.running.append(s)
             self.cached_tokens += s.num_computed
+            s.seq.metrics.cached_tokens = min(s.num_computed, len(s.seq.prompt_ids))
             s.seq.mark_scheduled()
             batch.append((s, n))
             budget -= n

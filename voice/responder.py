@@ -207,7 +207,8 @@ class Response:
         usage = None
         if m is not None:
             usage = {"total_tokens": m.prompt_tokens + m.output_tokens, "input_tokens": m.prompt_tokens,
-                     "output_tokens": m.output_tokens, "input_token_details": {"text_tokens": m.prompt_tokens},
+                     "output_tokens": m.output_tokens,
+                     "input_token_details": {"text_tokens": m.prompt_tokens, "cached_tokens": m.cached_tokens},
                      "output_token_details": {"text_tokens": m.output_tokens}}
         return {
             "id": self.id, "object": "realtime.response", "status": status, "status_details": details,

@@ -220,3 +220,12 @@ def test_api_key_and_loading(served_engine):
         r = httpx.get(s.url + "/models")
         assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
         assert httpx.get(s.url.removesuffix("/v1") + "/health").status_code == 503
+
+
+def test_usage_reports_prefix_cache_hits(served_engine, client):
+    served_engine.clear_cache()
+    first = client.chat.completions.create(model=served_engine.name, messages=QUESTION, max_tokens=3, temperature=0)
+    again = client.chat.completions.create(model=served_engine.name, messages=QUESTION, max_tokens=3, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    # latency mode kept the first request's k/v: all but the last prompt token (which must run to give logits)
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
