@@ -17,6 +17,7 @@ HTTP runs on a private event loop in a background thread, so `submit` works from
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import threading
 import time
@@ -88,6 +89,7 @@ class RemoteEngine:
         self._client: httpx.AsyncClient = self._call(self._make_client(headers, timeout))
         self._in_flight = 0
         self._admission: deque[asyncio.Future] = deque()  # requests waiting for a slot (emulated latency mode)
+        self._requests: set[RemoteStream] = set()  # in flight, so `close` can end them
         self._closed = False
         try:
             models = self._call(self._get_json("/models"))["data"]
@@ -121,7 +123,9 @@ class RemoteEngine:
         stream = RemoteStream(request, loop)
         stream.metrics = RequestMetrics(arrival=time.monotonic(), user_class=request.user_class)
         self.stats.track(stream.metrics)
+        self._requests.add(stream)
         stream.task = asyncio.run_coroutine_threadsafe(self._run(stream), self._loop)
+        stream.task.add_done_callback(lambda _: self._requests.discard(stream))
         return stream
 
     def set_mode(self, mode: str) -> None:
@@ -165,9 +169,13 @@ class RemoteEngine:
         """Nothing to clear from here: the server owns its cache."""
 
     def close(self) -> None:
+        """Cancel the requests in flight (their streams end as cancelled) and close the connections."""
         if self._closed:
             return
         self._closed = True
+        for stream in list(self._requests):
+            stream.cancel()
+        concurrent.futures.wait([s.task for s in list(self._requests)], timeout=5)
         if getattr(self, "_client", None) is not None:
             self._call(self._client.aclose())
         self._loop.call_soon_threadsafe(self._loop.stop)

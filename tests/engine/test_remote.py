@@ -149,3 +149,17 @@ def test_synthetic_users_drive_the_remote(served_engine, remote):
     snap = remote.metrics_snapshot()["classes"]["synthetic"]
     assert snap["ttft_s"]["p50"] is not None and snap["output_tok_s"] > 0
     assert threading.active_count() < 50  # no thread per request
+
+
+def test_close_ends_the_streams_in_flight(api_server, served_engine, default_model):
+    remote = RemoteEngine(api_server.url, tokenizer=default_model.tokenizer)
+    stream = remote.submit(Request(messages=QUESTION, sampling=SamplingParams(max_tokens=500, ignore_eos=True)))
+    events = iter(stream)
+    next(events)  # streaming
+    remote.close()
+    list(events)  # ends instead of waiting forever
+    assert stream.metrics.finish_reason == "cancelled"
+    deadline = time.monotonic() + 5
+    while served_engine.runner.has_work() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not served_engine.runner.has_work()
