@@ -5,6 +5,10 @@ decode, a chunk for a prefill) concatenated into one flat token list with explic
 the model's native input; the paged cache is told each sequence's query length, context length and block
 table, so attention stays within a sequence. Every sequence whose pending tokens are all computed samples
 one token from its own logits row with its own sampling parameters.
+
+On CUDA a step of decodes only replays a CUDA graph for its batch-size bucket (engine/cuda_graph.py) and reads
+back the greedy sequences' argmax, computed on the device, once; sampled sequences draw from their logits row on
+the device (`verify_on_device`), one readback each. Steps with prefill chunks run eagerly.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from engine.cuda_graph import BatchedDecodeGraphs, verify_on_device
 from engine.kv_cache import BlockManager, PagedKVCache
 from engine.loader import LoadedModel
 from engine.model import Transformer
@@ -65,16 +70,20 @@ def batched_model(loaded: LoadedModel, latency_model: Transformer, latency_quant
 
 class BatchedRunner:
     """The runner interface of engine/latency.py (add, has_work, num_waiting, num_running, take_all,
-    clear_cache, step) over many sequences at once."""
+    clear_cache, step) over many sequences at once. cuda_graphs: replay decode-only steps from CUDA graphs on CUDA."""
 
     def __init__(self, model: Transformer, max_seq_len: int, policy: BatchPolicy | None = None,
-                 kv_cache_tokens: int = 16384, block_size: int = 16, prefix_caching: bool = True):
+                 kv_cache_tokens: int = 16384, block_size: int = 16, prefix_caching: bool = True, cuda_graphs: bool = True):
         self.model = model
         self.max_seq_len = max_seq_len
         num_blocks = -(-kv_cache_tokens // block_size)
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
         self.cache = PagedKVCache(model.cfg, num_blocks, block_size, model.dtype, model.device)
-        self.scheduler = Scheduler(self.blocks, max_seq_len, policy or BatchPolicy())
+        policy = policy or BatchPolicy()
+        self.scheduler = Scheduler(self.blocks, max_seq_len, policy)
+        # buckets up to this policy's batch size; a later policy's larger batches run eagerly
+        cuda = model.device.type == "cuda"
+        self.graphs = BatchedDecodeGraphs(model, self.cache, policy.max_batch_size, max_seq_len) if cuda_graphs and cuda else None
         self.profile = StepProfile()
 
     # ---- what the engine calls -------------------------------------------------------------
@@ -104,12 +113,20 @@ class BatchedRunner:
             return
         t1 = time.perf_counter()
         tokens, samplers, ends = self._inputs(batch)
-        positions = self.cache.prepare([n for _, n in batch], [s.num_computed + n for s, n in batch],
-                                       [s.block_table for s, _ in batch])
+        query_lens, context_lens = [n for _, n in batch], [s.num_computed + n for s, n in batch]
+        tables = [s.block_table for s, _ in batch]
+        graphed = self.graphs is not None and self.graphs.fits(query_lens, context_lens)
+        if not graphed:
+            positions = self.cache.prepare(query_lens, context_lens, tables)
         t2 = time.perf_counter()
+        picks = None  # the greedy token of each sampler, where the device chose it
         try:
-            hidden = self.model(torch.tensor(tokens, device=self.model.device), positions, self.cache)
-            logits = self.model.logits(hidden[ends]) if ends else None
+            if graphed:
+                logits, best = self.graphs.run(tokens, context_lens, tables)
+                logits, picks = logits[ends], best[ends].tolist()  # the step's one readback
+            else:
+                hidden = self.model(torch.tensor(tokens, device=self.model.device), positions, self.cache)
+                logits = self.model.logits(hidden[ends]) if ends else None
         except Exception as e:  # the whole batch shared the failed pass; the engine keeps serving the rest
             for s, _ in batch:
                 s.seq.fail(e)
@@ -119,7 +136,7 @@ class BatchedRunner:
         self.scheduler.advance(batch)
         now = time.monotonic()
         for j, s in enumerate(samplers):
-            self._emit(s.seq, logits[j], now)
+            self._emit(s.seq, logits[j], now, picks[j] if picks else None)
         t4 = time.perf_counter()
         self.scheduler.remove_finished()
         t5 = time.perf_counter()
@@ -144,9 +161,16 @@ class BatchedRunner:
                 ends.append(len(tokens) - 1)
         return tokens, samplers, ends
 
-    def _emit(self, seq: Sequence, logits: torch.Tensor, t: float) -> None:
+    def _emit(self, seq: Sequence, logits: torch.Tensor, t: float, pick: int | None) -> None:
+        """Append the token chosen from `logits` [V]; a greedy sequence takes `pick`, its argmax, when given."""
         try:
-            seq.append([seq.sample(logits)], MODE, t)
+            if pick is not None and seq.params.greedy:
+                token = pick
+            elif logits.is_cuda:  # torch cannot sample CUDA tensors with the request's (CPU) generator
+                token = verify_on_device([], None, logits[None], seq.params, seq.generator)[0]
+            else:
+                token = seq.sample(logits)
+            seq.append([token], MODE, t)
         except Exception as e:  # bad sampling state fails this request only
             seq.fail(e)
         if not seq.finished and len(seq.prompt_ids) + len(seq.output_ids) >= self.max_seq_len:

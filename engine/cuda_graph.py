@@ -1,4 +1,5 @@
-"""CUDA graphs for latency mode's target step (batch 1, static KV cache), and token choice on the device.
+"""CUDA graphs for latency mode's target step (batch 1, static KV cache) and batched mode's decode step (paged KV
+cache), and token choice on the device.
 
 A captured graph replays fixed kernels on fixed buffers, so the step it captures may hold no Python int that
 changes from step to step. `GraphAttention` is the static cache's attention written that way: the new k/v go in
@@ -11,6 +12,11 @@ past the cache's length, where later steps overwrite them.
 
 Nothing in the step syncs with the host: greedy argmax runs inside the graph, sampled tokens are drawn on the
 device (`verify_on_device`), and each step reads back its tokens once.
+
+`BatchedDecodeGraphs` does the same for batched mode's decode-only steps (one new token for each sequence) over the
+paged cache: one graph per batch-size bucket (1, 2, 4, ...), the batch padded to its bucket, the inputs (token ids,
+positions, slots, lengths, block tables) in one static buffer. The fused kernels take the block tables and lengths
+as tensors and size their grids by the tables' fixed width, so one graph serves every context length.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from engine.kv_cache import StaticKVCache
+import kernels
+from engine.kv_cache import PagedKVCache, StaticKVCache
 from engine.model import Transformer
 from engine.sampling import SamplingParams, probabilities
 from engine.speculative import accept_greedy
@@ -128,30 +135,120 @@ class DecodeGraphs:
 
     def _build(self, rows: int, window: int) -> Callable[[], StepOutput]:
         step = StaticStep(self.model, self.cache, self.inputs, rows, window)
-        if self.capture:
-            step = self._capture(step)
-        self._steps[rows, window] = step
-        return step
+        self._steps[rows, window] = capture_graph(step, self._pool) if self.capture else step
+        return self._steps[rows, window]
 
-    def _capture(self, step: StaticStep) -> Callable[[], StepOutput]:
-        # Warm up on a side stream first (cuBLAS workspaces, lazy initialisation), as torch's graph docs ask. The
-        # inputs already hold this step's tokens, so the warm-up writes the same k/v the replay will write.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: CUDA work on other threads (another engine, the voice server) must not break the capture
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            out = step()
 
-        def replay() -> StepOutput:
-            graph.replay()
-            return out
+def capture_graph(step: Callable[[], StepOutput], pool: tuple) -> Callable[[], StepOutput]:
+    """`step` captured in a CUDA graph (allocating from `pool`); the returned call replays it."""
+    # Warm up on a side stream first (cuBLAS workspaces, Triton compiles, lazy initialisation), as torch's graph docs
+    # ask. The inputs already hold this step's tokens, so the warm-up writes the same k/v the replay will write.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: CUDA work on other threads (another engine, the voice server) must not break the capture
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        out = step()
 
-        return replay
+    def replay() -> StepOutput:
+        graph.replay()
+        return out
+
+    return replay
+
+
+class PagedGraphAttention:
+    """Attention over a `PagedKVCache` for one new token per row, from static buffers: slots [rows] (-1: write
+    nowhere), block tables [rows, max_blocks] and lengths [rows] (this token included). The fused kernels (their
+    references on the CPU) read them as tensors, so no Python int changes from step to step."""
+
+    def __init__(self, cache: PagedKVCache, slots: Tensor, tables: Tensor, lens: Tensor):
+        self.cache = cache
+        self.slots = slots
+        self.tables = tables
+        self.lens = lens
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
+        kernels.write_kv_cache(k, v, k_cache, v_cache, self.slots)
+        out = kernels.paged_decode_attention(q.unsqueeze(1), k_cache, v_cache, self.tables, self.lens)
+        return out.reshape(q.shape[0], -1)
+
+
+class PagedStep:
+    """Batched mode's decode step for the first `rows` rows of the inputs of a `BatchedDecodeGraphs`."""
+
+    def __init__(self, model: Transformer, graphs: BatchedDecodeGraphs, rows: int):
+        self.model = model
+        self.tokens = graphs.tokens[:rows]
+        self.positions = graphs.positions[:rows]
+        self.attention = PagedGraphAttention(graphs.cache, graphs.slots[:rows], graphs.tables[:rows], graphs.lens[:rows])
+
+    @torch.inference_mode()
+    def __call__(self) -> StepOutput:
+        logits = self.model.logits(self.model(self.tokens, self.positions, self.attention))
+        return logits, logits.argmax(dim=-1)
+
+
+class BatchedDecodeGraphs:
+    """Batched mode's decode steps of up to `max_batch` sequences (one new token each), replayed from CUDA graphs.
+
+    The inputs live in one int32 device buffer, [tokens | positions | slots | lengths] of `max_batch` rows each, then
+    the block tables [max_batch, max_blocks], refilled with one host-to-device copy per step. A padding row has
+    slot -1, so it writes nowhere, and length 1 over block 0, so it reads one key. Steps with prefill chunks, and
+    larger batches, stay on the eager path (`fits`). capture=False runs the same step eagerly (the CPU tests check
+    it against the eager path).
+    """
+
+    def __init__(self, model: Transformer, cache: PagedKVCache, max_batch: int, max_seq_len: int, capture: bool = True):
+        self.model = model
+        self.cache = cache
+        self.max_batch = bucket(max_batch)
+        self.max_blocks = -(-max_seq_len // cache.block_size)
+        self.capture = capture
+        M = self.max_batch
+        self._host = torch.zeros(4 * M + M * self.max_blocks, dtype=torch.int32)
+        self._fields = self._host[: 4 * M].numpy().reshape(4, M)  # numpy views: filling them from lists is fast
+        self._host_tables = self._host[4 * M :].numpy().reshape(M, self.max_blocks)
+        self.inputs = torch.zeros_like(self._host, device=cache.device)
+        self.tokens, self.positions, self.slots, self.lens = self.inputs[: 4 * M].view(4, M)
+        self.tables = self.inputs[4 * M :].view(M, self.max_blocks)
+        self._steps: dict[int, Callable[[], StepOutput]] = {}
+        self._pool = torch.cuda.graph_pool_handle() if capture else None  # one memory pool shared by every graph
+
+    def fits(self, query_lens: list[int], context_lens: list[int]) -> bool:
+        """Can this step run here: decodes only, few enough of them, short enough (else the caller runs it eagerly)?"""
+        return (len(query_lens) <= self.max_batch and all(n == 1 for n in query_lens)
+                and max(context_lens) <= self.max_blocks * self.cache.block_size)
+
+    def run(self, tokens: list[int], context_lens: list[int], block_tables: list[list[int]]) -> StepOutput:
+        """One new token per sequence: tokens[i] at position context_lens[i] - 1 of the sequence whose blocks are
+        block_tables[i]; logits [len(tokens), V] and their argmax."""
+        n, rows, bs = len(tokens), bucket(len(tokens)), self.cache.block_size
+        positions = [c - 1 for c in context_lens]
+        slots = [table[p // bs] * bs + p % bs for table, p in zip(block_tables, positions)]
+        self._fields[:, :n] = [tokens, positions, slots, context_lens]
+        self._fields[:, n:rows] = [[0], [0], [-1], [1]]  # padding rows: token 0 at position 0, no slot, one key
+        for i, (table, c) in enumerate(zip(block_tables, context_lens)):
+            used = -(-c // bs)  # entries past these are never read: no need to clear them
+            self._host_tables[i, :used] = table[:used]
+        self._host_tables[n:rows, 0] = 0
+        # One host-to-device copy, up to the last table row the step reads. The source is pageable, so the copy has
+        # taken it by the time copy_ returns and the next step may refill it.
+        end = 4 * self.max_batch + rows * self.max_blocks
+        self.inputs[:end].copy_(self._host[:end], non_blocking=True)
+        step = self._steps.get(rows) or self._build(rows)
+        logits, best = step()
+        return logits[:n], best[:n]
+
+    def _build(self, rows: int) -> Callable[[], StepOutput]:
+        step = PagedStep(self.model, self, rows)
+        self._steps[rows] = capture_graph(step, self._pool) if self.capture else step
+        return self._steps[rows]
 
 
 def verify_on_device(drafts: list[int], draft_probs: Tensor | None, logits: Tensor, params: SamplingParams,

@@ -74,8 +74,8 @@ MODES = ("latency", "batched")
 
 class Engine:
     """`dtype` applies to both modes when given; by default latency mode runs `default_dtype` and batched mode
-    `engine.batched.choose_dtype` (sharing the latency model's weights when the two agree). On CUDA, latency mode
-    replays its decode steps from CUDA graphs unless `cuda_graphs` is False (eager, for comparison)."""
+    `engine.batched.choose_dtype` (sharing the latency model's weights when the two agree). On CUDA, both modes
+    replay their decode steps from CUDA graphs unless `cuda_graphs` is False (eager, for comparison)."""
 
     def __init__(self, model: str | LoadedModel = "smollm2-135m", device: str | None = None,
                  dtype: torch.dtype | None = None, max_seq_len: int | None = None, max_waiting: int = 64,
@@ -103,6 +103,7 @@ class Engine:
         drafter = build_drafter(spec, self.model, self.name, draft, self.max_seq_len, self.quant)
         self._drafter = drafter  # kept so `set_speculation(True)` can bring it back
         self._latency = LatencyRunner(self.model, self.max_seq_len, drafter, cuda_graphs=cuda_graphs)
+        self._cuda_graphs = cuda_graphs  # for the batched runner, built later
         self._batched_model = batched_model(loaded, self.model, self.quant, self.batched_dtype)
         self._batched: BatchedRunner | None = None  # built on first use: its KV pool is large
         self.runner: LatencyRunner | BatchedRunner = self._latency
@@ -244,7 +245,8 @@ class Engine:
         if mode == self.mode:
             return
         if mode == "batched" and self._batched is None:
-            self._batched = BatchedRunner(self._batched_model, self.max_seq_len, self.policy, self.kv_cache_tokens)
+            self._batched = BatchedRunner(self._batched_model, self.max_seq_len, self.policy, self.kv_cache_tokens,
+                                          cuda_graphs=self._cuda_graphs)
         target = self._batched if mode == "batched" else self._latency
         for seq in self.runner.take_all():
             target.add(seq)

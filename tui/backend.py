@@ -169,6 +169,14 @@ class Backend:
             recent = engine.stats.snapshot(now, since=now - RECENT_S)
         return Sample.from_snapshots(now - self.started, level, recent, self.users, now - level_start)
 
+    @property
+    def where(self) -> str | None:
+        """Where the LLM runs, when not in this process, and whose clock the numbers are from."""
+        host = urlsplit(self.engine.url).netloc if isinstance(self.engine, RemoteEngine) else None
+        if host is None:
+            return None
+        return f"attached to [b]{host}[/] (its numbers)" if self.options.connect else f"LLM at [b]{host}[/] (timed here)"
+
     # ---- controls ----------------------------------------------------------------------------
 
     @property

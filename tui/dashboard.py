@@ -194,7 +194,8 @@ class DashboardScreen(Screen):
 
     def _show_status(self, note: str = "") -> None:
         sweeping = self._sweep is not None and self._sweep.is_running
-        self.query_one(StatusLine).show(self.sample, self.link.caller_on, note or ("sweeping (r stops)" if sweeping else ""))
+        self.query_one(StatusLine).show(self.sample, self.link.caller_on, note or ("sweeping (r stops)" if sweeping else ""),
+                                        self.backend.where)
 
     # ---- the conversation -----------------------------------------------------------------------
 

@@ -8,12 +8,13 @@ from tui.model import Sample
 
 
 class StatusLine(Static):
-    def show(self, s: Sample | None, caller: bool, note: str = "") -> None:
+    def show(self, s: Sample | None, caller: bool, note: str = "", where: str | None = None) -> None:
+        """where: the remote server, if the engine is not in this process."""
         if s is None:
             self.update(f"waiting for the engine ...  {note}")
             return
         mode = "[b reverse] BATCHED [/]" if s.mode == "batched" else "[b reverse] LATENCY [/]"
-        parts = [f"synthetic users [b]{s.users}[/]", f"speculation [b]{s.drafter or 'off'}[/]",
+        parts = ([where] if where else []) + [f"synthetic users [b]{s.users}[/]", f"speculation [b]{s.drafter or 'off'}[/]",
                  f"chunked prefill [b]{'on' if s.chunked_prefill else 'off'}[/]", f"caller [b]{'on' if caller else 'off'}[/]",
                  f"running {s.running} · queued {s.waiting} · preempted {s.preemptions}",
                  f"measured over the last {s.window_s:.0f} s"]
