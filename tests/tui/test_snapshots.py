@@ -14,6 +14,7 @@ class ReplayBackend:
     STAGES = 1
     engine = None
     can_speculate = False
+    where = None  # in this process
 
     def __init__(self) -> None:
         self.options = Options(caller=False)
