@@ -277,7 +277,7 @@ def parse_call(body: dict, engine: Backend, chat: bool) -> Call:
                       ("echo", "echo"), ("suffix", "suffix")):
         if body.get(name) not in (None, False, []):
             raise APIError(400, f"{why} are not supported by this server", param=name)
-    if body.get("n", 1) != 1 or body.get("best_of", 1) != 1:
+    if body.get("n") not in (None, 1) or body.get("best_of") not in (None, 1):
         raise APIError(400, "only n = 1 (and best_of = 1) is supported", param="n")
     fmt = body.get("response_format")
     if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
