@@ -1,6 +1,8 @@
 """The LLM engine: model loading, KV caches, sampling, decoding and per-request metrics.
 
-Imports torch and `kernels` only. It must not import voice, tui or bench: it knows nothing of audio or screens.
+Also its OpenAI-compatible HTTP API (openai_api.py, on Starlette) and the client for a remote one (remote.py, on
+httpx). It imports torch, `kernels` and those libraries only. It must not import voice, tui or bench: it knows
+nothing of audio or screens.
 """
 
 from engine.engine import Completion, ContextLengthError, Engine, EngineError, OverloadedError, Request, TokenEvent
