@@ -78,3 +78,10 @@ def test_examples_reject_a_wav_in_the_wrong_format(tmp_path):
         result = subprocess.run([sys.executable, str(EXAMPLES / example), "--url", "ws://127.0.0.1:9/v1/realtime",
                                  "--wav", str(bad)], capture_output=True, text=True, timeout=60)
         assert result.returncode != 0 and "24 kHz" in result.stderr, (example, result.stderr)
+
+
+async def test_http_example_streams_a_reply_and_its_timing(server):
+    stdout = await run_example("http_chat.py", "--base-url", server.http_url, "--max-tokens", "8", QUESTION)
+    (answer,) = said(stdout, "bot")
+    assert answer, stdout
+    assert "TTFT" in stdout and "output tokens" in stdout, stdout
