@@ -122,9 +122,7 @@ class Engine:
                 f"batched mode {self.batched_dtype}; speculation {self.spec}")
 
     def prompt_ids(self, request: Request) -> list[int]:
-        given = [x is not None for x in (request.prompt, request.messages, request.prompt_ids)]
-        if sum(given) != 1:
-            raise ValueError("a request needs exactly one of prompt, messages or prompt_ids")
+        request.check()
         if request.messages is not None:
             return self.tokenizer.encode_chat(request.messages)
         if request.prompt is not None:

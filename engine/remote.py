@@ -80,7 +80,6 @@ class RemoteEngine:
         self.policy = policy or BatchPolicy()
         self.stats = RollingStats()
         self.finish_listeners: list = []
-        self.spec = "off"
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="remote-engine", daemon=True)
         self._thread.start()
@@ -115,8 +114,7 @@ class RemoteEngine:
         """Start the request and return its stream; refusals and errors arrive through the stream."""
         if self._closed:
             raise RuntimeError("remote engine is closed")
-        if sum(x is not None for x in (request.prompt, request.messages, request.prompt_ids)) != 1:
-            raise ValueError("a request needs exactly one of prompt, messages or prompt_ids")
+        request.check()
         if len(self._admission) >= self.max_waiting:
             self.stats.record_rejected()
             raise OverloadedError(f"{self.max_waiting} requests already wait for {self.url}; retry later")

@@ -33,6 +33,10 @@ class Request:
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     user_class: str = "user"  # metrics are aggregated per class ("user" = the real user, "synthetic" = load)
 
+    def check(self) -> None:
+        if sum(x is not None for x in (self.prompt, self.messages, self.prompt_ids)) != 1:
+            raise ValueError("a request needs exactly one of prompt, messages or prompt_ids")
+
 
 @dataclass(frozen=True)
 class TokenEvent:
