@@ -35,8 +35,7 @@ async def test_spoken_turn_through_a_remote_backend(services, engine, default_mo
     [served] = [m for m in ended if m.user_class == "user"]
     llm = reply.metrics["llm"]
     assert llm["prompt_tokens"] == served.prompt_tokens and llm["output_tokens"] == served.output_tokens
-    assert llm["ttft_ms"] >= served.ttft * 1000
-    assert reply.metrics["breakdown_ms"]["llm_ttft"] > 0
+    assert llm["ttft_ms"] >= served.ttft * 1000  # the client's clock starts before the server's
 
 
 async def test_http_api_on_the_realtime_port(server, engine):
