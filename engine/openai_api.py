@@ -126,11 +126,12 @@ class OpenAIAPI:
 
     async def engine_metrics(self, request: HTTPRequest, engine: Backend) -> Response:
         """`engine.metrics_snapshot()`; `?since_s=S` starts its window S seconds ago (as the dashboard asks)."""
-        try:
-            since_s = float(request.query_params.get("since_s", "inf"))
-        except ValueError:
-            raise APIError(400, "since_s must be a number of seconds", param="since_s") from None
-        since = time.monotonic() - since_s if since_s != float("inf") else None
+        since = None
+        if (raw := request.query_params.get("since_s")) is not None:
+            try:
+                since = time.monotonic() - float(raw)
+            except ValueError:
+                raise APIError(400, "since_s must be a number of seconds", param="since_s") from None
         snapshot = await asyncio.to_thread(engine.metrics_snapshot, since)
         return JSONResponse({**snapshot, "model": engine.name, "can_speculate": engine.spec != "off"})
 
@@ -234,7 +235,7 @@ class Reply:
                 return
             yield self.chunk({}, self.finish_reason())
             if self.call.include_usage:
-                yield sse_data({**self.base("chunk"), "choices": [], "usage": self.usage()})
+                yield sse_data({**self.base(), "choices": [], "usage": self.usage()})
             yield "data: [DONE]\n\n"
         finally:
             self.stream.cancel()
@@ -244,12 +245,12 @@ class Reply:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish_reason}
-        body = {**self.base("chunk"), "choices": [choice]}
+        body = {**self.base(), "choices": [choice]}
         if self.call.include_usage:
             body["usage"] = None
         return sse_data(body)
 
-    def base(self, kind: str) -> dict:
+    def base(self) -> dict:
         obj = "chat.completion.chunk" if self.call.chat else "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
