@@ -1,22 +1,27 @@
-"""`tradeoff bench ...`: the benchmark subcommands."""
+"""`tradeoff bench ...`: the benchmark subcommands. Only the benchmark being run is imported."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 
-from bench import dashboard_keys, decode, distill_draft, interference, kernels, quant, spec, sweep, voice
+# benchmark -> (its module, whose `configure(parser)` fills in its options; the line `--help` shows)
+BENCHES: dict[str, tuple[str, str]] = {
+    "decode": ("bench.decode", "batch-1 prefill/decode speed, TTFT, TBT and achieved bandwidth"),
+    "quant": ("bench.quant", "accuracy of bf16/int8/int4 weights against fp32"),
+    "spec": ("bench.spec", "speculative decoding per drafter vs no speculation, and llama.cpp in its own process"),
+    "kernels": ("bench.kernels", "time each Triton kernel against its PyTorch equivalent (GPU)"),
+    "sweep": ("bench.sweep", "throughput vs latency: one row per concurrency level, JSON and a PNG"),
+    "interference": ("bench.interference", "batched mode: TBT of decoding users when a long prompt arrives, chunked off/on"),
+    "keys": ("bench.dashboard_keys", "dashboard key latency at 160x60 while the engine is saturated"),
+    "voice": ("bench.voice", "the voice loop end to end: E2E breakdown, barge-in, WER (simulated caller)"),
+}
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks: print a table and write JSON",
-                       description="Benchmarks. Each prints a table and writes JSON; figures are medians.")
+def configure(name: str, p: argparse.ArgumentParser, argv: list[str]) -> None:
+    p.description = "Benchmarks. Each prints a table and writes JSON that names the machine; figures are medians."
     benches = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    decode.add_parser(benches)
-    quant.add_parser(benches)
-    spec.add_parser(benches)
-    kernels.add_parser(benches)
-    distill_draft.add_parser(benches)
-    sweep.add_parser(benches)
-    interference.add_parser(benches)
-    dashboard_keys.add_parser(benches)
-    voice.add_parser(benches)
+    for bench, (module, help) in BENCHES.items():
+        b = benches.add_parser(bench, help=help)
+        if argv and argv[0] == bench:
+            importlib.import_module(module).configure(b)

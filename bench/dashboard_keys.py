@@ -23,8 +23,9 @@ KEYS = ("question_mark", "escape", "s")
 
 
 async def measure(users: int, presses: int, warmup_s: float) -> tuple[list[dict], dict]:
-    from tui.app import TradeoffApp
     from tui.backend import Options
+
+    from tui.app import TradeoffApp
 
     seen: dict[str, float] = {}
 
@@ -66,9 +67,9 @@ async def measure(users: int, presses: int, warmup_s: float) -> tuple[list[dict]
     return rows, {"running": state.running, "tok_s": state.tok_s, "tbt_p50_ms": state.tbt_p50_ms} if state else {}
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("keys", help="dashboard key latency at 160x60 while the engine is saturated",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def configure(p: argparse.ArgumentParser) -> None:
+    p.description = __doc__
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--users", type=int, default=16, help="synthetic users in batched mode (default: %(default)s)")
     p.add_argument("--presses", type=int, default=30, help="keys to press (default: %(default)s)")
     p.add_argument("--warmup", type=float, default=15.0, help="seconds of load before the first press (default: %(default)s)")

@@ -140,9 +140,8 @@ COLUMNS = [
 GRAPH_SETTINGS = {"on": (True,), "off": (False,), "both": (False, True)}
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("decode", help="batch-1 prefill/decode speed, TTFT, TBT and achieved bandwidth",
-                       description=__doc__)
+def configure(p: argparse.ArgumentParser) -> None:
+    p.description = __doc__
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--device", default=None)
     p.add_argument("--weights", default="int4,int8,bf16,fp32",

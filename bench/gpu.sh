@@ -91,20 +91,20 @@ if [ "$DRY" = 1 ]; then
         --junitxml="$OUT/kernel_tests.xml"
     step kernel_bench 120 "$PY" -m bench.kernels --dry-run --json "$OUT/kernels.json"
     echo "dry run: decode, speculation and a batched sweep on the CPU, a few tokens, to check the plumbing (not GPU figures)"
-    step decode 180 "$PY" -m tui.cli bench decode --device cpu --weights fp32 --cuda-graphs both --runs 1 --max-tokens 8 \
+    step decode 180 "$PY" -m tradeoff bench decode --device cpu --weights fp32 --cuda-graphs both --runs 1 --max-tokens 8 \
         --json "$OUT/decode.json"
-    step spec 240 "$PY" -m tui.cli bench spec --drafters off,ngram --max-tokens 8 --json "$OUT/spec.json"
-    step sweep 180 "$PY" -m tui.cli bench sweep --device cpu --concurrency 1,2 --requests-per-user 3 --prompt-tokens 16 \
+    step spec 240 "$PY" -m tradeoff bench spec --drafters off,ngram --max-tokens 8 --json "$OUT/spec.json"
+    step sweep 180 "$PY" -m tradeoff bench sweep --device cpu --concurrency 1,2 --requests-per-user 3 --prompt-tokens 16 \
         --output-tokens 8 --no-latency-point --json "$OUT/sweep.json" --plot ""
 else
     # fp32 is covered by CI under the interpreter; on the GPU check the dtypes the engine runs in
     step kernel_tests 110 env TRITON_INTERPRET=0 "$PY" -m pytest tests/kernels -q -p no:cacheprovider -k "not float32" \
         --junitxml="$OUT/kernel_tests.xml"
     step kernel_bench 60 "$PY" -m bench.kernels --dtype bf16 --json "$OUT/kernels.json"
-    step decode 45 "$PY" -m tui.cli bench decode --device cuda --weights bf16 --cuda-graphs both --runs 3 --max-tokens 128 \
+    step decode 45 "$PY" -m tradeoff bench decode --device cuda --weights bf16 --cuda-graphs both --runs 3 --max-tokens 128 \
         --json "$OUT/decode.json"
-    step spec 40 "$PY" -m tui.cli bench spec --drafters off,ngram,auto --max-tokens 64 --json "$OUT/spec.json"
-    step sweep 35 "$PY" -m tui.cli bench sweep --device cuda --concurrency 1,4,16 --requests-per-user 2 --prompt-tokens 64 \
+    step spec 40 "$PY" -m tradeoff bench spec --drafters off,ngram,auto --max-tokens 64 --json "$OUT/spec.json"
+    step sweep 35 "$PY" -m tradeoff bench sweep --device cuda --concurrency 1,4,16 --requests-per-user 2 --prompt-tokens 64 \
         --output-tokens 32 --no-latency-point --json "$OUT/sweep.json" --plot ""
 fi
 

@@ -20,10 +20,10 @@ import torch
 from bench.report import table, write_json
 from engine.engine import Engine, Request
 from engine.loader import LoadedModel, load
-from engine.loadgen import PromptSet
 from engine.metrics import percentile
 from engine.sampling import SamplingParams
 from engine.scheduler import BatchPolicy
+from serve.loadgen import PromptSet
 
 
 def gaps(streams: list, since: float, until: float) -> list[float]:
@@ -82,9 +82,9 @@ COLUMNS = [
 ]
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("interference", help="batched mode: TBT of decoding users when a long prompt arrives, chunked off/on",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def configure(p: argparse.ArgumentParser) -> None:
+    p.description = __doc__
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--users", type=int, default=8, help="users decoding when the prompt arrives (default: %(default)s)")
     p.add_argument("--prompt-tokens", type=int, default=1000, help="length of the long prompt (default: %(default)s)")

@@ -177,9 +177,9 @@ COLUMNS = [("kernel", "kernel", ""), ("shape", "shape", ""), ("triton_us", "trit
            ("gb_s", "GB/s", ".0f"), ("pct_copy_bw", "% copy", ".0f"), ("max_rel_err", "max rel err", ".1e"), ("ok", "ok", "")]
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("kernels", help="time each Triton kernel against its PyTorch equivalent (GPU)", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+def configure(p: argparse.ArgumentParser) -> None:
+    p.description = __doc__
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="activation dtype (default: %(default)s)")
     p.add_argument("--dry-run", action="store_true",
                    help="tiny shapes, no timing; without CUDA it runs under the Triton interpreter")
@@ -219,5 +219,5 @@ def main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench.kernels")
-    add_parser(parser.add_subparsers(dest="bench", required=True))
-    sys.exit(main(parser.parse_args(["kernels", *sys.argv[1:]])))
+    configure(parser)
+    sys.exit(main(parser.parse_args()))

@@ -80,8 +80,8 @@ COLUMNS = [("format", "weights", ""), ("prompts", "prompts", "d"), ("positions",
            ("max_logit_error", "max |logit err|", ".3f"), ("greedy_agreement", "greedy agreement", ".3f")]
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("quant", help="accuracy of bf16/int8/int4 weights against fp32", description=__doc__)
+def configure(p: argparse.ArgumentParser) -> None:
+    p.description = __doc__
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--formats", default="fp32,bf16,int8,int4")
     p.add_argument("--reply-tokens", type=int, default=64)

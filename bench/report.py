@@ -3,19 +3,9 @@
 from __future__ import annotations
 
 import json
-import platform
-import time
 from pathlib import Path
 
-import torch
-
-
-def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
+from engine.machine import machine
 
 
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:

@@ -1,6 +1,6 @@
 """`tradeoff bench sweep`: the throughput/latency trade-off, one row per load level (closed-loop concurrency).
 
-At each level, N synthetic users (engine/loadgen.py) send requests back to back. The first N completions
+At each level, N synthetic users (serve/loadgen.py) send requests back to back. The first N completions
 are a warm-up; the row is measured from then until N x requests-per-user have completed: requests/s,
 output tokens/s in total and per user (mean of 1/TPOT), TTFT, TBT and E2E (mean, p50, p99), goodput
 against the SLOs, mean running batch size, preemptions, and where batched mode's step time went
@@ -10,7 +10,7 @@ latency mode's point at concurrency 1.
 
 With --backend openai://HOST:PORT/v1 the same levels run against that server (vLLM, SGLang, another tradeoff...)
 and every number is measured here, from the streams; its latency point is a tradeoff server's latency mode, or
-for other servers one request in flight at a time (engine/remote.py).
+for other servers one request in flight at a time (serve/remote.py).
 """
 
 from __future__ import annotations
@@ -22,46 +22,53 @@ from dataclasses import asdict
 import torch
 
 from bench.report import table, write_json
+from engine import Backend, Controls, Engine
 from engine.batched import PHASES, StepProfile
-from engine.cli import add_backend_args, remote_from
-from engine.engine import Engine
 from engine.loader import load
-from engine.loadgen import Lengths, LoadGenerator, Workload
 from engine.scheduler import BatchPolicy
 from engine.stats import SLO, summarize
+from serve.cli import add_backend_args, remote_from
+from serve.loadgen import Lengths, LoadGenerator, Workload
 
 SCHEDULER_PHASES = ("schedule", "prepare", "update")
 
 
-def run_level(engine: Engine, concurrency: int, requests_per_user: int, workload: Workload, slo: SLO,
+def preemptions(engine: Backend) -> int | None:
+    kv = engine.snapshot().state.kv
+    return kv.preemptions if kv is not None else None
+
+
+def run_level(engine: Backend, concurrency: int, requests_per_user: int, workload: Workload, slo: SLO,
               seed: int) -> dict:
     engine.clear_cache()  # no prefix hits carried over from the previous level
     lg = LoadGenerator(engine, workload, seed=seed)
-    lg.start_closed(concurrency)
+    lg.start(concurrency)
     try:
         wait_for(lambda: len(lg.completed) >= concurrency)
         start = time.monotonic()
-        runner = getattr(engine, "runner", None)  # a remote engine's runner is on the server
-        batched = runner is not None and engine.mode == "batched"
-        preemptions = runner.scheduler.preemptions if batched else 0
-        if batched:
+        mode = engine.snapshot().state.mode
+        # where batched mode's step time goes: only an engine in this process can say (its runner's profile)
+        runner = engine.runner if isinstance(engine, Engine) and mode == "batched" else None
+        preempted = preemptions(engine)
+        if runner is not None:
             runner.profile = StepProfile()
         wait_for(lambda: len(lg.completed) >= concurrency * requests_per_user)
         end = time.monotonic()
-        profile = runner.profile if batched else None
-        preemptions = runner.scheduler.preemptions - preemptions if batched else None
+        profile = runner.profile if runner is not None else None
+        if preempted is not None:
+            preempted = preemptions(engine) - preempted
     finally:
         lg.stop()
     s = summarize(lg.submitted, start, end, slo)
     row = {
-        "mode": engine.mode, "concurrency": concurrency, "requests": s["finished"], "duration_s": end - start,
-        "req_s": s["req_s"], "output_tok_s": s["output_tok_s"], "tok_s_per_user": s["tok_s_per_user"],
-        "goodput_req_s": s["goodput_req_s"], "slo_attained": s["slo_attained"], "rejected": lg.rejected,
-        "preemptions": preemptions,
+        "mode": mode, "concurrency": concurrency, "requests": s.finished, "duration_s": end - start,
+        "req_s": s.req_s, "output_tok_s": s.output_tok_s, "tok_s_per_user": s.tok_s_per_user,
+        "goodput_req_s": s.goodput_req_s, "slo_attained": s.slo_attained, "rejected": lg.rejected,
+        "preemptions": preempted,
     }
     for name in ("ttft", "tbt", "e2e"):
         for stat in ("mean", "p50", "p99"):
-            row[f"{name}_{stat}_s"] = s[f"{name}_s"][stat]
+            row[f"{name}_{stat}_s"] = getattr(getattr(s, f"{name}_s"), stat)
     if profile is not None and profile.steps:
         total = sum(profile.seconds.values())
         row["batch_mean"] = profile.sequences / profile.steps
@@ -148,9 +155,9 @@ COLUMNS = [
 ]
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sweep", help="throughput vs latency: one row per concurrency level, JSON and a PNG",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def configure(p: argparse.ArgumentParser) -> None:
+    p.description = __doc__
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--model", default="smollm2-135m", help="model to run (with --backend: whose tokenizer sizes prompts)")
     p.add_argument("--device", default=None)
     add_backend_args(p)
@@ -179,10 +186,9 @@ def main(args: argparse.Namespace) -> int:
     policy = BatchPolicy(max_batch_size=args.max_batch_size or min(defaults.max_batch_size, budget - 1), token_budget=budget)
     # every request of a level waits in the engine at most once: the queue bound must not refuse the sweep's own users
     max_waiting = max(levels) + 1
-    if args.backend:  # the same levels through the remote's stream, measured here (engine/remote.py)
+    if args.backend:  # the same levels through the remote's stream, measured here (serve/remote.py)
         engine = remote_from(args, policy=policy, max_waiting=max_waiting)
-        engine.set_policy(max_batch_size=policy.max_batch_size)
-        engine.set_mode(args.mode)
+        engine.control(Controls(mode=args.mode, max_batch_size=policy.max_batch_size))
         print(engine.describe(), flush=True)
     else:
         loaded = load(args.model)
@@ -195,7 +201,7 @@ def main(args: argparse.Namespace) -> int:
     latency_row = None
     if args.mode == "batched" and not args.no_latency_point:
         if args.backend:
-            engine.set_mode("latency")
+            engine.control(Controls(mode="latency"))
         else:
             engine.close()
             engine = Engine(loaded, device=args.device, mode="latency")

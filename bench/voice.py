@@ -121,9 +121,9 @@ def per_turn(turns: list[Turn]) -> list[dict]:
              "client_e2e_ms": t.e2e_ms, "server": t.response.metrics} for t in turns]
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("voice", help="the voice loop end to end: E2E breakdown, barge-in, WER (simulated caller)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def configure(p: argparse.ArgumentParser) -> None:
+    p.description = __doc__
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--turns", type=int, default=24, help="questions the caller asks (default: %(default)s)")
     p.add_argument("--barge-in-every", type=int, default=4, help="interrupt every n-th reply (default: %(default)s)")
@@ -146,7 +146,7 @@ def main(args: argparse.Namespace) -> int:
                                ("final_ms_p50", "final p50 ms", ".0f"), ("final_ms_p90", "final p90 ms", ".0f")]))
     engine = Engine(args.model)
     print(f"\nLive loop: {args.turns} turns, barge-in every {args.barge_in_every}, engine {engine.name} "
-          f"({engine.mode} mode), Whisper + espeak ...", flush=True)
+          f"({engine.snapshot().state.mode} mode), Whisper + espeak ...", flush=True)
     turns = asyncio.run(live_loop(engine, tts, args.turns, args.barge_in_every, args.max_tokens, args.first_words,
                                   args.silence_ms))
     engine.close()

@@ -19,12 +19,14 @@ from pathlib import Path
 
 import torch
 
-from engine.cuda_graph import BatchedDecodeGraphs, verify_on_device
-from engine.kv_cache import BlockManager, PagedKVCache
+from engine.block_manager import BlockManager
+from engine.cuda_graph import BatchedDecodeGraphs
+from engine.kv_cache import PagedKVCache
 from engine.loader import LoadedModel
 from engine.model import Transformer
 from engine.scheduler import BatchPolicy, PagedSeq, Scheduler
 from engine.sequence import Sequence
+from engine.speculative import choose_tokens
 
 MODE = "batched"
 PHASES = ("schedule", "prepare", "forward", "sample", "update")  # the parts of a step, in order
@@ -164,12 +166,8 @@ class BatchedRunner:
     def _emit(self, seq: Sequence, logits: torch.Tensor, t: float, pick: int | None) -> None:
         """Append the token chosen from `logits` [V]; a greedy sequence takes `pick`, its argmax, when given."""
         try:
-            if pick is not None and seq.params.greedy:
-                token = pick
-            elif logits.is_cuda:  # torch cannot sample CUDA tensors with the request's (CPU) generator
-                token = verify_on_device([], None, logits[None], seq.params, seq.generator)[0]
-            else:
-                token = seq.sample(logits)
+            token = pick if pick is not None and seq.params.greedy else \
+                choose_tokens([], None, logits[None], seq.params, seq.generator)[0]
             seq.append([token], MODE, t)
         except Exception as e:  # bad sampling state fails this request only
             seq.fail(e)

@@ -11,7 +11,7 @@ it needs. Padding rows come after the real ones, so the causal mask hides them f
 past the cache's length, where later steps overwrite them.
 
 Nothing in the step syncs with the host: greedy argmax runs inside the graph, sampled tokens are drawn on the
-device (`verify_on_device`), and each step reads back its tokens once.
+device (`engine.speculative.choose_tokens`), and each step reads back its tokens once.
 
 `BatchedDecodeGraphs` does the same for batched mode's decode-only steps (one new token for each sequence) over the
 paged cache: one graph per batch-size bucket (1, 2, 4, ...), the batch padded to its bucket, the inputs (token ids,
@@ -24,14 +24,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 import kernels
 from engine.kv_cache import PagedKVCache, StaticKVCache
 from engine.model import Transformer
-from engine.sampling import SamplingParams, probabilities
-from engine.speculative import accept_greedy
 
 MIN_WINDOW = 256  # keys attended by the smallest window; small enough that short chats read little padding
 
@@ -249,35 +246,3 @@ class BatchedDecodeGraphs:
         step = PagedStep(self.model, self, rows)
         self._steps[rows] = capture_graph(step, self._pool) if self.capture else step
         return self._steps[rows]
-
-
-def verify_on_device(drafts: list[int], draft_probs: Tensor | None, logits: Tensor, params: SamplingParams,
-                     generator: torch.Generator | None, best: Tensor | None = None) -> list[int]:
-    """`engine.speculative.verify` for logits on the device, with a single readback (no drafts: plain sampling).
-
-    Same rule and so the same distribution: draft i is accepted when u_i * q_i(d_i) < p_i(d_i); the first rejected
-    one is replaced by a draw from max(0, p - q) renormalised, and if all are accepted a bonus token comes from the
-    last row. The draw is by inverse CDF from a uniform, and the uniforms come from the request's own generator
-    (a CPU one: torch cannot draw on CUDA tensors with it), so seeded requests stay reproducible.
-    best: the logits' argmax when the caller has it already (the CUDA graph computes it).
-    """
-    if params.greedy:
-        return accept_greedy(drafts, (logits.argmax(dim=-1) if best is None else best).tolist())
-    dev = logits.device
-    k, V = len(drafts), logits.shape[-1]
-    p = probabilities(logits, params)  # [k + 1, V]
-    u = torch.rand(k + 1, generator=generator).to(dev, non_blocking=True)  # k acceptance tests, then one draw
-    d = torch.tensor(drafts, dtype=torch.long, device=dev)
-    q = F.one_hot(d, V).to(p.dtype) if draft_probs is None else draft_probs.to(dev, p.dtype)  # prompt lookup: one-hot
-    rows = torch.arange(k, device=dev)
-    n = (u[:k] * q[rows, d] < p[rows, d]).long().cumprod(0).sum().view(1)  # drafts accepted before the first rejection
-    # row n of this is where the draw comes from: the residual after the rejected draft, or the bonus row
-    dists = torch.cat([(p[:k] - q).clamp_(min=0), p[k:]])
-    dist = dists.index_select(0, n)[0]  # a device index: no host sync
-    total = dist.sum()
-    dist = torch.where(total > 0, dist / total, p.index_select(0, n)[0])  # total 0 only if p == q: then rejection had p 0
-    cdf = dist.cumsum(0)
-    # right=True: the first token whose cdf exceeds the draw, so a zero-probability token is never drawn, even at u = 0
-    token = torch.searchsorted(cdf, u[k:] * cdf[-1], right=True).clamp_(max=V - 1)
-    accepted, tok = torch.cat([n, token]).tolist()
-    return drafts[:accepted] + [tok]

@@ -1,6 +1,6 @@
 """The trained draft model of the default target, for speculative decoding.
 
-The default model has no smaller sibling, so `bench/distill_draft.py` trains one: an
+The default model has no smaller sibling, so `tradeoff distill` (engine/distill.py) trains one: an
 `engine.model.Transformer` with the target's shape but only a layer or two of its own and its own final
 norm. It reads the target's embedding tensor itself (the same storage, no copy). Its output head is
 the target's, cut down to the N tokens the target emits most often (`Draft.vocab_ids`): the full
@@ -87,7 +87,7 @@ def load_draft(target: Transformer, path: str | Path = DEFAULT_DRAFT_PATH) -> Dr
     """The draft at `path`, on the target's device and dtype; raises ModelLoadError if it was made for another shape."""
     path = Path(path)
     if not path.is_file():
-        raise ModelLoadError(f"{path}: no such draft file; expected a draft written by save_draft (bench/distill_draft.py)")
+        raise ModelLoadError(f"{path}: no such draft file; expected a draft written by `tradeoff distill`")
     try:
         meta = read_metadata(path)
         with safe_open(str(path), "pt") as f:

@@ -1,10 +1,15 @@
-"""The engine front: callers submit requests and read token streams; one worker thread runs the model.
+"""The engine front (the in-process `Backend`): callers submit requests and read token streams; one worker thread
+runs the model.
 
 The worker loops over: take newly submitted requests and control messages, then run one step of the
 current mode's runner. Every request becomes a `Sequence` (engine/sequence.py) that carries its own
 state, so cancellation is checked before every step and a mode switch can move sequences between runners:
-`set_mode` hands every unfinished sequence to the other runner, which recomputes its k/v from the tokens
+a mode change hands every unfinished sequence to the other runner, which recomputes its k/v from the tokens
 it has (prompt + output so far). Tokens leave only through `Sequence.append`, so none is lost or repeated.
+
+Threads: the runners, their caches and counters belong to the worker and are touched by no other thread. After
+every step and control the worker publishes an `EngineState` (frozen) by one reference assignment; `snapshot`
+reads only that and the thread-safe rolling stats. Callers' threads only enqueue (requests, controls).
 """
 
 from __future__ import annotations
@@ -13,11 +18,12 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from engine.backend import ControlError, Controls, check_mode
 from engine.batched import BatchedRunner, batched_model, choose_dtype
 from engine.latency import LatencyRunner
 from engine.loader import LoadedModel, load
@@ -26,6 +32,7 @@ from engine.model import Transformer
 from engine.quant import quantize
 from engine.scheduler import BatchPolicy
 from engine.sequence import EngineError, Request, Sequence, Stream, TokenEvent
+from engine.snapshot import EngineState, KVCache, Snapshot, Speculation
 from engine.speculative import build_drafter
 from engine.stats import RollingStats
 
@@ -69,9 +76,6 @@ def default_quant(device: torch.device) -> str:
     return "int4" if device.type == "cpu" else "none"
 
 
-MODES = ("latency", "batched")
-
-
 class Engine:
     """`dtype` applies to both modes when given; by default latency mode runs `default_dtype` and batched mode
     `engine.batched.choose_dtype` (sharing the latency model's weights when the two agree). On CUDA, both modes
@@ -93,7 +97,7 @@ class Engine:
         self.model.load_canonical(loaded.weights)
         self.max_seq_len = min(max_seq_len or loaded.config.max_seq_len, loaded.config.max_seq_len)
         self.max_waiting = max_waiting
-        self.policy = policy or BatchPolicy()  # batched mode's scheduling policy; `set_policy` changes it live
+        self.policy = policy or BatchPolicy()  # batched mode's scheduling policy; `control` changes it live
         self.kv_cache_tokens = kv_cache_tokens
         self.stats = RollingStats()
         self.finish_listeners: list[Callable[[RequestMetrics], None]] = []  # called on the worker as requests end
@@ -101,17 +105,19 @@ class Engine:
         quantize(self.model, self.quant)
         self.spec = spec
         drafter = build_drafter(spec, self.model, self.name, draft, self.max_seq_len, self.quant)
-        self._drafter = drafter  # kept so `set_speculation(True)` can bring it back
+        self._drafter = drafter  # kept so speculation can be turned back on
         self._latency = LatencyRunner(self.model, self.max_seq_len, drafter, cuda_graphs=cuda_graphs)
         self._cuda_graphs = cuda_graphs  # for the batched runner, built later
         self._batched_model = batched_model(loaded, self.model, self.quant, self.batched_dtype)
         self._batched: BatchedRunner | None = None  # built on first use: its KV pool is large
         self.runner: LatencyRunner | BatchedRunner = self._latency
-        self.mode = "latency"  # the mode the worker runs now
+        self.mode = "latency"  # the mode the worker runs now (worker-owned; read it through `snapshot`)
         self._switch(check_mode(mode))
-        self._inbox: queue.SimpleQueue[Sequence | tuple | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Sequence | PendingControl | str | None] = queue.SimpleQueue()
         self._submit_lock = threading.Lock()  # the queue-bound check and the enqueue are one step
+        self._unscheduled: list[Sequence] = []  # submitted, maybe not yet started (pruned under the lock)
         self._closed = False
+        self._state = self._current_state()
         self._worker = threading.Thread(target=self._run, name="engine", daemon=True)
         self._worker.start()
 
@@ -141,21 +147,21 @@ class Engine:
                 f"prompt is {len(ids)} tokens; the context holds {self.max_seq_len} including at least one new token"
             )
         with self._submit_lock:
-            if self._inbox.qsize() + self.runner.num_waiting() >= self.max_waiting:
+            # Waiting = not started, not ended, not cancelled: a request whose client left stops counting at once.
+            self._unscheduled = [s for s in self._unscheduled
+                                 if s.metrics.scheduled is None and not s.finished and not s.cancelled]
+            if len(self._unscheduled) >= self.max_waiting:
                 self.stats.record_rejected()
                 raise OverloadedError(f"engine overloaded: {self.max_waiting} requests already waiting "
                                       f"(max_waiting); request not queued, retry later")
             seq = Sequence(Stream(request, loop), ids, self.tokenizer, on_finish=self._finished)
             self.stats.track(seq.metrics)
+            self._unscheduled.append(seq)
             self._inbox.put(seq)
         return seq.stream
 
     def stream(self, request: Request) -> Iterator[TokenEvent]:
         return iter(self.submit(request))
-
-    async def astream(self, request: Request) -> AsyncIterator[TokenEvent]:
-        async for event in self.submit(request, asyncio.get_running_loop()):
-            yield event
 
     def generate(self, request: Request) -> Completion:
         stream = self.submit(request)
@@ -168,35 +174,23 @@ class Engine:
 
     def clear_cache(self) -> None:
         """Drop cached k/v so the next request prefills from scratch (benchmarks use it)."""
-        self._inbox.put(("clear_cache",))
+        self._inbox.put("clear_cache")
 
-    def set_mode(self, mode: str) -> None:
-        """Switch to "latency" or "batched" before the next step; requests in flight move over and go on."""
-        self._inbox.put(("set_mode", check_mode(mode)))
+    def control(self, controls: Controls) -> None:
+        """Change mode, speculation and batched mode's policy, all or nothing: every part is checked first
+        (ControlError, a ValueError), then the worker applies them together between two steps. Returns once applied,
+        so a snapshot taken after it shows them. Requests in flight move over and go on."""
+        if self._closed:
+            raise RuntimeError("engine is closed")
+        pending = PendingControl(controls)
+        self._inbox.put(pending)
+        pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
 
-    def set_policy(self, chunked_prefill: bool | None = None, max_batch_size: int | None = None,
-                   token_budget: int | None = None) -> None:
-        """Change batched mode's scheduling policy from the next step (kept for later while in latency mode)."""
-        changes = {"chunked_prefill": chunked_prefill, "max_batch_size": max_batch_size, "token_budget": token_budget}
-        self.policy = replace(self.policy, **{k: v for k, v in changes.items() if v is not None})  # validates
-        self._inbox.put(("policy", self.policy))
-
-    def set_speculation(self, on: bool) -> None:
-        """Turn latency mode's speculative decoding off, or back on with the drafter built at start, from the next step."""
-        self._inbox.put(("drafter", self._drafter if on else None))
-
-    def metrics_snapshot(self, since: float | None = None) -> dict:
-        """Live numbers for the dashboard: the rolling-window stats (engine/stats.py; `since` starts the window
-        later) plus the runner's state and latency mode's speculation counters since start."""
-        snap = self.stats.snapshot(since=since)
-        drafter = self._latency.drafter
-        snap.update(mode=self.mode, running=self.runner.num_running(), waiting=self.runner.num_waiting(),
-                    chunked_prefill=self.policy.chunked_prefill, max_batch_size=self.policy.max_batch_size,
-                    speculation={"drafter": drafter.name if drafter else None, **vars(self._latency.spec)})
-        if (batched := self._batched) is not None:
-            snap.update(kv_blocks_used=batched.blocks.num_used, kv_blocks_free=batched.blocks.num_free,
-                        preemptions=batched.scheduler.preemptions, prefix_cached_tokens=batched.scheduler.cached_tokens)
-        return snap
+    def snapshot(self, window_s: float | None = None) -> Snapshot:
+        """The rolling-window stats over the last `window_s` seconds and the state the worker last published."""
+        return Snapshot(self.stats.window(window_s), self._state)
 
     def close(self) -> None:
         """Cancel what is queued or running and stop the worker."""
@@ -226,18 +220,50 @@ class Engine:
             if self.runner.has_work():
                 self.runner.step()
                 self.stats.record_step(time.monotonic(), self.runner.num_running())
+            self._state = self._current_state()
 
-    def _handle(self, item: Sequence | tuple) -> None:
+    def _handle(self, item: Sequence | PendingControl | str) -> None:
         if isinstance(item, Sequence):
             self.runner.add(item)
-        elif item[0] == "clear_cache":
+        elif item == "clear_cache":
             self.runner.clear_cache()
-        elif item[0] == "set_mode":
-            self._switch(item[1])
-        elif item[0] == "policy" and self._batched is not None:
-            self._batched.scheduler.policy = item[1]
-        elif item[0] == "drafter":
-            self._latency.set_drafter(item[1])
+        else:
+            try:
+                self._apply(item.controls)
+            except Exception as e:  # refused (ControlError), or failed (batched mode's KV cache could not be built)
+                item.error = e
+            item.done.set()
+
+    def _apply(self, controls: Controls) -> None:
+        """All or nothing: everything is checked before anything changes."""
+        if controls.speculation and self._drafter is None:
+            raise ControlError("speculation", "speculation cannot be turned on: this engine was started with --spec off")
+        self.policy = policy_with(self.policy, controls)
+        if self._batched is not None:
+            self._batched.scheduler.policy = self.policy
+        if controls.speculation is not None:
+            self._latency.set_drafter(self._drafter if controls.speculation else None)
+        if controls.mode is not None:
+            self._switch(controls.mode)
+        self._state = self._current_state()
+
+    def _current_state(self) -> EngineState:
+        """What the worker publishes (on the worker, or before it starts)."""
+        drafter, spec = self._latency.drafter, self._latency.spec
+        batched = self._batched
+        kv = None if batched is None else KVCache(batched.blocks.num_used, batched.blocks.num_free,
+                                                   batched.scheduler.preemptions, batched.scheduler.cached_tokens)
+        return EngineState(mode=self.mode, running=self.runner.num_running(), waiting=self.runner.num_waiting(),
+                           max_batch_size=self.policy.max_batch_size, chunked_prefill=self.policy.chunked_prefill,
+                           can_speculate=self._drafter is not None,
+                           speculation=Speculation(drafter.name if drafter else None, spec.steps, spec.drafted,
+                                                   spec.accepted, spec.emitted),
+                           kv=kv, setup=self.setup())
+
+    def setup(self) -> str:
+        """How the model runs, in a few words (the status line and `describe` show it)."""
+        return f"latency: {self.quant} weights, {str(self.model.dtype).removeprefix('torch.')} activations; " \
+               f"batched: {str(self.batched_dtype).removeprefix('torch.')}"
 
     def _switch(self, mode: str) -> None:
         if mode == self.mode:
@@ -254,9 +280,31 @@ class Engine:
     def _shutdown(self) -> None:
         for seq in self.runner.take_all():
             seq.finish("cancelled")
+        while True:  # anything that raced with close: nobody waits on a request, and a control returns unapplied
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, Sequence):
+                item.finish("cancelled")
+            elif isinstance(item, PendingControl):
+                item.error = RuntimeError("engine is closed")
+                item.done.set()
 
 
-def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
-    return mode
+@dataclass
+class PendingControl:
+    """A control on its way to the worker; the caller waits on `done`, then raises `error` if it was refused."""
+
+    controls: Controls
+    done: threading.Event = field(default_factory=threading.Event)
+    error: Exception | None = None
+
+
+def policy_with(policy: BatchPolicy, controls: Controls) -> BatchPolicy:
+    """`policy` with the controls' batching changes; ControlError if BatchPolicy refuses them."""
+    changes = {"chunked_prefill": controls.chunked_prefill, "max_batch_size": controls.max_batch_size}
+    try:
+        return replace(policy, **{k: v for k, v in changes.items() if v is not None})
+    except ValueError as e:
+        raise ControlError("max_batch_size", str(e)) from None

@@ -17,11 +17,12 @@ from collections import deque
 
 import torch
 
-from engine.cuda_graph import DecodeGraphs, verify_on_device
+from engine.cuda_graph import DecodeGraphs
 from engine.kv_cache import StaticKVCache
+from engine.metrics import SpecStats
 from engine.model import Transformer
 from engine.sequence import Sequence
-from engine.speculative import AdaptiveK, Drafter, SpecStats, verify
+from engine.speculative import AdaptiveK, Drafter, choose_tokens
 
 MODE = "latency"
 
@@ -106,10 +107,7 @@ class LatencyRunner:
         seq.metrics.cached_tokens = min(cached, len(seq.prompt_ids))
         logits = self._forward(ids[cached:])[-1:]
         self._prefilled = True
-        if logits.is_cuda:  # torch cannot sample CUDA tensors with the request's (CPU) generator
-            seq.append(verify_on_device([], None, logits, seq.params, seq.generator), MODE)
-        else:
-            seq.append([seq.sample(logits[0])], MODE)
+        seq.append(choose_tokens([], None, logits, seq.params, seq.generator), MODE)
 
     def _decode(self, seq: Sequence) -> None:
         t0 = time.perf_counter()
@@ -124,10 +122,9 @@ class LatencyRunner:
         if self.graphs is not None and self.graphs.fits(len(step)):
             timed = self.graphs.ready(len(step))
             logits, best = self.graphs.run(step)
-            tokens = verify_on_device(drafts, draft_probs, logits, seq.params, seq.generator, best)
         else:
-            logits = self._forward(step)
-            tokens = (verify_on_device if logits.is_cuda else verify)(drafts, draft_probs, logits, seq.params, seq.generator)
+            logits, best = self._forward(step), None
+        tokens = choose_tokens(drafts, draft_probs, logits, seq.params, seq.generator, best)
         accepted = len(tokens) - 1
         self.cache.truncate(kept + 1 + accepted)  # forget the rejected drafts
         t2 = time.perf_counter()

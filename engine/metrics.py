@@ -12,7 +12,41 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.speculative import SpecStats
+
+@dataclass
+class SpecStats:
+    """Running speculation counters, per request and for the engine."""
+
+    steps: int = 0  # target forwards in decode
+    drafted: int = 0
+    accepted: int = 0
+    emitted: int = 0
+    draft_s: float = 0.0
+    step_s: float = 0.0
+
+    def add(self, drafted: int, accepted: int, emitted: int, draft_s: float, step_s: float) -> None:
+        self.steps += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        self.emitted += emitted
+        self.draft_s += draft_s
+        self.step_s += step_s
+
+    def merge(self, other: SpecStats) -> None:
+        self.steps += other.steps
+        self.drafted += other.drafted
+        self.accepted += other.accepted
+        self.emitted += other.emitted
+        self.draft_s += other.draft_s
+        self.step_s += other.step_s
+
+    def summary(self) -> dict:
+        return {
+            "acceptance_rate": self.accepted / self.drafted if self.drafted else None,
+            "mean_accepted_length": self.accepted / self.steps if self.steps else None,
+            "tokens_per_target_forward": self.emitted / self.steps if self.steps else None,
+            "draft_time_share": self.draft_s / self.step_s if self.step_s else None,
+        }
 
 
 @dataclass

@@ -1,4 +1,7 @@
-"""Token choice from logits: greedy, or temperature / top-k / top-p sampling with a per-request seed."""
+"""Sampling parameters and the distribution they define: temperature, top-k, top-p, a per-request seed.
+
+The token choice itself (greedy, sampling, speculative verification) is `engine.speculative.choose_tokens`.
+"""
 
 from __future__ import annotations
 
@@ -60,10 +63,3 @@ def probabilities(logits: Tensor, params: SamplingParams) -> Tensor:
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
-
-
-def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from logits [V]."""
-    if params.greedy:
-        return int(logits.argmax())
-    return int(torch.multinomial(probabilities(logits, params), 1, generator=generator))

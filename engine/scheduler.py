@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.kv_cache import BlockManager
+from engine.block_manager import BlockManager
 from engine.sequence import Sequence
 
 

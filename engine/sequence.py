@@ -15,10 +15,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
-import torch
-
 from engine.metrics import RequestMetrics
-from engine.sampling import SamplingParams, make_generator, sample
+from engine.sampling import SamplingParams, make_generator
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -123,9 +121,6 @@ class Sequence:
     @property
     def cancelled(self) -> bool:
         return self.stream.cancelled
-
-    def sample(self, logits: torch.Tensor) -> int:
-        return sample(logits, self.params, self.generator)
 
     def append(self, tokens: list[int], mode: str, t: float | None = None) -> None:
         """Emit tokens produced by one step (all at time t); finish on a stop token or the token limit."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from engine.kv_cache import StaticKVCache
@@ -100,30 +101,38 @@ def accept_greedy(drafts: list[int], best: list[int]) -> list[int]:
     return out + [best[len(out)]]
 
 
-def verify(drafts: list[int], draft_probs: Tensor | None, target_logits: Tensor, params: SamplingParams,
-           generator: torch.Generator | None) -> list[int]:
-    """Tokens to emit: the accepted drafts plus one correction or bonus token.
+def choose_tokens(drafts: list[int], draft_probs: Tensor | None, logits: Tensor, params: SamplingParams,
+                  generator: torch.Generator | None, best: Tensor | None = None) -> list[int]:
+    """The tokens one step emits: the accepted drafts plus one correction or bonus token. With no drafts, this is
+    plain sampling (or greedy choice) of one token. The one token-choice rule of both modes, on any device.
 
-    target_logits: [len(drafts) + 1, V], row i = the target's distribution after the i-th draft prefix.
+    logits [len(drafts) + 1, V]: row i is the target's distribution after the i-th draft prefix. Draft i is accepted
+    when u_i * q_i(d_i) < p_i(d_i); the first rejected one is replaced by a draw from max(0, p - q) renormalised, and
+    if all are accepted a bonus token comes from the last row. Draws are by inverse CDF from uniforms taken from the
+    request's own generator (a CPU one: torch cannot draw on CUDA tensors with it), so seeded requests are
+    reproducible, and the logits are read back once (no host sync per draft on a GPU).
+    best: the logits' argmax when the caller has it already (a CUDA graph computes it).
     """
     if params.greedy:
-        return accept_greedy(drafts, target_logits.argmax(dim=-1).tolist())
-    p = probabilities(target_logits, params)
-    out = []
-    for i, d in enumerate(drafts):
-        q_d = 1.0 if draft_probs is None else float(draft_probs[i, d])
-        if torch.rand((), generator=generator).item() * q_d < float(p[i, d]):  # accept with prob min(1, p/q)
-            out.append(d)
-            continue
-        q = torch.zeros_like(p[i]) if draft_probs is None else draft_probs[i]
-        if draft_probs is None:
-            q[d] = 1.0
-        residual = (p[i] - q).clamp(min=0)
-        total = residual.sum()
-        # total == 0 only if p == q exactly, in which case rejection had probability zero; guard anyway
-        resample = residual / total if total > 0 else p[i]
-        return out + [int(torch.multinomial(resample, 1, generator=generator))]
-    return out + [int(torch.multinomial(p[len(drafts)], 1, generator=generator))]
+        return accept_greedy(drafts, (logits.argmax(dim=-1) if best is None else best).tolist())
+    dev = logits.device
+    k, V = len(drafts), logits.shape[-1]
+    p = probabilities(logits, params)  # [k + 1, V]
+    u = torch.rand(k + 1, generator=generator).to(dev, non_blocking=True)  # k acceptance tests, then one draw
+    d = torch.tensor(drafts, dtype=torch.long, device=dev)
+    q = F.one_hot(d, V).to(p.dtype) if draft_probs is None else draft_probs.to(dev, p.dtype)  # prompt lookup: one-hot
+    rows = torch.arange(k, device=dev)
+    n = (u[:k] * q[rows, d] < p[rows, d]).long().cumprod(0).sum().view(1)  # drafts accepted before the first rejection
+    # row n of this is where the draw comes from: the residual after the rejected draft, or the bonus row
+    dists = torch.cat([(p[:k] - q).clamp_(min=0), p[k:]])
+    dist = dists.index_select(0, n)[0]  # a device index: no host sync
+    total = dist.sum()
+    dist = torch.where(total > 0, dist / total, p.index_select(0, n)[0])  # total 0 only if p == q: then rejection had p 0
+    cdf = dist.cumsum(0)
+    # right=True: the first token whose cdf exceeds the draw, so a zero-probability token is never drawn, even at u = 0
+    token = torch.searchsorted(cdf, u[k:] * cdf[-1], right=True).clamp_(max=V - 1)
+    accepted, tok = torch.cat([n, token]).tolist()
+    return drafts[:accepted] + [tok]
 
 
 @dataclass
@@ -169,43 +178,6 @@ class AdaptiveK:
             self.draft_s = (1 - s) * self.draft_s + s * (draft_s / drafted) if self.draft_s else draft_s / drafted
         old = self.verify_s.get(drafted)
         self.verify_s[drafted] = verify_s if old is None else (1 - s) * old + s * verify_s
-
-
-@dataclass
-class SpecStats:
-    """Running speculation counters, per request and for the engine."""
-
-    steps: int = 0  # target forwards in decode
-    drafted: int = 0
-    accepted: int = 0
-    emitted: int = 0
-    draft_s: float = 0.0
-    step_s: float = 0.0
-
-    def add(self, drafted: int, accepted: int, emitted: int, draft_s: float, step_s: float) -> None:
-        self.steps += 1
-        self.drafted += drafted
-        self.accepted += accepted
-        self.emitted += emitted
-        self.draft_s += draft_s
-        self.step_s += step_s
-
-    def merge(self, other: SpecStats) -> None:
-        self.steps += other.steps
-        self.drafted += other.drafted
-        self.accepted += other.accepted
-        self.emitted += other.emitted
-        self.draft_s += other.draft_s
-        self.step_s += other.step_s
-
-    def summary(self) -> dict:
-        return {
-            "acceptance_rate": self.accepted / self.drafted if self.drafted else None,
-            "mean_accepted_length": self.accepted / self.steps if self.steps else None,
-            "tokens_per_target_forward": self.emitted / self.steps if self.steps else None,
-            "draft_time_share": self.draft_s / self.step_s if self.step_s else None,
-        }
-
 
 
 class AutoDrafter:

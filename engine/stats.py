@@ -17,9 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from engine.metrics import RequestMetrics, percentile
-
-CLASSES = ("user", "synthetic")
-QUANTILES = (50, 90, 99)
+from engine.snapshot import USER_CLASSES, ClassStats, Distribution, WindowStats
 
 
 @dataclass(frozen=True)
@@ -32,12 +30,14 @@ class SLO:
         return m.ttft is not None and m.ttft <= self.ttft_s and (tpot is None or tpot <= self.tbt_s)
 
 
-def distribution(values: list[float]) -> dict[str, float | None]:
+def distribution(values: list[float]) -> Distribution:
     """Mean and percentiles (None when there are no samples)."""
-    return {"mean": sum(values) / len(values) if values else None, **{f"p{q}": percentile(values, q) for q in QUANTILES}}
+    if not values:
+        return Distribution()
+    return Distribution(sum(values) / len(values), percentile(values, 50), percentile(values, 90), percentile(values, 99))
 
 
-def summarize(requests: list[RequestMetrics], since: float, until: float, slo: SLO) -> dict:
+def summarize(requests: list[RequestMetrics], since: float, until: float, slo: SLO) -> ClassStats:
     """The numbers of `requests` observed in the interval [since, until] (see the module docstring)."""
     span = until - since
     ttft, tbt, tpot, e2e, tokens, finished, good = [], [], [], [], 0, 0, 0
@@ -55,23 +55,23 @@ def summarize(requests: list[RequestMetrics], since: float, until: float, slo: S
             if m.tpot is not None:
                 tpot.append(m.tpot)
             good += slo.met_by(m)
-    return {
-        "finished": finished,
-        "in_flight": sum(m.finish_reason is None for m in requests),
-        "req_s": finished / span,
-        "output_tok_s": tokens / span,
-        "tok_s_per_user": sum(1 / t for t in tpot) / len(tpot) if tpot else None,  # mean of 1 / TPOT
-        "goodput_req_s": good / span,
-        "slo_attained": good / finished if finished else None,
-        "ttft_s": distribution(ttft),
-        "tbt_s": distribution(tbt),
-        "tpot_s": distribution(tpot),
-        "e2e_s": distribution(e2e),
-    }
+    return ClassStats(
+        finished=finished,
+        in_flight=sum(m.finish_reason is None for m in requests),
+        req_s=finished / span,
+        output_tok_s=tokens / span,
+        tok_s_per_user=sum(1 / t for t in tpot) / len(tpot) if tpot else None,  # mean of 1 / TPOT
+        goodput_req_s=good / span,
+        slo_attained=good / finished if finished else None,
+        ttft_s=distribution(ttft),
+        tbt_s=distribution(tbt),
+        tpot_s=distribution(tpot),
+        e2e_s=distribution(e2e),
+    )
 
 
 class RollingStats:
-    """Thread-safe: the engine's callers `track` requests, its worker `record_step`s, the dashboard `snapshot`s."""
+    """Thread-safe: the engine's callers `track` requests, its worker `record_step`s, anyone reads a `window`."""
 
     def __init__(self, window_s: float = 30.0, slo: SLO | None = None):
         self.window_s = window_s
@@ -98,25 +98,25 @@ class RollingStats:
             while self._steps and self._steps[0][0] < t - self.window_s:
                 self._steps.popleft()
 
-    def snapshot(self, now: float | None = None, since: float | None = None) -> dict:
-        """The window's numbers; `since` starts the window later (the dashboard measures from its last change of load)."""
+    def window(self, window_s: float | None = None, now: float | None = None) -> WindowStats:
+        """The numbers of the last `window_s` seconds (at most this object's window, and its age: a young engine
+        divides by its age); the dashboard asks for the time since its last change of load."""
         now = time.monotonic() if now is None else now
-        start = self._start if since is None else max(self._start, since)
-        span = max(min(self.window_s, now - start), 1e-6)  # a young engine divides by its age
+        span = min(self.window_s, now - self._start)
+        if window_s is not None:
+            span = min(span, window_s)
+        span = max(span, 1e-6)
         with self._lock:
             self._prune(now)
             requests = list(self._requests)
             steps = [b for t, b in self._steps if t >= now - span]
-        by_class = {c: [m for m in requests if m.user_class == c] for c in CLASSES}
-        by_class["all"] = requests
-        return {
-            "window_s": span,
-            "slo": {"ttft_s": self.slo.ttft_s, "tbt_s": self.slo.tbt_s},
-            "rejected": self.rejected,
-            "steps_per_s": len(steps) / span,
-            "batch_size_mean": sum(steps) / len(steps) if steps else 0.0,
-            "classes": {c: summarize(ms, now - span, now, self.slo) for c, ms in by_class.items()},
-        }
+        by_class = {c: summarize([m for m in requests if m.user_class == c], now - span, now, self.slo)
+                    for c in USER_CLASSES}
+        return WindowStats(
+            window_s=span, slo_ttft_s=self.slo.ttft_s, slo_tbt_s=self.slo.tbt_s, rejected=self.rejected,
+            steps_per_s=len(steps) / span, batch_size_mean=sum(steps) / len(steps) if steps else 0.0,
+            all=summarize(requests, now - span, now, self.slo), **by_class,
+        )
 
     def _prune(self, now: float) -> None:
         """Forget finished requests whose last event left the window."""

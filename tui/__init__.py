@@ -1,8 +1,2 @@
-"""The Textual dashboard and the `tradeoff` command line. The top of the stack: may import voice, engine, bench."""
-
-import os
-
-# torch's OpenMP threads spin while idle by default. The dashboard shares two cores between the engine, ASR,
-# VAD and the UI, and spinning threads then stall each other (measured: GEMMs 10-100x slower under load);
-# passive waiting costs little when the machine is quiet. Set before anything imports torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+"""The Textual dashboard: it renders what a backend reports and sends it controls. May import voice, serve and
+engine; must not import bench or tradeoff (the command line sits above it)."""

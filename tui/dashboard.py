@@ -21,6 +21,7 @@ from textual.screen import Screen
 from textual.widgets import Footer
 from textual.worker import Worker, WorkerError
 
+from engine import Controls
 from tui.messages import AgentSaid, MetricsUpdated, TurnMeasured, UserSaid, VoiceStatus
 from tui.model import (
     SWEEP,
@@ -68,22 +69,19 @@ class DashboardScreen(Screen):
         Binding("q", "app.quit", "quit"),
     ]
 
-    def __init__(self, backend, link: VoiceLink) -> None:
+    def __init__(self, controller, link: VoiceLink) -> None:
         super().__init__()
-        self.backend, self.link = backend, link
+        self.controller, self.link = controller, link
         self.history = History()
         self.curve = TradeoffCurve()
         self.voice = VoiceStats()
-        self.sample: Sample | None = None
+        self.sample: Sample | None = None  # the latest reading: what the engine is doing (mode, speculation, ...)
+        # what keys asked for that no reading shows yet (a reading taken once every control was applied clears it),
+        # so a second press toggles from the first press's result, not from the stale reading
+        self._asked: dict[str, object] = {}
         self._readings = 0
-        # what the keys asked for (the engine applies it at its next step; the status line shows what it did)
-        self.mode = backend.options.mode
-        self.users = backend.options.users
-        self.speculation = True
-        self.chunked_prefill = True
         self._stop_sampling = threading.Event()
         self._sampler: Worker | None = None
-        self._voice: Worker | None = None
         self._sweep: Worker | None = None
 
     def compose(self) -> ComposeResult:
@@ -122,26 +120,20 @@ class DashboardScreen(Screen):
 
     def begin(self) -> None:
         """Start-up is done: the engine is there to sample."""
-        engine = self.backend.engine
-        if engine is not None:
-            self.speculation = self.backend.can_speculate
-            self.chunked_prefill = engine.policy.chunked_prefill
-            if self.backend.options.connect:
-                self.mode = engine.mode  # the server's
-        self.backend.on_error = lambda text: self.app.call_from_thread(self.notify, text, severity="error")
+        self.controller.on_error = lambda text: self.app.call_from_thread(self.notify, text, severity="error")
         self._sampler = self.sample_forever()
 
     def start_voice(self, engine, caller: bool | None, on_ready) -> None:
-        self._voice = self.run_worker(self.link.run(engine, caller, on_ready), thread=True, group="voice",
-                                      exit_on_error=False)
+        self.link.start(engine, caller, on_ready)
 
     @work(thread=True, exclusive=True, group="sampler")
     def sample_forever(self) -> None:
         while not self._stop_sampling.is_set():
             started = time.monotonic()
-            sample = self.backend.sample()
+            applied = self.controller.controls_applied
+            sample = self.controller.sample()
             if sample is not None:
-                self.post_message(MetricsUpdated(sample))
+                self.post_message(MetricsUpdated(sample, applied))
             self._stop_sampling.wait(max(0.0, SAMPLE_PERIOD_S - (time.monotonic() - started)))
 
     async def shutdown(self) -> None:
@@ -150,10 +142,10 @@ class DashboardScreen(Screen):
         self.link.stop()
         if self._sweep is not None:
             self._sweep.cancel()
-        for worker in (self._sampler, self._voice):
-            if worker is not None:
-                with contextlib.suppress(WorkerError):  # one that crashed has ended too: quit anyway
-                    await worker.wait()
+        if self._sampler is not None:
+            with contextlib.suppress(WorkerError):  # one that crashed has ended too: quit anyway
+                await self._sampler.wait()
+        await asyncio.to_thread(self.link.join)
 
     def on_unmount(self) -> None:
         """However the app ends, the sampler's and the voice loop's threads must end with it."""
@@ -164,6 +156,8 @@ class DashboardScreen(Screen):
 
     def on_metrics_updated(self, message: MetricsUpdated) -> None:
         s = self.sample = message.sample
+        if message.controls_applied == self.controller.controls_sent:
+            self._asked.clear()
         self.history.add(s)
         self.curve.update(s)
         self._show_latency("#ttft", s.ttft_p50_ms, s.slo_ttft_ms)
@@ -195,7 +189,7 @@ class DashboardScreen(Screen):
     def _show_status(self, note: str = "") -> None:
         sweeping = self._sweep is not None and self._sweep.is_running
         self.query_one(StatusLine).show(self.sample, self.link.caller_on, note or ("sweeping (r stops)" if sweeping else ""),
-                                        self.backend.where)
+                                        self.controller.where)
 
     # ---- the conversation -----------------------------------------------------------------------
 
@@ -218,43 +212,48 @@ class DashboardScreen(Screen):
 
     # ---- keys -----------------------------------------------------------------------------------
 
-    def _has_engine(self) -> bool:
-        if self.backend.engine is None:
+    def _reading(self) -> Sample | None:
+        """The latest reading, which the keys that toggle start from; None (with a note) before there is one."""
+        if self.controller.engine is None or self.sample is None:
             self.notify("the engine is still starting", severity="warning")
-            return False
-        return True
+            return None
+        return self.sample
+
+    def _now(self, name: str, reading: object) -> object:
+        """A setting as it is, or will be once the controls sent are applied."""
+        return self._asked.get(name, reading)
+
+    def _ask(self, **controls: object) -> None:
+        self._asked.update(controls)
+        self.controller.control(Controls(**controls))
 
     def action_toggle_mode(self) -> None:
-        if self._has_engine():
-            self.mode = "batched" if self.mode == "latency" else "latency"
-            self.backend.set_mode(self.mode)
-            self.notify(f"{self.mode} mode")
+        if (s := self._reading()) is not None:
+            mode = "batched" if self._now("mode", s.mode) == "latency" else "latency"
+            self._ask(mode=mode)
+            self.notify(f"{mode} mode")
 
     def action_users(self, direction: int) -> None:
-        if self._has_engine():
-            self.users = step_users(self.users, direction)
-            self.apply_users()
-            self.notify(f"{self.users} synthetic users")
-
-    @work(thread=True, group="control")
-    def apply_users(self) -> None:
-        self.backend.set_users(self.users)  # the latest wanted level, whatever order the presses' workers run in
+        if self._reading() is not None:
+            users = step_users(self.controller.users, direction)
+            self.controller.set_users(users)
+            self.notify(f"{users} synthetic users")
 
     def action_speculation(self) -> None:
-        if not self._has_engine():
+        if (s := self._reading()) is None:
             return
-        if not self.backend.can_speculate:
+        if not s.can_speculate:
             self.notify("speculation is off for this run (--spec off, or a --backend that is not tradeoff)", severity="warning")
             return
-        self.speculation = not self.speculation
-        self.backend.set_speculation(self.speculation)
-        self.notify(f"speculative decoding {'on' if self.speculation else 'off'}")
+        on = not self._now("speculation", s.drafter is not None)
+        self._ask(speculation=on)
+        self.notify(f"speculative decoding {'on' if on else 'off'}")
 
     def action_chunked_prefill(self) -> None:
-        if self._has_engine():
-            self.chunked_prefill = not self.chunked_prefill
-            self.backend.set_chunked_prefill(self.chunked_prefill)
-            self.notify(f"chunked prefill {'on' if self.chunked_prefill else 'off'}")
+        if (s := self._reading()) is not None:
+            on = not self._now("chunked_prefill", s.chunked_prefill)
+            self._ask(chunked_prefill=on)
+            self.notify(f"chunked prefill {'on' if on else 'off'}")
 
     def action_caller(self) -> None:
         self.link.set_caller(not self.link.caller_on)
@@ -273,7 +272,7 @@ class DashboardScreen(Screen):
         self.app.push_screen(MessagePrompt(), send)
 
     def action_sweep(self) -> None:
-        if not self._has_engine():
+        if self._reading() is None:
             return
         if self._sweep is not None and self._sweep.is_running:
             self._sweep.cancel()
@@ -283,20 +282,18 @@ class DashboardScreen(Screen):
 
     async def _run_sweep(self) -> None:
         """Hold each level of SWEEP until it is measured, then go back to where the user was."""
-        restore = (self.mode, self.users)
+        restore = (self._now("mode", self.sample.mode), self.controller.users)
         try:
             for mode, users in SWEEP:
                 self.notify(f"sweep: {mode} mode, {users} synthetic users")
-                await self._go_to(mode, users)
+                self._go_to(mode, users)
                 while self.sample is None or not level_measured(self.sample, mode, users):
                     await asyncio.sleep(0.25)
             self.notify("sweep done")
         finally:
-            await self._go_to(*restore)
+            self._go_to(*restore)
 
-    async def _go_to(self, mode: str, users: int) -> None:
-        if mode != self.mode:
-            self.mode = mode
-            self.backend.set_mode(mode)
-        self.users = users
-        await self.apply_users().wait()
+    def _go_to(self, mode: str, users: int) -> None:
+        if mode != self._now("mode", self.sample.mode):
+            self._ask(mode=mode)
+        self.controller.set_users(users)

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from engine.cli import add_model_args
-from tui.backend import Options
+from serve.cli import add_model_args
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +26,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     add_model_args(g)
 
 
-def options_from(args: argparse.Namespace) -> Options:
+def options_from(args: argparse.Namespace):
+    from tui.controller import Options
+
     if args.users < 0:
         raise ValueError(f"--users must be >= 0, got {args.users}")
     if args.connect and args.backend:

@@ -13,9 +13,11 @@ from tui.model import Sample, VoiceTurn
 
 
 class MetricsUpdated(Message):
-    def __init__(self, sample: Sample) -> None:
+    """A reading; `controls_applied` counts the controls the backend had applied before it was taken."""
+
+    def __init__(self, sample: Sample, controls_applied: int = 0) -> None:
         super().__init__()
-        self.sample = sample
+        self.sample, self.controls_applied = sample, controls_applied
 
     def can_replace(self, message: Message) -> bool:
         return isinstance(message, MetricsUpdated)

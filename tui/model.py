@@ -1,8 +1,8 @@
 """The dashboard's numbers, apart from any widget: engine samples, their history, downsampling to a chart's
 width, SLO grades, the trade-off curve's points, and voice turns with their stacked latency bars.
 
-Pure Python with no Textual and no engine import, so it is unit-tested on its own and a recorded sample
-stream (a list of `Sample.to_dict()`) can be replayed into the screen.
+Pure Python with no Textual, so it is unit-tested on its own and a recorded sample stream (a list of
+`Sample.to_dict()`) can be replayed into the screen. From the engine it takes only the `Snapshot` types.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import asdict, dataclass, field, fields
+
+from engine.snapshot import Snapshot
 
 USER_LEVELS = (0, 1, 2, 4, 8, 16, 32, 64)  # the synthetic-user ladder that + and - walk
 RECENT_S = 5.0  # the charts plot each number over the last few seconds, so spikes show
@@ -94,26 +96,27 @@ class Sample:
     accepted: int
     slo_ttft_ms: float
     slo_tbt_ms: float
+    setup: str | None = None  # how the engine runs the model (weights, kernels), as it chose
+    can_speculate: bool = False  # can speculation be turned on (a drafter exists)?
 
     @classmethod
-    def from_snapshots(cls, t: float, level: dict, recent: dict, users: int, level_age_s: float) -> Sample:
-        """From two `Engine.metrics_snapshot()`-shaped dicts: `level` since the last change, `recent` over RECENT_S."""
-        a, r = level["classes"]["all"], recent["classes"]["all"]
-        spec = level.get("speculation") or {}
-        used, free = level.get("kv_blocks_used"), level.get("kv_blocks_free")
+    def from_snapshots(cls, t: float, level: Snapshot, recent: Snapshot, users: int, level_age_s: float) -> Sample:
+        """From two snapshots of the backend: `level` since the last change, `recent` over RECENT_S."""
+        a, r, state = level.stats.all, recent.stats.all, level.state
+        spec, kv = state.speculation, state.kv
         return cls(
-            t=t, mode=level["mode"], users=users, drafter=spec.get("drafter"),
-            chunked_prefill=bool(level.get("chunked_prefill")), level_age_s=level_age_s, window_s=level["window_s"],
-            ttft_p50_ms=_ms(a["ttft_s"]["p50"]), ttft_p99_ms=_ms(a["ttft_s"]["p99"]),
-            tbt_p50_ms=_ms(a["tbt_s"]["p50"]), tbt_p99_ms=_ms(a["tbt_s"]["p99"]),
-            tok_s=a["output_tok_s"], tok_s_per_user=a["tok_s_per_user"], finished=a["finished"],
-            recent_ttft_p50_ms=_ms(r["ttft_s"]["p50"]), recent_tbt_p50_ms=_ms(r["tbt_s"]["p50"]),
-            recent_tbt_p99_ms=_ms(r["tbt_s"]["p99"]), recent_tok_s=r["output_tok_s"],
-            running=level["running"], waiting=level["waiting"],
-            kv_used=used / (used + free) if used is not None and used + free else None,
-            preemptions=level.get("preemptions") or 0,
-            drafted=spec.get("drafted", 0), accepted=spec.get("accepted", 0),
-            slo_ttft_ms=level["slo"]["ttft_s"] * 1000, slo_tbt_ms=level["slo"]["tbt_s"] * 1000,
+            t=t, mode=state.mode, users=users, drafter=spec.drafter if spec else None,
+            chunked_prefill=bool(state.chunked_prefill), level_age_s=level_age_s, window_s=level.stats.window_s,
+            ttft_p50_ms=_ms(a.ttft_s.p50), ttft_p99_ms=_ms(a.ttft_s.p99),
+            tbt_p50_ms=_ms(a.tbt_s.p50), tbt_p99_ms=_ms(a.tbt_s.p99),
+            tok_s=a.output_tok_s, tok_s_per_user=a.tok_s_per_user, finished=a.finished,
+            recent_ttft_p50_ms=_ms(r.ttft_s.p50), recent_tbt_p50_ms=_ms(r.tbt_s.p50),
+            recent_tbt_p99_ms=_ms(r.tbt_s.p99), recent_tok_s=r.output_tok_s,
+            running=state.running, waiting=state.waiting,
+            kv_used=kv.used if kv else None, preemptions=kv.preemptions if kv else 0,
+            drafted=spec.drafted if spec else 0, accepted=spec.accepted if spec else 0,
+            slo_ttft_ms=level.stats.slo_ttft_s * 1000, slo_tbt_ms=level.stats.slo_tbt_s * 1000, setup=state.setup,
+            can_speculate=state.can_speculate,
         )
 
     def to_dict(self) -> dict:

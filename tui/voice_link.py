@@ -2,25 +2,29 @@
 remote `tradeoff serve`), a realtime client, the simulated caller, the microphone, and typed messages.
 If the voice API changes, only this module changes.
 
-It runs on an asyncio loop of its own, in a worker thread, so VAD, ASR, TTS and audio pacing never run
+It runs on an asyncio loop of its own, in a background thread, so VAD, ASR, TTS and audio pacing never run
 on the UI thread and the UI never delays them. What happens in the conversation goes to the screen as
-messages (tui/messages.py); the controls (`set_caller`, `say`, `talk`, `stop`) may be called from any thread.
+messages (tui/messages.py); the controls (`start`, `set_caller`, `say`, `talk`, `stop`, `join`) may be called
+from any thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from textual.message import Message
 
-from engine import Engine
+from engine import Backend
+from serve.background import BackgroundLoop
 from tui.messages import AgentSaid, TurnMeasured, UserSaid, VoiceStatus
 from tui.model import VoiceTurn
 from voice.caller import SimulatedCaller
 from voice.client import RealtimeClient
-from voice.server import PATH, VoiceServer, make_services
+from voice.protocol import PATH
+from voice.server import VoiceServer, make_services
 from voice.sound import open_devices
 from voice.tts import make_tts
 
@@ -42,7 +46,8 @@ class VoiceLink:
         self.caller_on = False
         self.talking = False
         self.mic_reason: str | None = None  # why there is no microphone (None: there is one)
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._bg: BackgroundLoop | None = None
+        self._run: concurrent.futures.Future | None = None
         self._stop: asyncio.Event | None = None
         self._stopped = False
         self._client = None
@@ -66,19 +71,33 @@ class VoiceLink:
         """Push-to-talk: stream the microphone to the server while on."""
         self._call(self._talk, on)
 
+    def start(self, engine: Backend | None, caller: bool | None, on_ready: Callable[[str | None], None]) -> None:
+        """Start the link's loop and `run` on it (see `run`)."""
+        if self._stopped:  # a quit during start-up
+            return
+        self._bg = BackgroundLoop("voice-link")
+        self._run = self._bg.submit(self.run(engine, caller, on_ready))
+
     def stop(self) -> None:
         """End `run` (or keep it from starting); safe before, during and after it."""
         self._stopped = True
-        loop, stop = self._loop, self._stop
-        if loop is not None and stop is not None:
+        if self._bg is not None and self._stop is not None:
             try:
-                loop.call_soon_threadsafe(stop.set)
-            except RuntimeError:  # the loop closed meanwhile: run has ended
+                self._bg.loop.call_soon_threadsafe(self._stop.set)
+            except RuntimeError:  # the loop has closed: run has ended
                 pass
+
+    def join(self) -> None:
+        """After `stop`: wait until `run` has ended and its loop is gone (blocks: call it from a worker)."""
+        if self._bg is None:
+            return
+        if self._run is not None:
+            concurrent.futures.wait([self._run])
+        self._bg.stop()
 
     def _call(self, fn: Callable, *args) -> None:
         """Run the coroutine function `fn(*args)` on the link's loop; a failure becomes a note, not a crash."""
-        if self._loop is None or self._loop.is_closed():
+        if self._bg is None:
             return
 
         async def run() -> None:
@@ -87,16 +106,15 @@ class VoiceLink:
             except Exception as e:
                 self.post(VoiceStatus(f"{type(e).__name__}: {e}", error=True))
 
-        asyncio.run_coroutine_threadsafe(run(), self._loop)
+        self._bg.submit(run())
 
-    # ---- the link's own loop (a worker thread) ------------------------------------------------
+    # ---- on the link's own loop ---------------------------------------------------------------
 
-    async def run(self, engine: Engine | None, caller: bool | None, on_ready: Callable[[str | None], None]) -> None:
+    async def run(self, engine: Backend | None, caller: bool | None, on_ready: Callable[[str | None], None]) -> None:
         """Start the server (unless remote), connect, and run until `stop()`. `on_ready(error)` is called
         once, when connected or when start-up failed; `caller` None means on when there is no microphone."""
-        self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        if self._stopped:  # stopped before this thread got going (a quit during start-up)
+        if self._stopped:  # stopped before the loop got going (a quit during start-up)
             return
         server = services = None
         ready_sent = False
@@ -106,7 +124,7 @@ class VoiceLink:
                 url = server.url
             else:
                 url = realtime_url(self.url)
-            opened = await asyncio.to_thread(open_devices, self._loop)
+            opened = await asyncio.to_thread(open_devices, asyncio.get_running_loop())
             if isinstance(opened, str):
                 self.mic_reason = opened
             else:
@@ -143,7 +161,7 @@ class VoiceLink:
                 if executor is not None:
                     executor.shutdown(wait=True)
 
-    async def _start_server(self, engine: Engine):
+    async def _start_server(self, engine: Backend):
         self.post(VoiceStatus(f"loading speech recognition ({self.asr}) ..."))
         services = await asyncio.to_thread(make_services, engine, make_tts("espeak"), asr=self.asr)
         server = VoiceServer(services, port=0)  # loopback, any free port

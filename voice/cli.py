@@ -7,18 +7,22 @@ import asyncio
 import sys
 
 from voice.audio import WIRE_RATE, resample
-from voice.server import PATH
+from voice.protocol import PATH
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
-    from engine.cli import add_model_args
+def configure(name: str, p: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Fill in the parser of `tradeoff NAME` (serve or talk)."""
+    (serve_parser if name == "serve" else talk_parser)(p)
 
-    p = sub.add_parser("serve", help="run the server: realtime voice (WebSocket) and the OpenAI HTTP API on one port",
-                       description=f"Serve ws://HOST:PORT{PATH}: VAD -> ASR -> engine -> TTS with barge-in, "
-                       "speaking the OpenAI Realtime API (GA events), so stock clients can talk to it; on the same "
-                       "port, the OpenAI HTTP API (http://HOST:PORT/v1: chat/completions, completions, models), "
-                       "/health, Prometheus /metrics and the browser client at /. With --backend, the model runs "
-                       "on another OpenAI-compatible server and this one measures it.")
+
+def serve_parser(p: argparse.ArgumentParser) -> None:
+    from serve.cli import add_model_args
+
+    p.description = (f"Serve ws://HOST:PORT{PATH}: VAD -> ASR -> engine -> TTS with barge-in, speaking the OpenAI "
+                     "Realtime API (GA events), so stock clients can talk to it; on the same port, the OpenAI HTTP "
+                     "API (http://HOST:PORT/v1: chat/completions, completions, models), /health, Prometheus /metrics "
+                     "and the browser client at /. With --backend, the model runs on another OpenAI-compatible server "
+                     "and this one measures it.")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s; others need --token)")
     p.add_argument("--port", type=int, default=8765, help="port (default: %(default)s)")
     p.add_argument("--token", default=None,
@@ -39,9 +43,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("talk", help="talk to a voice server: microphone, a WAV file, or the simulated caller",
-                       description="Talk to `tradeoff serve`. With a microphone and speaker it uses them; without "
-                       "(or with --wav) it reads and writes WAV files; --simulate speaks built-in questions.")
+
+
+def talk_parser(p: argparse.ArgumentParser) -> None:
+    p.description = ("Talk to `tradeoff serve`. With a microphone and speaker it uses them; without (or with --wav) "
+                     "it reads and writes WAV files; --simulate speaks built-in questions.")
     p.add_argument("--url", default=f"ws://127.0.0.1:8765{PATH}", help="server URL (default: %(default)s)")
     p.add_argument("--token", default=None, help="bearer token, if the server asks for one")
     p.add_argument("--wav", default=None, metavar="IN", help="speak this WAV file (any rate; mixed to mono)")
@@ -69,7 +75,7 @@ async def serve(args: argparse.Namespace) -> int:
     """Listen at once (answering 503 while the model loads), then serve until Ctrl-C."""
     from dataclasses import replace
 
-    from engine.cli import engine_from
+    from serve.cli import backend_from
     from voice.protocol import SessionConfig, TurnDetection
     from voice.server import VoiceServer, make_services
     from voice.tts import make_tts
@@ -80,7 +86,7 @@ async def serve(args: argparse.Namespace) -> int:
         http = f"http://{args.host}:{server.port}"
         print(f"tradeoff serve: listening on {http} (loading; /health answers 503 until ready)", file=sys.stderr)
         try:
-            engine = await asyncio.to_thread(engine_from, args)
+            engine = await asyncio.to_thread(backend_from, args)
             defaults = replace(SessionConfig(), transcription_model=args.asr, temperature=args.temperature,
                                turn_detection=TurnDetection(silence_duration_ms=args.silence_ms))
             services = await asyncio.to_thread(

@@ -64,10 +64,10 @@ class Conversation:
     def last_id(self) -> str | None:
         return self.items[-1].id if self.items else None
 
-    def messages(self, instructions: str, skip: int = 0) -> list[dict]:
-        """Chat messages for the engine, leaving out the `skip` oldest items (to fit the context).
+    def messages(self, instructions: str) -> list[dict]:
+        """Chat messages for the engine.
 
         The history stays a stable prefix from turn to turn, so the engine's latency mode, which keeps
         the last sequence's KV cache, prefills only the new turn."""
         msgs = [{"role": "system", "content": instructions}] if instructions else []
-        return msgs + [{"role": it.role, "content": it.text} for it in self.items[skip:] if it.text]
+        return msgs + [{"role": it.role, "content": it.text} for it in self.items if it.text]

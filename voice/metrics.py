@@ -9,7 +9,7 @@ transport on top and measures its own E2E.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.metrics import RequestMetrics, percentile
 
@@ -35,6 +35,19 @@ class TurnTimes:
     asr_compute_s: float | None = None  # the recognizer's own time for the final transcript
     asr_audio_s: float | None = None
     drafted: bool = False  # the reply was drafted before the end-of-turn decision
+
+    def stamp(self, **times: float | bool | None) -> None:
+        """The one way stages are recorded: each is set once, the first time it happens (later calls keep it)."""
+        for name, value in times.items():
+            if not hasattr(self, name):
+                raise AttributeError(f"TurnTimes has no stage {name!r}")
+            if getattr(self, name) in (None, False):
+                setattr(self, name, value)
+
+    def speech_only(self) -> TurnTimes:
+        """The same turn's speech stages, none of its reply's (a reply that starts over is timed again)."""
+        return replace(self, llm_first_token=None, first_clause=None, tts_first_chunk=None, first_audio_sent=None,
+                       drafted=False)
 
     def breakdown_ms(self) -> dict[str, float] | None:
         """Critical-path milliseconds per stage; None unless every stage from speech end to audio happened."""

@@ -12,6 +12,7 @@ import json
 import uuid
 from dataclasses import dataclass, field, replace
 
+PATH = "/v1/realtime"  # the realtime WebSocket endpoint, as OpenAI's
 CLIENT_EVENTS = frozenset({
     "session.update", "input_audio_buffer.append", "input_audio_buffer.commit", "input_audio_buffer.clear",
     "conversation.item.create", "conversation.item.truncate", "response.create", "response.cancel",

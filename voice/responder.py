@@ -15,7 +15,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from engine import ContextLengthError, Engine, OverloadedError, Request, SamplingParams
+from engine import Backend, ContextLengthError, OverloadedError, Request, SamplingParams
 from engine.sequence import Stream
 from voice.audio import WIRE_RATE, float_to_pcm16, pcm16_to_b64
 from voice.clauses import ClauseSplitter
@@ -34,7 +34,7 @@ class Disconnected(ConnectionError):
 
 
 class Response:
-    def __init__(self, engine: Engine, tts: TTS, send: Send, *, sampling: SamplingParams, voice: str, speed: float,
+    def __init__(self, engine: Backend, tts: TTS, send: Send, *, sampling: SamplingParams, voice: str, speed: float,
                  audio: bool, times: TurnTimes, lead_ms: float, first_words: int):
         self.engine, self.tts, self.send = engine, tts, send
         self.sampling, self.voice, self.speed, self.audio = sampling, voice, speed, audio
@@ -117,8 +117,7 @@ class Response:
         splitter = ClauseSplitter(self.first_words)
         try:
             async for ev in self.stream:
-                if self.times.llm_first_token is None:
-                    self.times.llm_first_token = ev.t
+                self.times.stamp(llm_first_token=ev.t)
                 if not self.audio:
                     self.queue.put_nowait(("text", ev.text))
                     continue
@@ -131,11 +130,9 @@ class Response:
             self.queue.put_nowait(e)
 
     async def _speak(self, clause: str, ends_sentence: bool) -> None:
-        if self.times.first_clause is None:
-            self.times.first_clause = time.monotonic()
+        self.times.stamp(first_clause=time.monotonic())
         audio = await asyncio.to_thread(self.tts.synthesize, clause, self.voice, self.speed, ends_sentence)
-        if self.times.tts_first_chunk is None:
-            self.times.tts_first_chunk = time.monotonic()
+        self.times.stamp(tts_first_chunk=time.monotonic())
         self.queue.put_nowait(("audio", clause, float_to_pcm16(audio)))
 
     # ---- player: paced deltas -----------------------------------------------------------------
@@ -160,8 +157,7 @@ class Response:
                 frame = pcm[2 * start: 2 * (start + FRAME)]
                 await self.send(server_event("response.output_audio.delta", **self._where(), delta=pcm16_to_b64(frame)))
                 now = time.monotonic()
-                if self.times.first_audio_sent is None:
-                    self.times.first_audio_sent = now
+                self.times.stamp(first_audio_sent=now)
                 n = len(frame) // 2
                 self.item.clauses[-1] = (clause, self.item.clauses[-1][1] + n)
                 play_end = max(play_end, now) + n / WIRE_RATE

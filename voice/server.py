@@ -1,7 +1,7 @@
 """The server: one ASGI app on one port, as OpenAI's API is laid out.
 
 - `ws://HOST:PORT/v1/realtime`: the realtime voice WebSocket, one `Session` per connection, all sharing one engine;
-- `http://HOST:PORT/v1/...`: the OpenAI HTTP API of that engine (engine/openai_api.py), `/health`, `/metrics`;
+- `http://HOST:PORT/v1/...`: the OpenAI HTTP API of that engine (serve/openai_api.py), `/health`, `/metrics`;
 - `GET /` and the files beside it in voice/web/: the browser client (static, no token needed: the page holds nothing).
 
 A token, when set, is required as `Authorization: Bearer TOKEN` on the WebSocket handshake (else 401) and on /v1
@@ -28,17 +28,14 @@ from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from engine import Engine
-from engine.openai_api import OpenAIAPI
-from engine.remote import RemoteEngine
+from engine import Backend
+from serve.openai_api import OpenAIAPI
 from voice.asr import ASR, make_asr
+from voice.protocol import PATH
 from voice.responder import Disconnected
 from voice.session import Services, Session
 from voice.tts import TTS
 
-log = logging.getLogger("voice.server")
-
-PATH = "/v1/realtime"
 WEB = Path(__file__).parent / "web"  # the browser client, served at GET /
 WEB_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 
@@ -52,7 +49,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def make_services(engine: Engine | RemoteEngine, tts: TTS, asr: str = "whisper", **options) -> Services:
+def make_services(engine: Backend, tts: TTS, asr: str = "whisper", **options) -> Services:
     """Services with `asr` loaded now (so the first turn does not wait for it) and others on first use."""
 
     @cache
@@ -181,9 +178,3 @@ class _DenialNoise(logging.Filter):
 
 
 logging.getLogger("uvicorn.error").addFilter(_DenialNoise())
-
-
-async def run_server(server: VoiceServer) -> None:
-    async with server:
-        log.info("listening on %s", server.url)
-        await server.serve_forever()

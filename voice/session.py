@@ -1,12 +1,11 @@
-"""One client's realtime session: dispatches its events, runs its audio through VAD and ASR, decides turns,
-keeps its conversation, and starts and stops responses.
+"""One client's realtime session: dispatches its events, feeds its audio to the turn detector (voice/turns.py) and
+the recognizer, keeps its conversation, and starts and stops responses.
 
-Input audio (24 kHz) is resampled to 16 kHz and fed to the VAD as it arrives. From speech start
-(minus the prefix padding) the audio also goes to the recognizer. At the first silent chunk the
-recognizer transcribes; when that transcript is ready and the user is still silent, a reply is drafted
-(engine + TTS) but nothing is sent. When the silence reaches `silence_duration_ms` the turn is
-committed and the draft, if the conversation still matches it, starts playing at once. Speech that
-starts during a reply stops it within the chunk that detected it (barge-in).
+Input audio (24 kHz) is resampled to 16 kHz and fed to the turn detector as it arrives. From speech start
+(minus the prefix padding) the audio also goes to the recognizer. At a pause the recognizer transcribes;
+when that transcript is ready and the user is still silent, a reply is drafted (engine + TTS) but nothing is
+sent. When the turn ends the draft, if the conversation still matches it, starts playing at once. Speech
+that starts during a reply stops it within the chunk that detected it (barge-in).
 """
 
 from __future__ import annotations
@@ -14,13 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from engine import Engine, SamplingParams
+from engine import Backend, SamplingParams
 from voice.asr import ASR, Recognizer, Transcript
 from voice.audio import ASR_RATE, WIRE_RATE, Resampler, b64_to_pcm16, pcm16_to_float
 from voice.conversation import Conversation, Item
@@ -29,6 +27,7 @@ from voice.protocol import (
     TRANSCRIPTION_MODELS,
     ProtocolError,
     SessionConfig,
+    TurnDetection,
     error_event,
     new_id,
     parse_client_event,
@@ -36,18 +35,16 @@ from voice.protocol import (
 )
 from voice.responder import Disconnected, Response, Send
 from voice.tts import TTS
-from voice.vad import SileroVAD, VadEvent
+from voice.turns import SpeechPaused, SpeechResumed, SpeechStarted, TurnDetector, TurnEnded, TurnEvent
 
 log = logging.getLogger("voice.session")
-
-HISTORY_S = 3  # 16 kHz audio kept before speech starts: covers any prefix_padding_ms
 
 
 @dataclass
 class Services:
     """What all sessions of a server share."""
 
-    engine: Engine
+    engine: Backend
     tts: TTS
     asr: Callable[[str], ASR]  # backend name -> the (cached) recognizer factory
     defaults: SessionConfig = SessionConfig()
@@ -64,8 +61,7 @@ class Session:
         self.config = replace(services.defaults, id=new_id("sess"))
         self.conversation = Conversation()
         self.recognizer: Recognizer = services.asr(TRANSCRIPTION_MODELS[self.config.transcription_model]).open()
-        td = self.config.turn_detection
-        self.vad = SileroVAD(td.threshold if td else 0.5, td.silence_duration_ms if td else 300)
+        self.turns = TurnDetector(self.config.turn_detection or TurnDetection(), services.max_buffer_s)
         self.resampler = Resampler(WIRE_RATE, ASR_RATE)
         self.tasks: set[asyncio.Task] = set()
         self.active: Response | None = None  # the response being prepared or played
@@ -75,11 +71,7 @@ class Session:
         self.pending: list[asyncio.Task] = []  # transcriptions a new response must wait for
         # input audio
         self.manual: list[np.ndarray] = []  # 24 kHz buffer when turn detection is off
-        self.received = 0  # 16 kHz samples received so far
-        self.history = np.zeros(0, np.float32)  # the last HISTORY_S of 16 kHz audio, ending at `received`
-        self.arrivals: list[tuple[int, float]] = []  # (16 kHz sample count after a chunk, monotonic arrival time)
-        self.utterance: int | None = None  # first sample of the speech being recognized (with its padding)
-        self.fed_until = 0  # the recognizer has had the utterance's audio up to here
+        self.fed_until = 0  # the recognizer has had the utterance's audio up to this sample
         self.speech_item_id: str | None = None
         self.asr_task: asyncio.Task | None = None  # transcript of the utterance up to its latest pause
 
@@ -144,7 +136,7 @@ class Session:
             self._drop_utterance()
             self.manual.clear()
             if new.turn_detection:
-                self.vad.configure(new.turn_detection.threshold, new.turn_detection.silence_duration_ms)
+                self.turns.configure(new.turn_detection)
         self.config = new
         await self.send(server_event("session.updated", session=self.config.to_dict()))
 
@@ -161,24 +153,16 @@ class Session:
                                     f"{self.services.max_buffer_s:.0f} s; commit or clear it (this chunk was dropped)")
             self.manual.append(audio)
             return
-        chunk = self.resampler(audio)
-        self.received += len(chunk)
-        self.arrivals.append((self.received, now))
-        if len(self.arrivals) > 4096:  # only the current turn's chunks are ever looked up
-            del self.arrivals[:2048]
-        self.history = np.concatenate([self.history, chunk])[-HISTORY_S * ASR_RATE:]
-        for vad_event in self.vad.process(chunk):
-            await self._on_vad(vad_event)
-        if self.utterance is not None:
+        for turn_event in self.turns.feed(self.resampler(audio), now):
+            await self._on_turn(turn_event)
+        if self.turns.in_turn:
             self._feed_recognizer()
-            if (self.received - self.utterance) / ASR_RATE > self.services.max_buffer_s:
-                await self._end_of_speech(self.vad.speech_end)  # a turn longer than the buffer ends here
 
     async def _on_input_audio_buffer_commit(self, event: dict) -> None:
         if self.config.turn_detection is not None:
-            if self.utterance is None:
+            if not self.turns.in_turn:
                 raise ProtocolError("input_audio_buffer_commit_empty", "no speech in the input audio buffer to commit")
-            await self._end_of_speech(self.vad.speech_end, auto_response=False)
+            await self._end_of_turn(self.turns.end_turn(), auto_response=False)
             return
         if not self.manual:
             raise ProtocolError("input_audio_buffer_commit_empty", "the input audio buffer is empty: append audio first")
@@ -187,7 +171,9 @@ class Session:
         self.recognizer.reset()
         self.recognizer.feed(Resampler(WIRE_RATE, ASR_RATE)(audio))
         item = Item(new_id("item"), "user", text=None, audio=True)
-        await self._commit(item, self._spawn(self._transcribe()), TurnTimes(vad_decision=time.monotonic()), False)
+        times = TurnTimes()
+        times.stamp(vad_decision=time.monotonic())
+        await self._commit(item, self._spawn(self._transcribe()), times, False)
 
     async def _on_input_audio_buffer_clear(self, event: dict) -> None:
         self.manual.clear()
@@ -242,35 +228,33 @@ class Session:
 
     # ---- speech turns -----------------------------------------------------------------------
 
-    async def _on_vad(self, ev: VadEvent) -> None:
-        td = self.config.turn_detection
-        if ev.kind == "start":
-            if self.active is not None and td.interrupt_response:
+    async def _on_turn(self, ev: TurnEvent) -> None:
+        if isinstance(ev, SpeechStarted):
+            if self.active is not None and self.config.turn_detection.interrupt_response:
                 await self._stop_active("turn_detected")  # barge-in: stops before anything else is sent
             self._discard_draft()
             self.speech_item_id = new_id("item")
-            self.utterance = max(ev.sample - td.prefix_padding_ms * ASR_RATE // 1000, self.received - len(self.history), 0)
             self.recognizer.reset()
             self.asr_task = None
-            self._feed_recognizer(self.utterance)
+            self._feed_recognizer(ev.start)
             await self.send(server_event("input_audio_buffer.speech_started", item_id=self.speech_item_id,
-                                         audio_start_ms=self.utterance * 1000 // ASR_RATE))
-        elif ev.kind == "pause" and self.utterance is not None:
+                                         audio_start_ms=ev.start * 1000 // ASR_RATE))
+        elif isinstance(ev, SpeechPaused):
             self.asr_task = self._spawn(self._transcribe())
             self.asr_task.add_done_callback(self._maybe_draft)
-        elif ev.kind == "resume":
+        elif isinstance(ev, SpeechResumed):
             self._discard_draft()
             self.asr_task = None  # it covers the speech only up to the pause
-        elif ev.kind == "end" and self.utterance is not None:
-            await self._end_of_speech(ev.sample)
+        elif isinstance(ev, TurnEnded):
+            await self._end_of_turn(ev)
 
     def _feed_recognizer(self, start: int | None = None) -> None:
         """Feed the recognizer the audio it has not had yet (from `start` on a new utterance)."""
         if start is not None:
             self.fed_until = start
-        if self.received > self.fed_until:
-            self.recognizer.feed(self.history[len(self.history) - (self.received - self.fed_until):])
-        self.fed_until = self.received
+        if self.turns.received > self.fed_until:
+            self.recognizer.feed(self.turns.audio(self.fed_until))
+        self.fed_until = self.turns.received
 
     async def _transcribe(self) -> tuple[Transcript, float, float]:
         """(transcript, when asked, when answered)"""
@@ -281,7 +265,7 @@ class Session:
     def _maybe_draft(self, task: asyncio.Task) -> None:
         """The pause's transcript is ready: if the user is still silent, draft the reply now."""
         td = self.config.turn_detection
-        if (task is not self.asr_task or task.cancelled() or task.exception() is not None or self.vad.pause_at is None
+        if (task is not self.asr_task or task.cancelled() or task.exception() is not None or not self.turns.paused
                 or self.draft is not None or self.active is not None or td is None or not td.create_response):
             return
         transcript = task.result()[0]
@@ -299,21 +283,19 @@ class Session:
             self.draft.discard()
             self.draft = self.draft_messages = None
 
-    async def _end_of_speech(self, speech_end_sample: int, auto_response: bool = True) -> None:
-        """The turn is over (VAD decision, manual commit, or a full buffer): commit it and answer."""
-        now = time.monotonic()
-        times = TurnTimes(speech_end=self._sent_time(speech_end_sample), vad_decision=now)
+    async def _end_of_turn(self, ended: TurnEnded, auto_response: bool = True) -> None:
+        """The turn is over (silence, a manual commit, or a full buffer): commit it and answer."""
+        times = TurnTimes()
+        times.stamp(speech_end=ended.sent_at, vad_decision=time.monotonic())
         item = Item(self.speech_item_id or new_id("item"), "user", text=None, audio=True)
         asr_task = self.asr_task or self._spawn(self._transcribe())  # no pause-time transcript covers the speech
         draft, draft_messages = self.draft, self.draft_messages
         self.draft = self.draft_messages = None
-        self.utterance = self.speech_item_id = self.asr_task = None
-        if self.vad.speaking:
-            self.vad.reset()
+        self.speech_item_id = self.asr_task = None
         td = self.config.turn_detection
         respond = auto_response and td is not None and td.create_response and self.active is None
         await self.send(server_event("input_audio_buffer.speech_stopped", item_id=item.id,
-                                     audio_end_ms=speech_end_sample * 1000 // ASR_RATE))
+                                     audio_end_ms=ended.end * 1000 // ASR_RATE))
         await self._commit(item, asr_task, times, respond, draft, draft_messages)
 
     async def _commit(self, item: Item, asr_task: asyncio.Task, times: TurnTimes, respond: bool,
@@ -322,8 +304,7 @@ class Session:
             draft.discard()
             draft = draft_messages = None
         if draft is not None:  # the draft recorded its LLM and TTS times already: the turn's times are its
-            draft.times.speech_end, draft.times.vad_decision = times.speech_end, times.vad_decision
-            draft.times.drafted = True
+            draft.times.stamp(speech_end=times.speech_end, vad_decision=times.vad_decision, drafted=True)
             times = draft.times
         previous = self.conversation.add(item)
         await self.send(server_event("input_audio_buffer.committed", previous_item_id=previous, item_id=item.id))
@@ -334,7 +315,7 @@ class Session:
 
     async def _finish_transcript(self, item: Item, asr_task: asyncio.Task, times: TurnTimes) -> None:
         try:
-            transcript, times.asr_start, times.asr_final = await asr_task
+            transcript, asked, answered = await asr_task
         except Exception as e:  # a recognizer that failed (its worker died): the turn has no text
             log.exception("transcription failed")
             item.text = ""
@@ -342,7 +323,7 @@ class Session:
                                          content_index=0, error={"type": "server_error", "code": "transcription_failed",
                                                                  "message": f"{type(e).__name__}: {e}"}))
             return
-        times.asr_compute_s, times.asr_audio_s = transcript.compute_s, transcript.audio_s
+        times.stamp(asr_start=asked, asr_final=answered, asr_compute_s=transcript.compute_s, asr_audio_s=transcript.audio_s)
         item.text = transcript.text
         await self.send(server_event("conversation.item.input_audio_transcription.completed", item_id=item.id,
                                      content_index=0, transcript=transcript.text,
@@ -351,17 +332,9 @@ class Session:
 
     def _drop_utterance(self) -> None:
         self._discard_draft()
-        self.vad.reset()
-        self.utterance = self.speech_item_id = self.asr_task = None
+        self.turns.reset()
+        self.speech_item_id = self.asr_task = None
         self.recognizer.reset()
-
-    def _sent_time(self, sample: int) -> float:
-        """When the client sent the chunk holding `sample`, for a client that streams in real time (as a
-        microphone does). Each later chunk's arrival bounds it from above (arrival minus the audio in
-        between); the tightest bound wins, so a moment when this loop was starved does not make it late."""
-        i = min(bisect_left(self.arrivals, (sample + 1, 0.0)), len(self.arrivals) - 1)
-        end = self.arrivals[i][0]
-        return min(t - (n - end) / ASR_RATE for n, t in self.arrivals[i:])
 
     # ---- responses --------------------------------------------------------------------------
 
@@ -392,9 +365,7 @@ class Session:
             messages = self.conversation.messages(instructions or self.config.instructions)
             if response.stop_reason is None and draft_messages is not None and draft_messages != messages:
                 response.discard()  # the transcript or the conversation changed since the draft: redo it
-                times = replace(response.times, llm_first_token=None, first_clause=None, tts_first_chunk=None,
-                                drafted=False)
-                response = self._new_response(times)
+                response = self._new_response(response.times.speech_only())
                 self.active = response
                 draft_messages = None
             if draft_messages is None and response.stop_reason is None:

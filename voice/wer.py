@@ -45,8 +45,3 @@ def wer(references: list[str], hypotheses: list[str]) -> float:
         edits += edit_distance(r, normalize(hyp))
         words += len(r)
     return edits / max(words, 1)
-
-
-def closest(hypothesis: str, candidates: list[str] | tuple[str, ...]) -> str:
-    """The candidate with the lowest WER against `hypothesis`: matching against a closed set of sentences."""
-    return min(candidates, key=lambda c: wer([c], [hypothesis]))

@@ -6,12 +6,13 @@ import threading
 import pytest
 import torch
 
-from engine import Engine, OverloadedError, Request, SamplingParams
+from engine import Controls, Engine, OverloadedError, Request, SamplingParams
 from engine.batched import BatchedRunner
 from engine.latency import LatencyRunner
 from engine.model import Transformer
 from engine.scheduler import BatchPolicy
 from engine.sequence import Sequence, Stream
+from tests.conftest import wait_until
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -193,7 +194,7 @@ def test_mode_switch_under_load_loses_no_request_and_repeats_no_token(default_mo
             emitted = sum(len(ids) for events in results for ids, _ in events)
             if emitted >= switched_at + 3:  # switch whenever tokens are flowing: requests are mid-generation
                 mode = "batched" if mode == "latency" else "latency"
-                engine.set_mode(mode)
+                engine.control(Controls(mode=mode))
                 switched_at = emitted
             threading.Event().wait(0.01)
         for r in readers:
@@ -214,24 +215,21 @@ def test_overload_in_batched_mode_is_refused_and_the_engine_keeps_serving(defaul
     try:
         long = SamplingParams(max_tokens=500, ignore_eos=True)
         streams = [engine.submit(Request(prompt="Once upon a time", sampling=long))]
-        while engine.metrics_snapshot()["running"] == 0:  # the first one runs; with a batch of 1, the rest wait
-            threading.Event().wait(0.01)
+        wait_until(lambda: engine.snapshot().state.running == 1)  # the first one runs; with a batch of 1, the rest wait
         streams += [engine.submit(Request(prompt="Once upon a time", sampling=long)) for _ in range(3)]
         with pytest.raises(OverloadedError, match="overloaded: 3 requests already waiting"):
             engine.submit(Request(prompt="one too many"))
-        assert engine.metrics_snapshot()["rejected"] == 1
+        assert engine.snapshot().stats.rejected == 1
         for s in streams:
             s.cancel()
             list(s)
         assert [s.metrics.finish_reason for s in streams] == ["cancelled"] * 4
         c = engine.generate(Request(prompt="Hi", sampling=SamplingParams(max_tokens=3, ignore_eos=True)))
         assert len(c.token_ids) == 3 and c.metrics.emissions[0][2] == "batched"
-        for _ in range(500):  # the stream ends before the worker has put the finished sequence away
-            snap = engine.metrics_snapshot()
-            if snap["running"] == 0:
-                break
-            threading.Event().wait(0.01)
-        assert snap["mode"] == "batched" and snap["kv_blocks_used"] == 0 and snap["running"] == snap["waiting"] == 0
+        # the stream ends before the worker has put the finished sequence away
+        wait_until(lambda: engine.snapshot().state.running == 0)
+        state = engine.snapshot().state
+        assert state.mode == "batched" and state.kv.blocks_used == 0 and state.running == state.waiting == 0
     finally:
         engine.close()
 
@@ -243,20 +241,20 @@ def test_policy_changes_apply_to_the_running_engine(tiny_loaded):
         streams = [engine.submit(Request(prompt_ids=[5, 6, 7, i], sampling=long)) for i in range(5)]
 
         def settles(running, waiting):
-            for _ in range(1000):
-                snap = engine.metrics_snapshot()
-                if (snap["running"], snap["waiting"]) == (running, waiting):
-                    return True
-                threading.Event().wait(0.005)
-            return False
+            state = lambda: engine.snapshot().state  # noqa: E731
+            wait_until(lambda: (state().running, state().waiting) == (running, waiting), what=f"{running} running")
 
-        assert settles(2, 3)
-        engine.set_policy(max_batch_size=4, chunked_prefill=False, token_budget=24)
-        assert settles(4, 1)
-        assert engine._batched.scheduler.policy == BatchPolicy(max_batch_size=4, token_budget=24, chunked_prefill=False)
+        settles(2, 3)
+        engine.control(Controls(max_batch_size=4, chunked_prefill=False))
+        settles(4, 1)
+        assert engine._batched.scheduler.policy == BatchPolicy(max_batch_size=4, token_budget=16, chunked_prefill=False)
         with pytest.raises(ValueError, match="max_batch_size"):
-            engine.set_policy(max_batch_size=24)  # must stay below the token budget
-        assert engine.policy.max_batch_size == 4
+            engine.control(Controls(mode="latency", max_batch_size=24))  # must stay below the token budget
+        with pytest.raises(ValueError, match="max_batch_size must be int"):
+            Controls(max_batch_size=True)  # a bool is not a batch size
+        settles(4, 1)  # all or nothing: the refused control changed neither the policy nor the mode
+        state = engine.snapshot().state
+        assert (state.mode, state.max_batch_size, state.chunked_prefill) == ("batched", 4, False)
         for s in streams:
             s.cancel()
     finally:

@@ -1,6 +1,5 @@
 """The CUDA-graph decode step (engine/cuda_graph.py): its graph-safe static step equals the eager path on the CPU
 (prefill, decode steps, padded speculative verification, truncation of rejected drafts, across context windows),
-and device-side token choice equals `verify` for greedy and keeps the target's distribution when sampling.
 Batched mode's graph-safe decode step equals the eager batched step (padded batches, block boundaries, padding rows
 that leave the cache alone), and a runner using it emits the same tokens. The capture itself is checked only where
 CUDA exists."""
@@ -10,14 +9,12 @@ import torch
 
 from engine import Engine, Request, SamplingParams
 from engine.batched import BatchedRunner
-from engine.cuda_graph import MIN_WINDOW, BatchedDecodeGraphs, DecodeGraphs, verify_on_device
+from engine.cuda_graph import MIN_WINDOW, BatchedDecodeGraphs, DecodeGraphs
 from engine.kv_cache import PagedKVCache, StaticKVCache
 from engine.latency import LatencyRunner
 from engine.model import Transformer
-from engine.sampling import probabilities
 from engine.scheduler import BatchPolicy
 from engine.sequence import Sequence, Stream
-from engine.speculative import verify
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -163,66 +160,6 @@ def test_batched_runner_emits_the_same_tokens_through_the_static_step(tiny_loade
             assert set(runner.graphs._steps) >= {4, 2, 1}  # five sequences, four at a time, ending at different steps
     assert outputs[0] == outputs[1]
     assert all(len(out) == n for out, n in zip(outputs[0], [12, 5, 9, 7, 10]))
-
-
-def test_greedy_choice_on_the_device_equals_verify():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(5, 50, generator=g)
-    best = logits.argmax(dim=-1).tolist()
-    greedy = SamplingParams()
-    for drafts in ([], best[:4], best[:2] + [(best[2] + 1) % 50, best[3]], [(best[0] + 1) % 50, *best[1:4]]):
-        rows = logits[: len(drafts) + 1]
-        want = verify(drafts, None, rows, greedy, None)
-        assert verify_on_device(drafts, None, rows, greedy, None) == want
-        assert verify_on_device(drafts, None, rows, greedy, None, rows.argmax(dim=-1)) == want
-
-
-def frequencies(tokens: list[int], V: int) -> torch.Tensor:
-    return torch.bincount(torch.tensor(tokens), minlength=V).double() / len(tokens)
-
-
-def test_sampling_on_the_device_draws_from_the_sampling_distribution():
-    logits = torch.tensor([[2.0, 1.5, 1.0, 0.2, -1.0, -3.0]])
-    params = SamplingParams(temperature=0.8, top_p=0.9, seed=0)
-    p = probabilities(logits, params)[0].double()
-    assert (p == 0).any()  # top-p cut some tokens
-    g = torch.Generator().manual_seed(0)
-    drawn = [verify_on_device([], None, logits, params, g)[0] for _ in range(8000)]
-    freq = frequencies(drawn, 6)
-    torch.testing.assert_close(freq, p, atol=0.02, rtol=0)
-    assert (freq[p == 0] == 0).all()
-    # the request's generator makes the draws reproducible
-    assert [verify_on_device([], None, logits, params, torch.Generator().manual_seed(5))[0] for _ in range(3)] == \
-        [verify_on_device([], None, logits, params, torch.Generator().manual_seed(5))[0] for _ in range(3)]
-
-
-@pytest.mark.parametrize("drafter", ["prompt lookup", "model"])
-def test_speculative_sampling_on_the_device_keeps_the_target_distribution(drafter):
-    """The first emitted token follows p[0]; after an accepted draft the next one follows p[1], and after two p[2]."""
-    V = 5
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, V, generator=g) * 1.5
-    params = SamplingParams(temperature=1.0, seed=0)
-    p = probabilities(logits, params).double()
-    q = torch.softmax(logits[:2] + torch.randn(2, V, generator=g), dim=-1)  # a draft near the target: most steps go on
-    firsts, seconds, thirds = [], [], []
-    for _ in range(12000):
-        if drafter == "model":
-            drafts, draft_probs = torch.multinomial(q, 1, generator=g)[:, 0].tolist(), q
-        else:
-            drafts, draft_probs = [0, 2], None  # likely enough that both acceptance and rejection happen often
-        out = verify_on_device(drafts, draft_probs, logits, params, g)
-        assert 1 <= len(out) <= 3 and out[:-1] == drafts[: len(out) - 1]
-        firsts.append(out[0])
-        if len(out) > 1 and out[0] == drafts[0]:  # a rejected draft's residual has no mass on it: it was accepted
-            seconds.append(out[1])
-        if len(out) > 2 and out[1] == drafts[1]:
-            thirds.append(out[2])  # the bonus token
-    torch.testing.assert_close(frequencies(firsts, V), p[0], atol=0.02, rtol=0)
-    assert len(seconds) > 5000
-    torch.testing.assert_close(frequencies(seconds, V), p[1], atol=0.02, rtol=0)
-    assert len(thirds) > 3000
-    torch.testing.assert_close(frequencies(thirds, V), p[2], atol=0.025, rtol=0)
 
 
 # ---- on a GPU ----------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from engine.kv_cache import StaticKVCache
 from engine.loader import ModelLoadError, load
 from engine.model import ModelConfig, Transformer
 
-# Chat turns on subjects the distillation prompts never mention (bench/distill_draft.py), with replies written
+# Chat turns on subjects the distillation prompts never mention (engine/distill.py), with replies written
 # by hand: the reference is the target's own greedy choice at every position of the reply.
 CONVERSATIONS = [
     ("How do bicycles stay upright?",

@@ -2,7 +2,7 @@
 
 import pytest
 
-from engine.kv_cache import BlockManager
+from engine.block_manager import BlockManager
 from engine.sampling import SamplingParams
 from engine.scheduler import BatchPolicy, Scheduler
 from engine.sequence import EngineError, Request, Sequence, Stream

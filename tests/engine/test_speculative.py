@@ -10,7 +10,8 @@ from engine import Engine, Request, SamplingParams
 from engine.draft import DEFAULT_DRAFT_PATH, init_draft, save_draft
 from engine.kv_cache import StaticKVCache
 from engine.model import ModelConfig, Transformer
-from engine.speculative import AdaptiveK, ModelDrafter, NgramDrafter, verify
+from engine.sampling import probabilities
+from engine.speculative import AdaptiveK, ModelDrafter, NgramDrafter, choose_tokens
 
 TEXT = ("The Amazon rainforest covers much of the Amazon basin of South America. Most of it lies in Brazil, "
         "followed by Peru and Colombia. It holds the largest variety of plants and animals of any rainforest.")
@@ -103,19 +104,15 @@ def run(model: Transformer, cache: StaticKVCache, ids: list[int]) -> torch.Tenso
 
 def first_two_tokens(target, drafter, cache, first_logits, generator) -> tuple[int, int]:
     """The real draft-then-verify step (k = 2) after a sampled first token, as the latency runner runs it."""
-    from engine.sampling import sample
-
     cache.truncate(len(PROMPT))
-    ids = PROMPT + [sample(first_logits, SAMPLE, generator)]
+    ids = PROMPT + choose_tokens([], None, first_logits[None], SAMPLE, generator)
     drafts, q = drafter.propose(ids, 2, SAMPLE, generator)
-    out = verify(drafts, q, run(target, cache, [ids[-1], *drafts]), SAMPLE, generator)
+    out = choose_tokens(drafts, q, run(target, cache, [ids[-1], *drafts]), SAMPLE, generator)
     return ids[-1], out[0]
 
 
 @pytest.mark.parametrize("drafter_kind", ["model", "ngram"])
 def test_sampling_preserves_the_target_distribution(drafter_kind):
-    from engine.sampling import probabilities
-
     # A nearly flat draft against a peaked target: rejections are frequent and the residual is far from the
     # target, so resampling from the wrong distribution shifts the output by TV ~0.1 (noise is ~0.02).
     target, draft = tiny_model(0, scale=0.5), tiny_model(1, scale=0.05)
@@ -139,14 +136,63 @@ def test_sampling_preserves_the_target_distribution(drafter_kind):
     assert tv <= limit, f"total variation {tv:.4f} between speculative samples and the target (noise max {limit:.4f})"
 
 
-def test_verify_greedy_and_bonus():
+def test_greedy_choice_accepts_matching_drafts_then_corrects_or_adds_a_bonus():
     logits = torch.full((4, 5), -10.0)
     for row, best in enumerate([2, 3, 1, 4]):
         logits[row, best] = 10.0
     params = SamplingParams()
-    assert verify([2, 3, 1], None, logits, params, None) == [2, 3, 1, 4]  # all accepted + bonus
-    assert verify([2, 0, 1], None, logits, params, None) == [2, 3]  # first mismatch -> correction
-    assert verify([], None, logits[:1], params, None) == [2]  # k = 0 is a plain decode step
+    assert choose_tokens([2, 3, 1], None, logits, params, None) == [2, 3, 1, 4]  # all accepted + bonus
+    assert choose_tokens([2, 0, 1], None, logits, params, None) == [2, 3]  # first mismatch -> correction
+    assert choose_tokens([], None, logits[:1], params, None) == [2]  # k = 0 is a plain decode step
+    assert choose_tokens([2, 0], None, logits[:3], params, None, best=torch.tensor([2, 1, 0])) == [2, 1]  # given argmax
+
+
+def frequencies(tokens: list[int], V: int) -> torch.Tensor:
+    return torch.bincount(torch.tensor(tokens), minlength=V).double() / len(tokens)
+
+
+def test_sampling_draws_from_the_sampling_distribution():
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.2, -1.0, -3.0]])
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=0)
+    p = probabilities(logits, params)[0].double()
+    assert (p == 0).any()  # top-p cut some tokens
+    g = torch.Generator().manual_seed(0)
+    drawn = [choose_tokens([], None, logits, params, g)[0] for _ in range(8000)]
+    freq = frequencies(drawn, 6)
+    torch.testing.assert_close(freq, p, atol=0.02, rtol=0)
+    assert (freq[p == 0] == 0).all()
+    # the request's generator makes the draws reproducible
+    assert [choose_tokens([], None, logits, params, torch.Generator().manual_seed(5))[0] for _ in range(3)] == \
+        [choose_tokens([], None, logits, params, torch.Generator().manual_seed(5))[0] for _ in range(3)]
+
+
+@pytest.mark.parametrize("drafter", ["prompt lookup", "model"])
+def test_speculative_sampling_keeps_the_target_distribution_row_by_row(drafter):
+    """The first emitted token follows p[0]; after an accepted draft the next one follows p[1], and after two p[2]."""
+    V = 5
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, V, generator=g) * 1.5
+    params = SamplingParams(temperature=1.0, seed=0)
+    p = probabilities(logits, params).double()
+    q = torch.softmax(logits[:2] + torch.randn(2, V, generator=g), dim=-1)  # a draft near the target: most steps go on
+    firsts, seconds, thirds = [], [], []
+    for _ in range(12000):
+        if drafter == "model":
+            drafts, draft_probs = torch.multinomial(q, 1, generator=g)[:, 0].tolist(), q
+        else:
+            drafts, draft_probs = [0, 2], None  # likely enough that both acceptance and rejection happen often
+        out = choose_tokens(drafts, draft_probs, logits, params, g)
+        assert 1 <= len(out) <= 3 and out[:-1] == drafts[: len(out) - 1]
+        firsts.append(out[0])
+        if len(out) > 1 and out[0] == drafts[0]:  # a rejected draft's residual has no mass on it: it was accepted
+            seconds.append(out[1])
+        if len(out) > 2 and out[1] == drafts[1]:
+            thirds.append(out[2])  # the bonus token
+    torch.testing.assert_close(frequencies(firsts, V), p[0], atol=0.02, rtol=0)
+    assert len(seconds) > 5000
+    torch.testing.assert_close(frequencies(seconds, V), p[1], atol=0.02, rtol=0)
+    assert len(thirds) > 3000
+    torch.testing.assert_close(frequencies(thirds, V), p[2], atol=0.025, rtol=0)
 
 
 def test_ngram_drafter_copies_what_followed_the_last_match():

@@ -1,11 +1,13 @@
 """Rolling-window aggregation: which samples fall in the window, per-class percentiles, throughput and goodput."""
 
 import time
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 
 from engine.metrics import RequestMetrics
+from engine.snapshot import Distribution
 from engine.stats import SLO, RollingStats
 
 
@@ -29,6 +31,8 @@ def stats_and_t0():
 
 
 def close(value, expected):
+    if isinstance(value, Distribution):
+        value = asdict(value)
     return value == pytest.approx(expected, abs=1e-9)
 
 
@@ -39,34 +43,33 @@ def dist(values):
 
 def test_samples_are_taken_by_when_they_were_observed(stats_and_t0):
     stats, t0 = stats_and_t0
-    snap = stats.snapshot(now=t0 + 100)
-    assert snap["window_s"] == 10
-    user, synthetic, everyone = (snap["classes"][c] for c in ("user", "synthetic", "all"))
+    snap = stats.window(now=t0 + 100)
+    assert snap.window_s == 10
+    user, synthetic, everyone = snap.user, snap.synthetic, snap.all
 
-    assert close(user["ttft_s"], dist([0.1, 0.3]))
-    assert close(user["tbt_s"], dist([0.1, 0.2, 0.05, 0.05]))
-    assert close(user["e2e_s"], dist([0.4, 0.4]))
-    assert close(user["tpot_s"], dist([0.15, 0.05]))
-    assert close(user["output_tok_s"], 6 / 10) and user["finished"] == 2
-    assert close(user["goodput_req_s"], 1 / 10) and user["slo_attained"] == 0.5
-    assert close(user["tok_s_per_user"], (1 / 0.15 + 1 / 0.05) / 2)
+    assert close(user.ttft_s, dist([0.1, 0.3]))
+    assert close(user.tbt_s, dist([0.1, 0.2, 0.05, 0.05]))
+    assert close(user.e2e_s, dist([0.4, 0.4]))
+    assert close(user.tpot_s, dist([0.15, 0.05]))
+    assert close(user.output_tok_s, 6 / 10) and user.finished == 2
+    assert close(user.goodput_req_s, 1 / 10) and user.slo_attained == 0.5
+    assert close(user.tok_s_per_user, (1 / 0.15 + 1 / 0.05) / 2)
 
-    assert close(synthetic["ttft_s"], dist([0.2]))  # the request whose first token left before the window: no TTFT
-    assert close(synthetic["tbt_s"], dist([1.5, 0.5]))  # a gap counts when its later token is in the window
-    assert close(synthetic["e2e_s"], dist([6.0]))
-    assert close(synthetic["output_tok_s"], 4 / 10)  # 89.0 is outside; the two-token step counts two
-    assert synthetic["finished"] == 1 and synthetic["in_flight"] == 1 and synthetic["goodput_req_s"] == 0
+    assert close(synthetic.ttft_s, dist([0.2]))  # the request whose first token left before the window: no TTFT
+    assert close(synthetic.tbt_s, dist([1.5, 0.5]))  # a gap counts when its later token is in the window
+    assert close(synthetic.e2e_s, dist([6.0]))
+    assert close(synthetic.output_tok_s, 4 / 10)  # 89.0 is outside; the two-token step counts two
+    assert synthetic.finished == 1 and synthetic.in_flight == 1 and synthetic.goodput_req_s == 0
 
-    assert close(everyone["ttft_s"], dist([0.1, 0.3, 0.2]))
-    assert close(everyone["output_tok_s"], 1.0) and everyone["finished"] == 3
+    assert close(everyone.ttft_s, dist([0.1, 0.3, 0.2]))
+    assert close(everyone.output_tok_s, 1.0) and everyone.finished == 3
 
 
 def test_old_requests_leave_the_window_but_running_ones_stay(stats_and_t0):
     stats, t0 = stats_and_t0
-    snap = stats.snapshot(now=t0 + 200)
-    everyone = snap["classes"]["all"]
-    assert everyone["finished"] == 0 and everyone["in_flight"] == 1 and everyone["output_tok_s"] == 0
-    assert everyone["ttft_s"] == {"mean": None, "p50": None, "p90": None, "p99": None}
+    everyone = stats.window(now=t0 + 200).all
+    assert everyone.finished == 0 and everyone.in_flight == 1 and everyone.output_tok_s == 0
+    assert everyone.ttft_s == Distribution(None, None, None, None)
     assert len(stats._requests) == 1  # finished requests outside the window were dropped
 
 
@@ -75,8 +78,8 @@ def test_steps_give_the_mean_running_batch_size():
     t0 = time.monotonic()
     for i, batch in enumerate([4, 4, 8, 16]):
         stats.record_step(t0 + 1 + i, batch)
-    snap = stats.snapshot(now=t0 + 5)
-    assert snap["batch_size_mean"] == 8 and snap["steps_per_s"] == pytest.approx(4 / 5, rel=1e-3)  # a 5 s old window
+    snap = stats.window(now=t0 + 5)
+    assert snap.batch_size_mean == 8 and snap.steps_per_s == pytest.approx(4 / 5, rel=1e-3)  # a 5 s old window
     stats.record_step(t0 + 20, 2)  # the four older steps leave the window
-    snap = stats.snapshot(now=t0 + 20)
-    assert snap["batch_size_mean"] == 2 and close(snap["steps_per_s"], 1 / 10)
+    snap = stats.window(now=t0 + 20)
+    assert snap.batch_size_mean == 2 and close(snap.steps_per_s, 1 / 10)

@@ -7,10 +7,10 @@ import os
 import threading
 from pathlib import Path
 
-from engine.remote import RemoteEngine
+from serve.remote import RemoteEngine
 from tests.tui.conftest import wait_for
 from tui.app import TradeoffApp
-from tui.backend import Backend, Options
+from tui.controller import Controller, Options
 from tui.model import format_ms
 from tui.screens import MessagePrompt
 from tui.widgets.headline import Headline
@@ -35,7 +35,7 @@ def child_processes() -> list[int]:
 def app_on(engine, **options) -> TradeoffApp:
     """The dashboard on the shared engine, without the simulated caller unless asked."""
     opts = Options(**{"caller": False, **options})
-    return TradeoffApp(opts, backend=Backend(opts, engine=engine))
+    return TradeoffApp(opts, controller=Controller(opts, engine=engine))
 
 
 async def test_starts_with_the_default_model_and_the_caller_the_numbers_update_and_q_quits_cleanly():
@@ -43,7 +43,7 @@ async def test_starts_with_the_default_model_and_the_caller_the_numbers_update_a
     app = TradeoffApp(Options())  # loads the default model itself; no microphone here, so the caller is on
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.ready, 120, "start-up")
-        engine, dash = app.backend.engine, app.dashboard
+        engine, dash = app.controller.engine, app.dashboard
         assert engine.name == "smollm2-135m" and app.link.caller_on
         # the caller's first spoken turn is answered and measured end to end
         await wait_for(pilot, lambda: dash.voice.spoken, 90, "a spoken turn")
@@ -66,27 +66,36 @@ async def test_starts_with_the_default_model_and_the_caller_the_numbers_update_a
     assert child_processes() == []
 
 
+def state(engine):
+    return engine.snapshot().state
+
+
 async def test_b_s_and_c_change_the_engine(engine):
     app = app_on(engine)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.ready, 60, "start-up")
-        assert engine.mode == "latency"
+        await wait_for(pilot, lambda: app.dashboard.sample is not None, 10, "a first reading")
+        assert state(engine).mode == "latency"
         await pilot.press("b")
-        await wait_for(pilot, lambda: engine.mode == "batched", 30, "batched mode")
+        await wait_for(pilot, lambda: state(engine).mode == "batched", 30, "batched mode")
         await wait_for(pilot, lambda: app.dashboard.sample.mode == "batched", 10, "a sample in batched mode")
         await pilot.press("b")
-        await wait_for(pilot, lambda: engine.mode == "latency", 30, "latency mode")
-        drafter = engine.metrics_snapshot()["speculation"]["drafter"]
+        await wait_for(pilot, lambda: state(engine).mode == "latency", 30, "latency mode")
+        drafter = state(engine).speculation.drafter
         assert drafter is not None
+        # two presses in a row, faster than a reading: the second toggles from the first one's result
+        await pilot.press("s", "s")
+        await wait_for(pilot, lambda: app.controller.controls_applied == app.controller.controls_sent, 10, "the controls")
+        assert state(engine).speculation.drafter == drafter
         await pilot.press("s")
-        await wait_for(pilot, lambda: engine.metrics_snapshot()["speculation"]["drafter"] is None, 10, "speculation off")
+        await wait_for(pilot, lambda: state(engine).speculation.drafter is None, 10, "speculation off")
         await pilot.press("s")
-        await wait_for(pilot, lambda: engine.metrics_snapshot()["speculation"]["drafter"] == drafter, 10, "speculation on")
-        chunked = engine.policy.chunked_prefill
+        await wait_for(pilot, lambda: state(engine).speculation.drafter == drafter, 10, "speculation on")
+        chunked = state(engine).chunked_prefill
         await pilot.press("c")
-        assert engine.policy.chunked_prefill is not chunked
+        await wait_for(pilot, lambda: state(engine).chunked_prefill is not chunked, 10, "chunked prefill toggled")
         await pilot.press("c")
-        assert engine.policy.chunked_prefill is chunked
+        await wait_for(pilot, lambda: state(engine).chunked_prefill is chunked, 10, "chunked prefill back")
         await pilot.press("q")
 
 
@@ -94,18 +103,19 @@ async def test_plus_and_minus_change_the_synthetic_users(engine):
     app = app_on(engine)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.ready, 60, "start-up")
-        loadgen = app.backend.loadgen
-        assert loadgen.level == 0 and loadgen.submitted == []
+        await wait_for(pilot, lambda: app.dashboard.sample is not None, 10, "a first reading")
+        loadgen = app.controller.loadgen
+        assert loadgen.users == 0 and loadgen.submitted == []
         await pilot.press("plus")
-        await wait_for(pilot, lambda: loadgen.level == 1, 10, "one user")
+        await wait_for(pilot, lambda: loadgen.users == 1, 10, "one user")
         await pilot.press("plus", "plus")
-        await wait_for(pilot, lambda: loadgen.level == 4, 10, "four users")
+        await wait_for(pilot, lambda: loadgen.users == 4, 10, "four users")
         # the users really send requests to the engine
         await wait_for(pilot, lambda: len(loadgen.submitted) >= 4, 30, "synthetic requests")
         assert all(m.user_class == "synthetic" for m in loadgen.submitted)
         await wait_for(pilot, lambda: app.dashboard.sample.users == 4, 10, "a sample with four users")
         await pilot.press("minus")
-        await wait_for(pilot, lambda: loadgen.level == 2, 10, "two users")
+        await wait_for(pilot, lambda: loadgen.users == 2, 10, "two users")
         await pilot.press("q")
 
 
@@ -113,7 +123,7 @@ async def test_a_typed_message_gets_a_reply(engine):
     app = app_on(engine)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.ready, 60, "start-up")
-        finished = engine.metrics_snapshot()["classes"]["user"]["finished"]
+        finished = engine.snapshot().stats.user.finished
         await pilot.press("slash")
         await wait_for(pilot, lambda: isinstance(app.screen, MessagePrompt), 5, "the message prompt")
         await pilot.press(*"Hi", "space", *"quick", "space", *"question!", "enter")  # q and space are text here
@@ -127,18 +137,19 @@ async def test_a_typed_message_gets_a_reply(engine):
         turn = app.dashboard.voice.turns[-1]
         assert turn.typed and turn.parts_ms == () and turn.llm_ttft_ms > 0 and turn.reply_text == bot.text
         # it went through the engine as the real user's request
-        assert engine.metrics_snapshot()["classes"]["user"]["finished"] > finished
+        assert engine.snapshot().stats.user.finished > finished
         await pilot.press("q")
 
 
 async def toggle_the_servers_mode_and_say_hello(pilot, app: TradeoffApp, engine) -> None:
     """`b` twice switches the server's engine there and back; a typed "Hello" gets a reply through it, and the
     dashboard's numbers count it."""
-    mode = engine.mode
+    await wait_for(pilot, lambda: app.dashboard.sample is not None, 10, "a first reading")
+    mode = state(engine).mode
     await pilot.press("b")
-    await wait_for(pilot, lambda: engine.mode != mode, 10, "the server's mode to change")
+    await wait_for(pilot, lambda: state(engine).mode != mode, 10, "the server's mode to change")
     await pilot.press("b")
-    await wait_for(pilot, lambda: engine.mode == mode, 10, "the server's mode to change back")
+    await wait_for(pilot, lambda: state(engine).mode == mode, 10, "the server's mode to change back")
     await pilot.press("slash")
     await wait_for(pilot, lambda: isinstance(app.screen, MessagePrompt), 5, "the message prompt")
     await pilot.press(*"Hello", "enter")
@@ -158,17 +169,14 @@ async def test_connect_attaches_to_a_running_server(engine):
         app = TradeoffApp(Options(connect=host_port, caller=False))
         async with app.run_test(size=SIZE) as pilot:
             await wait_for(pilot, lambda: app.ready, 60, "start-up")
-            assert isinstance(app.backend.engine, RemoteEngine) and app.backend.engine.tradeoff
+            assert isinstance(app.controller.engine, RemoteEngine) and app.controller.engine.tradeoff
             await wait_for(pilot, lambda: len(server.sessions) == 1, 10, "the dashboard's session on the server")
             await toggle_the_servers_mode_and_say_hello(pilot, app, engine)
             # the engine panels show the server's own numbers, which include the reply it just made
             await pilot.press("q")
             await wait_for(pilot, lambda: not app.is_running, 30, "the app to exit")
-        for _ in range(100):  # the client went away: the server ends its session
-            if not server.sessions:
-                break
-            await asyncio.sleep(0.1)
-        assert not server.sessions
+        while server.sessions:  # the client went away: the server ends its session (the test's timeout bounds this)
+            await asyncio.sleep(0.05)
 
 
 async def test_backend_runs_the_llm_on_another_server(engine):
@@ -180,10 +188,10 @@ async def test_backend_runs_the_llm_on_another_server(engine):
         app = TradeoffApp(Options(backend=server.http_url.replace("http://", "openai://"), caller=False))
         async with app.run_test(size=SIZE) as pilot:
             await wait_for(pilot, lambda: app.ready, 60, "start-up")
-            remote = app.backend.engine
+            remote = app.controller.engine
             assert isinstance(remote, RemoteEngine) and remote.url == server.http_url
             await toggle_the_servers_mode_and_say_hello(pilot, app, engine)
             # measured here: the remote engine's own client-side stats hold the request
-            assert remote.stats.snapshot()["classes"]["user"]["finished"] >= 1
+            assert remote.snapshot().stats.user.finished >= 1
             await pilot.press("q")
             await wait_for(pilot, lambda: not app.is_running, 30, "the app to exit")

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engine.metrics import RequestMetrics
+from engine.snapshot import EngineState, KVCache, Snapshot, Speculation
 from engine.stats import RollingStats
 from tui.model import (
     BAD,
@@ -66,14 +67,13 @@ def metrics(arrival: float, emissions: list[tuple[float, int]], cls: str = "user
     return m
 
 
-def engine_like_snapshot(stats: RollingStats, now: float, since: float | None, **state) -> dict:
-    snap = stats.snapshot(now, since=since)
-    snap.update(mode="latency", running=1, waiting=2, chunked_prefill=True, max_batch_size=32,
-                speculation={"drafter": "ngram", "drafted": 10, "accepted": 4}, **state)
-    return snap
+def engine_like_snapshot(stats: RollingStats, now: float, window_s: float | None, kv: KVCache | None = None) -> Snapshot:
+    state = EngineState(mode="latency", running=1, waiting=2, max_batch_size=32, chunked_prefill=True, can_speculate=True,
+                        speculation=Speculation("ngram", drafted=10, accepted=4), kv=kv)
+    return Snapshot(stats.window(window_s, now=now), state)
 
 
-def test_sample_from_the_engines_stats_and_since():
+def test_sample_from_the_engines_snapshots_and_window():
     stats = RollingStats(window_s=30)
     t0 = time.monotonic()  # the stats started just before: times below are seconds after t0
 
@@ -87,8 +87,8 @@ def test_sample_from_the_engines_stats_and_since():
     for m in (old, a, b):
         stats.track(m)
     now = t0 + 14.0
-    level = engine_like_snapshot(stats, now, since=t0 + 10.0, kv_blocks_used=25, kv_blocks_free=75, preemptions=3)
-    recent = engine_like_snapshot(stats, now, since=now - 5)
+    level = engine_like_snapshot(stats, now, 4.0, KVCache(blocks_used=25, blocks_free=75, preemptions=3, prefix_cached_tokens=0))
+    recent = engine_like_snapshot(stats, now, 5.0)
     s = Sample.from_snapshots(4.0, level, recent, users=1, level_age_s=4.0)
     assert s.window_s == pytest.approx(4.0)
     # TTFTs after the change: 200 and 400 ms (the 900 ms one before it is out); p50 interpolates
@@ -102,7 +102,7 @@ def test_sample_from_the_engines_stats_and_since():
     assert (s.drafter, s.drafted, s.accepted, s.running, s.waiting) == ("ngram", 10, 4, 1, 2)
     assert s.slo_tok_s_per_user == pytest.approx(1000 / s.slo_tbt_ms)
     assert Sample.from_dict(s.to_dict()) == s
-    # without `since` the whole window counts, the old request too
+    # without a window the whole of the engine's counts, the old request too
     whole = Sample.from_snapshots(14.0, engine_like_snapshot(stats, now, None), recent, users=1, level_age_s=14.0)
     assert whole.ttft_p50_ms == pytest.approx(400.0)
 

@@ -4,17 +4,18 @@ change with `pytest tests/tui/test_snapshots.py --snapshot-update` and look at t
 
 from tests.tui.conftest import recorded_messages, wait_for
 from tui.app import TradeoffApp
-from tui.backend import Options
+from tui.controller import Options
 from tui.messages import Loaded
 
 
-class ReplayBackend:
+class ReplayController:
     """No engine: every number comes from the recording."""
 
     STAGES = 1
     engine = None
-    can_speculate = False
     where = None  # in this process
+    users = 0
+    controls_sent = controls_applied = 0
 
     def __init__(self) -> None:
         self.options = Options(caller=False)
@@ -28,7 +29,7 @@ class ReplayBackend:
 
 class ReplayApp(TradeoffApp):
     def __init__(self) -> None:
-        super().__init__(Options(caller=False), backend=ReplayBackend())
+        super().__init__(Options(caller=False), controller=ReplayController())
 
     def start(self) -> None:  # nothing to load and no voice loop: the screen is fed from the recording
         self.post_message(Loaded())

@@ -1,5 +1,6 @@
 """Shared fixtures for the voice tests: one engine, recognizer and synthesizer for all of them (each takes
-seconds to load), a fresh server per test, and espeak speech with a noise floor as the spoken input."""
+seconds to load), a fresh server per test, espeak speech with a noise floor as the spoken input, and `closest`,
+which tells which of the known questions a transcript was."""
 
 import pytest
 
@@ -9,8 +10,14 @@ from voice.caller import spoken_question
 from voice.server import VoiceServer
 from voice.session import Services
 from voice.tts import EspeakTTS
+from voice.wer import wer
 
 MAX_TOKENS = 8  # short replies keep the real-time tests short
+
+
+def closest(hypothesis: str, candidates: list[str] | tuple[str, ...]) -> str:
+    """The candidate with the lowest WER against `hypothesis`: matching against a closed set of sentences."""
+    return min(candidates, key=lambda c: wer([c], [hypothesis]))
 
 
 @pytest.fixture(scope="session")

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import soundfile
 
+from tests.voice.conftest import closest
 from voice.audio import WIRE_RATE
 from voice.caller import QUESTIONS, spoken_question
-from voice.wer import closest
 
 QUESTION = "What is the capital of France?"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

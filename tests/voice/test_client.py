@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import soundfile
 
+from tests.voice.conftest import closest
 from voice import sound
 from voice.audio import WIRE_RATE, resample
 from voice.caller import QUESTIONS
 from voice.cli import talk
-from voice.wer import closest
 
 
 def args(url: str, **kw) -> argparse.Namespace:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import soundfile
 
+from tests.voice.conftest import closest
 from voice.audio import WIRE_RATE
 from voice.caller import QUESTIONS
-from voice.wer import closest
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 QUESTION = "What is the capital of France?"

@@ -13,12 +13,12 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from tests.voice.conftest import closest
 from voice.audio import WIRE_RATE, float_to_pcm16, pcm16_to_b64
 from voice.caller import QUESTIONS
 from voice.client import RealtimeClient
 from voice.protocol import CLIENT_EVENTS
 from voice.server import VoiceServer
-from voice.wer import closest
 
 
 async def test_openai_sdk_holds_a_spoken_turn(services, say):

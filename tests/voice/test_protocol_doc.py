@@ -131,3 +131,24 @@ async def test_a_failed_transcription_is_reported_and_the_session_goes_on(servic
     assert failed[0]["error"]["code"] == "transcription_failed" and "worker died" in failed[0]["error"]["message"]
     # the session goes on: the requested response runs over the conversation (whose user turn has no text)
     assert events[-1]["response"]["status"] == "completed"
+
+
+def expand(pattern: str) -> list[str]:
+    """'a.{b,c}.d' -> ['a.b.d', 'a.c.d'] (every brace group)."""
+    match = re.search(r"\{([^}]*)\}", pattern)
+    if not match:
+        return [pattern]
+    return [p for choice in match.group(1).split(",") for p in expand(pattern[:match.start()] + choice + pattern[match.end():])]
+
+
+def test_the_metrics_table_lists_every_field_of_the_snapshot():
+    from engine.snapshot import field_paths
+
+    documented = []
+    for row in re.findall(r"^\| (`.*?) \|", section("The engine's numbers and controls over HTTP"), re.M):
+        names = re.findall(r"`([^`]+)`", row)
+        first = names[0]
+        prefix = first.rsplit(".", 1)[0] + "."
+        for name in names:  # `a.b.c`, `.d`: the second one is a field beside the first
+            documented += expand(prefix + name[1:] if name.startswith(".") else name)
+    assert sorted(documented) == sorted(field_paths())

@@ -1,5 +1,5 @@
 """The voice loop with its LLM on another server (`--backend`): a second in-process tradeoff server on loopback
-serves the OpenAI API, and this server's sessions reach it through engine/remote.py. Also: the realtime
+serves the OpenAI API, and this server's sessions reach it through serve/remote.py. Also: the realtime
 WebSocket and the HTTP API share one port."""
 
 import asyncio
@@ -7,11 +7,11 @@ from dataclasses import replace
 
 import openai
 
-from engine.remote import RemoteEngine
+from serve.remote import RemoteEngine
+from tests.voice.conftest import closest
 from voice.caller import QUESTIONS, SimulatedCaller
 from voice.client import RealtimeClient
 from voice.server import VoiceServer
-from voice.wer import closest
 
 
 async def test_spoken_turn_through_a_remote_backend(services, engine, default_model):

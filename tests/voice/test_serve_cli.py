@@ -16,7 +16,7 @@ QUESTION = [{"role": "user", "content": "Name a colour."}]
 
 class Serve:
     def __init__(self, *extra: str):
-        cmd = [sys.executable, "-m", "tui.cli", "serve", "--port", "0", "--asr", "pocketsphinx", *extra]
+        cmd = [sys.executable, "-m", "tradeoff", "serve", "--port", "0", "--asr", "pocketsphinx", *extra]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self.base = self._wait_for(r"listening on (http://\S+)")

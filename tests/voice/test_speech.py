@@ -6,11 +6,12 @@ import asyncio
 import numpy as np
 import pytest
 
+from tests.voice.conftest import closest
 from voice.asr import SphinxASR, log_mel
 from voice.audio import ASR_RATE, WIRE_RATE, float_to_pcm16, resample, with_noise_floor
 from voice.caller import QUESTIONS, speak, spoken_question
 from voice.vad import CHUNK, SileroModel, SileroVAD, silero_data
-from voice.wer import closest, wer
+from voice.wer import wer
 
 
 def clip(tts, text, seed=0, lead_s=0.4, tail_s=0.5):

@@ -1,4 +1,5 @@
-"""Engine subcommands of `tradeoff`: fetch, generate, chat."""
+"""The engine's subcommands of `tradeoff` (fetch, generate, chat) and the options every command that runs a model
+takes (--model, --quant, --spec, --backend, sampling), with `backend_from`, which turns them into a `Backend`."""
 
 from __future__ import annotations
 
@@ -7,14 +8,13 @@ import json
 import os
 import sys
 
-from engine.engine import Engine, Request
+from engine import Backend, Engine, Request, SamplingParams
 from engine.loader import EXPECTED, load_tokenizer
 from engine.metrics import RequestMetrics
 from engine.quant import QUANT_MODES
 from engine.registry import DEFAULT_MODEL, REGISTRY, fetch
-from engine.remote import RemoteEngine
-from engine.sampling import SamplingParams
 from engine.speculative import SPEC_MODES
+from serve.remote import RemoteEngine
 
 DEMO_QUESTIONS = (
     "What is the capital of France?",
@@ -49,7 +49,7 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
                    help="model name at the --backend (default: the first one its /v1/models lists)")
 
 
-def engine_from(args: argparse.Namespace, **options) -> Engine | RemoteEngine:
+def backend_from(args: argparse.Namespace, **options) -> Backend:
     """The in-process engine, or with --backend the remote one."""
     if args.backend:
         return remote_from(args, **options)
@@ -74,29 +74,27 @@ def sampling_from(args: argparse.Namespace) -> SamplingParams:
                           top_p=args.top_p, seed=args.seed)
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("fetch", help="download the default model into the user cache (make setup runs this)",
-                       description="Fetch a registry model into the user cache and convert it once,"
-                       " so later starts take seconds.")
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, choices=sorted(REGISTRY))
-    p.set_defaults(func=cmd_fetch)
-
-    p = sub.add_parser("generate", help="stream one reply to a prompt",
-                       description="Stream the model's reply to one chat message, then print TTFT and TBT.")
-    p.add_argument("prompt", help="the user message (wrapped in the model's chat template)")
-    p.add_argument("--raw", action="store_true", help="send the prompt as raw text, without the chat template")
-    p.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, metrics) instead")
-    add_model_args(p)
-    add_sampling_args(p)
-    p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser("chat", help="a streamed conversation in the terminal, with TTFT/TBT per turn",
-                       description="Chat with the model; each reply shows its TTFT and TBT. --demo plays built-in questions.")
-    p.add_argument("--demo", action="store_true", help="ask a few built-in questions instead of reading stdin")
-    p.add_argument("--system", default=None, help="system prompt (default: the model template's own)")
-    add_model_args(p)
-    add_sampling_args(p, max_tokens=200)
-    p.set_defaults(func=cmd_chat)
+def configure(name: str, p: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Fill in the parser of `tradeoff NAME` (fetch, generate or chat)."""
+    if name == "fetch":
+        p.description = "Fetch a registry model into the user cache and convert it once, so later starts take seconds."
+        p.add_argument("model", nargs="?", default=DEFAULT_MODEL, choices=sorted(REGISTRY))
+        p.set_defaults(func=cmd_fetch)
+    elif name == "generate":
+        p.description = "Stream the model's reply to one chat message, then print TTFT and TBT."
+        p.add_argument("prompt", help="the user message (wrapped in the model's chat template)")
+        p.add_argument("--raw", action="store_true", help="send the prompt as raw text, without the chat template")
+        p.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, metrics) instead")
+        add_model_args(p)
+        add_sampling_args(p)
+        p.set_defaults(func=cmd_generate)
+    elif name == "chat":
+        p.description = "Chat with the model; each reply shows its TTFT and TBT. --demo plays built-in questions."
+        p.add_argument("--demo", action="store_true", help="ask a few built-in questions instead of reading stdin")
+        p.add_argument("--system", default=None, help="system prompt (default: the model template's own)")
+        add_model_args(p)
+        add_sampling_args(p, max_tokens=200)
+        p.set_defaults(func=cmd_chat)
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
@@ -120,7 +118,7 @@ def format_metrics(m: RequestMetrics) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    engine = engine_from(args)
+    engine = backend_from(args)
     req = Request(prompt=args.prompt) if args.raw else Request(messages=[{"role": "user", "content": args.prompt}])
     req.sampling = sampling_from(args)
     stream = engine.submit(req)
@@ -139,7 +137,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    engine = engine_from(args)
+    engine = backend_from(args)
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     interactive = not args.demo and sys.stdin.isatty()
     questions = iter(DEMO_QUESTIONS) if args.demo else None

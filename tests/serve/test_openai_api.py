@@ -2,14 +2,14 @@
 Replies are compared with the engine's own output for the same request, so the API adds and loses nothing."""
 
 import json
-import time
 
 import httpx
 import openai
 import pytest
 
-from engine import Engine, Request, SamplingParams
-from tests.engine.conftest import APIServer, api_app
+from engine import Controls, Engine, Request, SamplingParams, Snapshot
+from tests.conftest import idle, wait_until
+from tests.serve.conftest import APIServer, api_app
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -132,15 +132,10 @@ def test_overload_gets_429(served_engine, client):
     assert client.chat.completions.create(model=served_engine.name, messages=QUESTION, max_tokens=2).choices  # serving again
 
 
-def wait_idle(engine: Engine, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while engine.runner.has_work() and time.monotonic() < deadline:
-        time.sleep(0.02)
-
-
 def test_client_disconnect_frees_the_request(served_engine, api_server):
     """Mid-stream in batched mode: the sequence is cancelled and its KV blocks return to the pool."""
-    served_engine.set_mode("batched")
+    served_engine.control(Controls(mode="batched"))
+    wait_until(lambda: served_engine.snapshot().state.mode == "batched")
     try:
         body = {"model": served_engine.name, "messages": QUESTION, "max_tokens": 400, "ignore_eos": True, "stream": True}
         with httpx.Client(timeout=60) as http, http.stream("POST", api_server.url + "/chat/completions", json=body) as r:
@@ -150,12 +145,11 @@ def test_client_disconnect_frees_the_request(served_engine, api_server):
                     contents += 1
                     if contents == 3:
                         break
-            assert served_engine._batched.blocks.num_used > 0  # the request is running and holds blocks
-        wait_idle(served_engine)
-        assert not served_engine.runner.has_work()
-        assert served_engine._batched.blocks.num_used == 0
+            assert served_engine.snapshot().state.kv.blocks_used > 0  # the request is running and holds blocks
+        wait_until(lambda: idle(served_engine), what="the request to be dropped")
+        assert served_engine.snapshot().state.kv.blocks_used == 0
     finally:
-        served_engine.set_mode("latency")
+        served_engine.control(Controls(mode="latency"))
 
 
 def test_disconnect_while_queued_cancels_too(served_engine, api_server):
@@ -171,14 +165,11 @@ def test_disconnect_while_queued_cancels_too(served_engine, api_server):
                 next(lines)  # running, for half a minute
                 with pytest.raises(httpx.ReadTimeout):
                     http.post(api_server.url + "/chat/completions", json=long, timeout=0.5)  # queued; the client leaves
-                deadline = time.monotonic() + 3
-                while not ended and time.monotonic() < deadline:
-                    time.sleep(0.02)
+                wait_until(lambda: ended, what="the queued request to end")
                 assert [(m.finish_reason, m.output_tokens) for m in ended] == [("cancelled", 0)]
     finally:
         served_engine.finish_listeners.remove(ended.append)
-    wait_idle(served_engine)
-    assert not served_engine.runner.has_work()
+    wait_until(lambda: idle(served_engine), what="the server to be idle")
 
 
 def test_prometheus_metrics_count_requests(served_engine, api_server, client):
@@ -200,13 +191,20 @@ def test_prometheus_metrics_count_requests(served_engine, api_server, client):
 def test_control_and_engine_metrics(served_engine, api_server):
     with httpx.Client(base_url=api_server.url) as http:
         assert http.post("/tradeoff/control", json={"mode": "batched"}).status_code == 200
-        deadline = time.monotonic() + 5
-        while served_engine.mode != "batched" and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert http.get("/tradeoff/metrics").json()["mode"] == "batched"
+        wait_until(lambda: served_engine.snapshot().state.mode == "batched")
+        snapshot = Snapshot.from_json(http.get("/tradeoff/metrics").json())  # the JSON is the typed snapshot, whole
+        assert snapshot.state.mode == "batched" and snapshot.state.kv is not None
+        assert http.get("/tradeoff/metrics?window_s=2").json()["stats"]["window_s"] <= 2
+        assert http.get("/tradeoff/metrics?window_s=-1").status_code == 400
         assert http.post("/tradeoff/control", json={"mode": "turbo"}).status_code == 400
         assert http.post("/tradeoff/control", json={"warp": 9}).json()["error"]["param"] == "warp"
+        # refused whole: the bad batch size keeps the mode from changing too, and a bool is not a number
+        r = http.post("/tradeoff/control", json={"mode": "latency", "max_batch_size": 0})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_batch_size"
+        assert http.post("/tradeoff/control", json={"max_batch_size": True}).json()["error"]["param"] == "max_batch_size"
+        assert served_engine.snapshot().state.mode == "batched"
         assert http.post("/tradeoff/control", json={"mode": "latency"}).status_code == 200
+        wait_until(lambda: served_engine.snapshot().state.mode == "latency")
 
 
 def test_api_key_and_loading(served_engine):

@@ -8,9 +8,10 @@ one emission (engine/metrics.py's definitions, as vLLM's benchmark client measur
 the final usage; a chunk that carries several tokens (a speculative step) stays one emission.
 
 Controls: a tradeoff server takes mode, speculation and batching policy itself (`/v1/tradeoff/control`), and its
-engine-side numbers (running, waiting, KV use, acceptance) are merged into `metrics_snapshot`. Any other server
-batches however it was configured, so "latency mode" is emulated here: one request in flight at a time, the
-rest waiting in FIFO order, exactly what latency mode means; "batched" admits up to `max_batch_size` at once.
+engine's state (running, waiting, KV use, speculation) is the snapshot's `state`. Any other server batches however
+it was configured, so "latency mode" is emulated here: one request in flight at a time, the rest waiting in FIFO
+order, exactly what latency mode means; "batched" admits up to `max_batch_size` at once. What such a server does
+not tell (its KV cache, speculation, chunked prefill) is None in the snapshot.
 HTTP runs on a private event loop in a background thread, so `submit` works from any thread or loop.
 """
 
@@ -19,22 +20,23 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
-import threading
 import time
 from collections import deque
-from collections.abc import Coroutine
-from dataclasses import replace
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 
-from engine.engine import ContextLengthError, OverloadedError, check_mode
+from engine.backend import Controls
+from engine.engine import ContextLengthError, OverloadedError, policy_with
 from engine.metrics import RequestMetrics
 from engine.scheduler import BatchPolicy
 from engine.sequence import EngineError, Request, Stream, TokenEvent
+from engine.snapshot import EngineState, Snapshot
 from engine.stats import RollingStats
 from engine.tokenizer import Tokenizer
+from serve.background import BackgroundLoop
 
 MODE = "remote"  # the emission mode recorded in request metrics
 SCHEMES = {"openai": "http", "openai+http": "http", "openai+https": "https", "http": "http", "https": "https"}
@@ -67,48 +69,45 @@ class RemoteStream(Stream):
 
 
 class RemoteEngine:
-    """The parts of `Engine` that the voice loop, the load generator and the dashboard use, over HTTP.
-
-    `tokenizer` (optional) only sizes the load generator's prompts; the server counts the real tokens."""
+    """A `Backend` over HTTP. `tokenizer` (optional) only sizes the load generator's prompts; the server counts the
+    real tokens."""
 
     def __init__(self, url: str, api_key: str | None = None, model: str | None = None, tokenizer: Tokenizer | None = None,
                  max_waiting: int = 64, policy: BatchPolicy | None = None, connect_timeout_s: float = 10.0):
         self.url = base_url(url)
-        self.device = self.url  # where the model runs, for status lines
         self.tokenizer = tokenizer
         self.max_waiting = max_waiting
-        self.policy = policy or BatchPolicy()
+        self.policy = policy or BatchPolicy()  # the emulated admission's batch size (a server that is not tradeoff)
         self.stats = RollingStats()
-        self.finish_listeners: list = []
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="remote-engine", daemon=True)
-        self._thread.start()
+        self.finish_listeners: list[Callable[[RequestMetrics], None]] = []
+        self._bg = BackgroundLoop("remote-engine")
+        self._loop = self._bg.loop
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         timeout = httpx.Timeout(connect=connect_timeout_s, read=None, write=30.0, pool=None)  # a queued request may wait long
-        self._client: httpx.AsyncClient = self._call(self._make_client(headers, timeout))
+        self._client: httpx.AsyncClient = self._bg.run(self._make_client(headers, timeout))
         self._in_flight = 0
         self._admission: deque[asyncio.Future] = deque()  # requests waiting for a slot (emulated latency mode)
         self._requests: set[RemoteStream] = set()  # in flight, so `close` can end them
         self._closed = False
         try:
-            models = self._call(self._get_json("/models"))["data"]
+            models = self._bg.run(self._get_json("/models"))["data"]
             self.name = model or models[0]["id"]
             if model is not None and model not in [m["id"] for m in models]:
                 raise RemoteError(f"{self.url} does not serve {model!r}; it serves {', '.join(m['id'] for m in models)}")
-            self.max_seq_len = int(next((m.get("max_model_len") for m in models if m["id"] == self.name), None) or 1 << 20)
+            served = next((m.get("max_model_len") for m in models if m["id"] == self.name), None)
+            self.max_seq_len: int | None = int(served) if served else None  # not every server says
         except BaseException:
             self.close()
             raise
-        state = self._server_state()
+        state = self._server_snapshot()
         self.tradeoff = state is not None  # a tradeoff server: it takes the controls itself
-        self.spec = "auto" if state and state.get("can_speculate") else "off"
-        self.mode = state["mode"] if state else "batched"
+        self.mode = state.state.mode if state else "batched"  # the emulated mode (a server that is not tradeoff)
 
     def describe(self) -> str:
         kind = "a tradeoff server" if self.tradeoff else "an OpenAI-compatible server (latency mode emulated client-side)"
         return f"{self.name} at {self.url}, {kind}; TTFT/TBT measured here, at the client"
 
-    # ---- the engine interface ---------------------------------------------------------------
+    # ---- the Backend interface --------------------------------------------------------------
 
     def submit(self, request: Request, loop: asyncio.AbstractEventLoop | None = None) -> Stream:
         """Start the request and return its stream; refusals and errors arrive through the stream."""
@@ -122,46 +121,38 @@ class RemoteEngine:
         stream.metrics = RequestMetrics(arrival=time.monotonic(), user_class=request.user_class)
         self.stats.track(stream.metrics)
         self._requests.add(stream)
-        stream.task = asyncio.run_coroutine_threadsafe(self._run(stream), self._loop)
+        stream.task = self._bg.submit(self._run(stream))
         stream.task.add_done_callback(lambda _: self._requests.discard(stream))
         return stream
 
-    def set_mode(self, mode: str) -> None:
-        check_mode(mode)
+    def control(self, controls: Controls) -> None:
+        """A tradeoff server applies the controls itself (all or nothing, there). Elsewhere only the emulated mode and
+        batch size exist: speculation and chunked prefill are set where that server is launched."""
         if self.tradeoff:
-            self._control(mode=mode)
-        self.mode = mode
+            self._control(controls.to_json())
+            return
+        if controls.speculation is not None or controls.chunked_prefill is not None:
+            raise ValueError(f"{self.url} is not a tradeoff server: its speculative decoding and chunked prefill are "
+                             "set where it runs")
+        policy = policy_with(self.policy, controls)  # validates before anything changes
+        self.policy = policy
+        if controls.mode is not None:
+            self.mode = controls.mode
         self._loop.call_soon_threadsafe(self._admit_waiting)
 
-    def set_speculation(self, on: bool) -> None:
-        if not self.tradeoff:
-            raise RuntimeError(f"{self.url} is not a tradeoff server: its speculative decoding is set where it runs")
-        self._control(speculation=on)
+    def snapshot(self, window_s: float | None = None) -> Snapshot:
+        """The client-side numbers; the state is a tradeoff server's own (one round trip), else what is known here."""
+        stats = self.stats.window(window_s)
+        server = self._server_snapshot() if self.tradeoff else None
+        if server is not None:
+            return Snapshot(stats, server.state)
+        return Snapshot(stats, EngineState(mode=self.mode, running=self._in_flight, waiting=len(self._admission),
+                                           max_batch_size=self.policy.max_batch_size, chunked_prefill=None,
+                                           can_speculate=False, speculation=None, kv=None, setup=None))
 
-    def set_policy(self, chunked_prefill: bool | None = None, max_batch_size: int | None = None,
-                   token_budget: int | None = None) -> None:
-        changes = {"chunked_prefill": chunked_prefill, "max_batch_size": max_batch_size, "token_budget": token_budget}
-        self.policy = replace(self.policy, **{k: v for k, v in changes.items() if v is not None})
-        if self.tradeoff:
-            self._control(**{k: v for k, v in changes.items() if v is not None and k != "token_budget"})
-        self._loop.call_soon_threadsafe(self._admit_waiting)
-
-    def metrics_snapshot(self, since: float | None = None) -> dict:
-        """The client-side numbers, plus, from a tradeoff server, its engine's state (running, KV, speculation)."""
-        snap = self.stats.snapshot(since=since)
-        snap.update(mode=self.mode, running=self._in_flight, waiting=len(self._admission),
-                    chunked_prefill=self.policy.chunked_prefill, max_batch_size=self.policy.max_batch_size,
-                    speculation={"drafter": None})
-        if self.tradeoff and (server := self._server_state()) is not None:
-            keys = ("mode", "running", "waiting", "chunked_prefill", "max_batch_size", "speculation", "kv_blocks_used",
-                    "kv_blocks_free", "preemptions", "prefix_cached_tokens")
-            snap.update({k: server[k] for k in keys if k in server})
-        return snap
-
-    def server_snapshot(self, since_s: float | None = None) -> dict | None:
-        """A tradeoff server's own `metrics_snapshot` (server-side TTFT/TBT, every client's requests), its window
-        starting `since_s` seconds ago; None for other servers."""
-        return self._server_state(since_s) if self.tradeoff else None
+    def server_snapshot(self, window_s: float | None = None) -> Snapshot | None:
+        """A tradeoff server's own snapshot (server-side TTFT/TBT over every client's requests); None for others."""
+        return self._server_snapshot(window_s) if self.tradeoff else None
 
     def clear_cache(self) -> None:
         """Nothing to clear from here: the server owns its cache."""
@@ -175,18 +166,14 @@ class RemoteEngine:
             stream.cancel()
         concurrent.futures.wait([s.task for s in list(self._requests)], timeout=5)
         if getattr(self, "_client", None) is not None:
-            self._call(self._client.aclose())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
+            self._bg.run(self._client.aclose())
+        self._bg.stop()
 
     # ---- on the private loop ----------------------------------------------------------------
 
     async def _make_client(self, headers: dict, timeout: httpx.Timeout) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout,
                                  limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
-
-    def _call(self, coro: Coroutine) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     async def _get_json(self, path: str, timeout: float | None = None) -> dict:
         try:
@@ -200,20 +187,23 @@ class RemoteEngine:
         except ValueError:
             raise RemoteError(f"{self.url}{path} did not answer JSON: is it an OpenAI-compatible API?") from None
 
-    def _server_state(self, since_s: float | None = None) -> dict | None:
-        query = f"?since_s={since_s:.3f}" if since_s is not None else ""
+    def _server_snapshot(self, window_s: float | None = None) -> Snapshot | None:
+        """The server's `/v1/tradeoff/metrics`; None if it has none (not a tradeoff server) or answers something else."""
+        query = f"?window_s={window_s:.3f}" if window_s is not None else ""
         try:
-            return self._call(self._get_json("/tradeoff/metrics" + query, timeout=2.0))
-        except RemoteError:
+            return Snapshot.from_json(self._bg.run(self._get_json("/tradeoff/metrics" + query, timeout=2.0)))
+        except (RemoteError, KeyError, TypeError, ValueError):
             return None
 
-    def _control(self, **controls: Any) -> None:
+    def _control(self, controls: dict) -> None:
         async def post() -> None:
             r = await self._client.post("/tradeoff/control", json=controls, timeout=5.0)
+            if r.status_code == 400:  # refused, all of it: the same error as a local engine's
+                raise ValueError(f"{self.url}/tradeoff/control: {error_message(r.content)}")
             if r.status_code != 200:
                 raise RemoteError(f"{self.url}/tradeoff/control answered {r.status_code}: {error_message(r.content)}")
 
-        self._call(post())
+        self._bg.run(post())
 
     async def _run(self, stream: RemoteStream) -> None:
         m = stream.metrics

@@ -1,11 +1,10 @@
 """Synthetic users: the load that shares batched mode with the real user, and drives the sweep.
 
 Closed loop: N concurrent users, each sending a request, reading its stream to the end, thinking for an
-exponentially distributed pause, and going again. Open loop: requests arrive as a Poisson process at a
-given rate, whether or not earlier ones have finished. Prompt and output lengths are drawn from normal
+exponentially distributed pause, and going again. Prompt and output lengths are drawn from normal
 distributions clipped to a range (the shape GuideLLM's synthetic data uses); a prompt of a drawn length is
 one of the built-in questions after enough sentences of a built-in passage, in the model's chat template.
-Users run as tasks on a private asyncio loop in a background thread, so `start_*`, `resize` and `stop`
+Users run as tasks on a private asyncio loop in a background thread, so `start`, `resize` and `stop`
 can be called from any thread while the engine runs.
 """
 
@@ -13,15 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import random
-import threading
 from dataclasses import dataclass, field
 
-from engine.engine import Engine, OverloadedError
+from engine.backend import Backend
+from engine.engine import OverloadedError
 from engine.metrics import RequestMetrics
-from engine.remote import RemoteEngine
 from engine.sampling import SamplingParams
 from engine.sequence import EngineError, Request
 from engine.tokenizer import Tokenizer
+from serve.background import BackgroundLoop
 
 QUESTIONS = (
     "What is the capital of France?",
@@ -99,9 +98,12 @@ class PromptSet:
 
 
 class LoadGenerator:
-    """Synthetic users ("synthetic" class in the metrics) against `engine`, started, resized and stopped at run time."""
+    """Synthetic users ("synthetic" class in the metrics) against `engine`, started, resized and stopped at run time.
+    `users` is the one record of how many there are (the dashboard reads it from here)."""
 
-    def __init__(self, engine: Engine | RemoteEngine, workload: Workload | None = None, seed: int = 0):
+    def __init__(self, engine: Backend, workload: Workload | None = None, seed: int = 0):
+        if engine.tokenizer is None:
+            raise ValueError("synthetic users need the model's tokenizer to size their prompts (give --model)")
         self.engine = engine
         self.workload = workload or Workload()
         self.prompts = PromptSet(engine.tokenizer)
@@ -110,87 +112,51 @@ class LoadGenerator:
         self.completed: list[RequestMetrics] = []  # those that ran to their end (stop or length)
         self.rejected = 0  # refused as overloaded (then retried after a pause)
         self.failed = 0
-        self.kind: str | None = None  # "closed" or "open" while running
-        self._level = 0.0  # users (closed) or requests/s (open)
-        self._users: list[asyncio.Task] = []
-        self._tasks: set[asyncio.Task] = set()
-        self._loop = asyncio.new_event_loop()
-        self._thread: threading.Thread | None = None
+        self.users = 0  # wanted now; the users' tasks follow on the loop
+        self._tasks: list[asyncio.Task] = []
+        self._bg: BackgroundLoop | None = None
 
     # ---- control (any thread) ----------------------------------------------------------------
 
-    def start_closed(self, users: int) -> None:
+    def start(self, users: int) -> None:
         """N concurrent users, each with one request in flight at a time."""
-        self._start("closed", users)
+        if self._bg is not None:
+            raise RuntimeError("the load generator is already running; stop it first")
+        self._bg = BackgroundLoop("loadgen")
+        self.resize(users)
 
-    def start_open(self, rate: float) -> None:
-        """Poisson arrivals at `rate` requests per second."""
-        self._start("open", rate)
-
-    def resize(self, level: float) -> None:
-        """New number of users (closed loop; leaving users cancel their request) or arrival rate (open loop)."""
-        if self.kind is None:
+    def resize(self, users: int) -> None:
+        """A new number of users; leaving users cancel their request. Returns at once (the loop applies it)."""
+        if users < 0:
+            raise ValueError(f"the number of synthetic users must be >= 0, got {users}")
+        if self._bg is None:
             raise RuntimeError("the load generator is not running; start it first")
-        self._call(self._set_level, level)
+        self.users = users
+        self._bg.loop.call_soon_threadsafe(self._follow)
 
     def stop(self) -> None:
         """Stop every user and cancel their requests in flight."""
-        if self._thread is None:
+        if self._bg is None:
             return
-        self._call(self._cancel_all)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._thread = None
-        self.kind = None
-
-    @property
-    def level(self) -> float:
-        return self._level
+        self._bg.run(self._cancel_all())
+        self._bg.stop()
+        self._bg = None
 
     # ---- on the private loop -----------------------------------------------------------------
 
-    def _start(self, kind: str, level: float) -> None:
-        if self._thread is not None:
-            raise RuntimeError(f"the load generator is already running ({self.kind} loop); stop it first")
-        if level < 0:
-            raise ValueError(f"load level must be >= 0, got {level}")
-        self.kind = kind
-        self._thread = threading.Thread(target=self._loop.run_forever, name="loadgen", daemon=True)
-        self._thread.start()
-        if kind == "open":
-            self._call(self._spawn_arrivals)
-        self._call(self._set_level, level)
+    def _follow(self) -> None:
+        """Start or cancel user tasks until there are `users` of them."""
+        while len(self._tasks) < self.users:
+            self._tasks.append(self._bg.loop.create_task(self._user()))
+        while len(self._tasks) > self.users:
+            self._tasks.pop().cancel()
 
-    def _call(self, fn: object, *args: object) -> None:
-        """Run fn(*args) on the loop and wait for it."""
-        async def run() -> None:
-            fn(*args)
-
-        asyncio.run_coroutine_threadsafe(run(), self._loop).result()
-
-    def _set_level(self, level: float) -> None:
-        if level < 0:
-            raise ValueError(f"load level must be >= 0, got {level}")
-        self._level = level
-        if self.kind == "closed":
-            while len(self._users) < int(level):
-                self._users.append(self._spawn(self._user()))
-            while len(self._users) > int(level):
-                self._users.pop().cancel()
-
-    def _spawn(self, coro: object) -> asyncio.Task:
-        task = self._loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    def _spawn_arrivals(self) -> None:
-        self._spawn(self._arrivals())
-
-    def _cancel_all(self) -> None:
-        for task in list(self._tasks):
+    async def _cancel_all(self) -> None:
+        """Cancel every user and wait until each has ended (its request cancelled on the way out)."""
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel()
-        self._users.clear()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _user(self) -> None:
         while True:
@@ -198,20 +164,13 @@ class LoadGenerator:
             if self.workload.think_time_s:
                 await asyncio.sleep(self.rng.expovariate(1 / self.workload.think_time_s))
 
-    async def _arrivals(self) -> None:
-        while True:
-            if self._level <= 0:
-                await asyncio.sleep(0.1)
-                continue
-            await asyncio.sleep(self.rng.expovariate(self._level))
-            self._spawn(self._request())
-
     async def _request(self) -> None:
         w = self.workload
         messages = self.prompts.messages(w.prompt_tokens.sample(self.rng), self.rng)
         sampling = SamplingParams(max_tokens=w.output_tokens.sample(self.rng), ignore_eos=True)
         try:
-            stream = self.engine.submit(Request(messages=messages, sampling=sampling, user_class="synthetic"), self._loop)
+            stream = self.engine.submit(Request(messages=messages, sampling=sampling, user_class="synthetic"),
+                                        asyncio.get_running_loop())
             self.submitted.append(stream.metrics)
             async for _ in stream:
                 pass

@@ -1,33 +1,10 @@
-"""Fixtures shared by the engine tests: a tiny random-weight model for tests that need a model but not a good one."""
+"""Fixtures of the serving-layer tests: an ASGI app on a loopback port in a background thread, the OpenAI API over
+an engine, and one engine behind a module's HTTP tests."""
 
 import threading
 import time
 
 import pytest
-import torch
-
-from engine.loader import LoadedModel
-from engine.model import ModelConfig
-
-TINY = ModelConfig(arch="llama", vocab_size=49152, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64,
-                   rope_theta=1e4, norm_eps=1e-5, max_seq_len=4096, tie_embeddings=True, qkv_bias=False)
-
-
-@pytest.fixture(scope="session")
-def tiny_loaded(default_model) -> LoadedModel:
-    """Random weights in the canonical layout, with the default model's tokenizer and vocabulary size."""
-    g = torch.Generator().manual_seed(0)
-    weights = {"model.embed_tokens.weight": torch.randn(TINY.vocab_size, TINY.dim, generator=g) * 0.3,
-               "model.norm.weight": torch.ones(TINY.dim)}
-    shapes = {"self_attn.q_proj": (TINY.q_size, TINY.dim), "self_attn.k_proj": (TINY.kv_size, TINY.dim),
-              "self_attn.v_proj": (TINY.kv_size, TINY.dim), "self_attn.o_proj": (TINY.dim, TINY.q_size),
-              "mlp.gate_proj": (TINY.ffn_dim, TINY.dim), "mlp.up_proj": (TINY.ffn_dim, TINY.dim),
-              "mlp.down_proj": (TINY.dim, TINY.ffn_dim)}
-    for i in range(TINY.n_layers):
-        p = f"model.layers.{i}."
-        weights |= {p + name + ".weight": torch.randn(*shape, generator=g) * 0.3 for name, shape in shapes.items()}
-        weights |= {p + norm + ".weight": torch.ones(TINY.dim) for norm in ("input_layernorm", "post_attention_layernorm")}
-    return LoadedModel("tiny-random", TINY, weights, default_model.tokenizer, None)
 
 
 class APIServer:
@@ -58,7 +35,7 @@ def api_app(engine, token=None, tradeoff_routes=True):
     """The OpenAI API over `engine` as an app; without tradeoff's own routes it looks like any OpenAI-compatible server."""
     from starlette.applications import Starlette
 
-    from engine.openai_api import OpenAIAPI
+    from serve.openai_api import OpenAIAPI
 
     api = OpenAIAPI(engine, token=token)
     routes = [r for r in api.routes if tradeoff_routes or not r.path.startswith("/v1/tradeoff")]

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP API over an engine (in-process, or remote: engine/remote.py).
+"""The OpenAI-compatible HTTP API over an engine (in-process, or remote: serve/remote.py).
 
 `/v1/chat/completions` and `/v1/completions` (streamed as server-sent events or whole), `/v1/models`, `/health`,
 `/metrics` (Prometheus text), and tradeoff's own `/v1/tradeoff/metrics` (the live numbers the dashboard shows)
@@ -26,13 +26,12 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from engine.engine import ContextLengthError, Engine, OverloadedError
-from engine.prometheus import EngineMetrics
-from engine.remote import RemoteEngine
+from engine.backend import Backend, Controls
+from engine.engine import ContextLengthError, OverloadedError
 from engine.sampling import SamplingParams
 from engine.sequence import Request, Stream, TokenEvent
+from serve.prometheus import EngineMetrics
 
-Backend = Engine | RemoteEngine
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 
 
@@ -120,43 +119,34 @@ class OpenAIAPI:
         return Response(body, media_type=content_type)
 
     async def models(self, request: HTTPRequest, engine: Backend) -> Response:
-        return JSONResponse({"object": "list", "data": [
-            {"id": engine.name, "object": "model", "created": 0, "owned_by": "tradeoff", "max_model_len": engine.max_seq_len},
-        ]})
+        model = {"id": engine.name, "object": "model", "created": 0, "owned_by": "tradeoff"}
+        if engine.max_seq_len is not None:
+            model["max_model_len"] = engine.max_seq_len
+        return JSONResponse({"object": "list", "data": [model]})
 
     async def engine_metrics(self, request: HTTPRequest, engine: Backend) -> Response:
-        """`engine.metrics_snapshot()`; `?since_s=S` starts its window S seconds ago (as the dashboard asks)."""
-        since = None
-        if (raw := request.query_params.get("since_s")) is not None:
+        """The engine's `Snapshot` as JSON; `?window_s=S` covers the last S seconds (as the dashboard asks)."""
+        window_s = None
+        if (raw := request.query_params.get("window_s")) is not None:
             try:
-                since = time.monotonic() - float(raw)
+                window_s = float(raw)
             except ValueError:
-                raise APIError(400, "since_s must be a number of seconds", param="since_s") from None
-        snapshot = await asyncio.to_thread(engine.metrics_snapshot, since)
-        return JSONResponse({**snapshot, "model": engine.name, "can_speculate": engine.spec != "off"})
+                raise APIError(400, "window_s must be a number of seconds", param="window_s") from None
+            if not window_s > 0:  # also refuses NaN
+                raise APIError(400, "window_s must be a positive number of seconds", param="window_s")
+        snapshot = await asyncio.to_thread(engine.snapshot, window_s)
+        return JSONResponse(snapshot.to_json())
 
     async def control(self, request: HTTPRequest, engine: Backend) -> Response:
-        """{"mode": "latency"|"batched", "speculation": bool, "chunked_prefill": bool, "max_batch_size": int}, any subset."""
+        """{"mode": "latency"|"batched", "speculation": bool, "chunked_prefill": bool, "max_batch_size": int}, any
+        subset, applied all or nothing."""
         body = await json_body(request)
-        checks = {"mode": str, "speculation": bool, "chunked_prefill": bool, "max_batch_size": int}
-        for name, value in body.items():
-            if name not in checks or not isinstance(value, checks[name]):
-                raise APIError(400, f"'{name}' is not a control here (controls: {', '.join(checks)}) or has the wrong type",
-                               param=name)
-
-        def apply() -> None:  # on a thread: a remote engine's controls take a round trip
-            if "mode" in body:
-                engine.set_mode(body["mode"])
-            if "speculation" in body:
-                engine.set_speculation(body["speculation"])
-            if "chunked_prefill" in body or "max_batch_size" in body:
-                engine.set_policy(chunked_prefill=body.get("chunked_prefill"), max_batch_size=body.get("max_batch_size"))
-
         try:
-            await asyncio.to_thread(apply)
-        except (ValueError, RuntimeError) as e:
-            raise APIError(400, str(e)) from None
-        return JSONResponse({"ok": True, "applied": body})
+            controls = Controls.from_json(body)
+            await asyncio.to_thread(engine.control, controls)  # on a thread: a remote engine's take a round trip
+        except ValueError as e:
+            raise APIError(400, str(e), param=getattr(e, "name", None)) from None
+        return JSONResponse({"ok": True, "applied": controls.to_json()})
 
     # ---- completions ------------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 Histograms of TTFT, time between tokens and E2E (the definitions of engine/metrics.py) and token counters are
 fed as each request ends, so every request counts: HTTP, voice sessions and synthetic users alike, labelled by
-user class. Gauges (running, waiting, KV blocks, speculation) are read from `metrics_snapshot()` at scrape time.
+user class. Gauges (running, waiting, KV blocks, speculation) are read from the backend's snapshot at scrape time.
 Names follow vLLM's (`vllm:time_to_first_token_seconds` -> `tradeoff:time_to_first_token_seconds`), so its
 Grafana dashboards need only the prefix changed.
 """
@@ -10,26 +10,19 @@ Grafana dashboards need only the prefix changed.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from engine.backend import Backend
 from engine.metrics import RequestMetrics
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0)
 
 
-class Observed(Protocol):
-    finish_listeners: list
-    name: str
-
-    def metrics_snapshot(self, since: float | None = None) -> dict: ...
-
-
 class EngineMetrics:
-    def __init__(self, engine: Observed):
+    def __init__(self, engine: Backend):
         self.engine = engine
         self.registry = CollectorRegistry()
         labels = ["model", "user_class"]
@@ -63,11 +56,12 @@ class EngineMetrics:
 class _State:
     """Gauges read at scrape time."""
 
-    def __init__(self, engine: Observed):
+    def __init__(self, engine: Backend):
         self.engine = engine
 
     def collect(self) -> Iterator[Metric]:
-        snap = self.engine.metrics_snapshot()
+        snap = self.engine.snapshot()
+        state = snap.state
         model = self.engine.name
 
         def gauge(name: str, doc: str, value: float | None) -> Iterator[Metric]:
@@ -76,15 +70,12 @@ class _State:
                 g.add_metric([model], float(value))
                 yield g
 
-        yield from gauge("tradeoff:num_requests_running", "Requests in the running batch", snap.get("running"))
-        yield from gauge("tradeoff:num_requests_waiting", "Requests queued", snap.get("waiting"))
-        yield from gauge("tradeoff:batched_mode", "1 in batched mode, 0 in latency mode",
-                         {"batched": 1, "latency": 0}.get(snap.get("mode")))
-        used, free = snap.get("kv_blocks_used"), snap.get("kv_blocks_free")
-        if used is not None and free is not None and used + free:
-            yield from gauge("tradeoff:kv_cache_usage_perc", "Share of batched mode's KV blocks in use", used / (used + free))
-        spec = snap.get("speculation") or {}
-        if spec.get("drafted"):
+        yield from gauge("tradeoff:num_requests_running", "Requests in the running batch", state.running)
+        yield from gauge("tradeoff:num_requests_waiting", "Requests queued", state.waiting)
+        yield from gauge("tradeoff:batched_mode", "1 in batched mode, 0 in latency mode", state.mode == "batched")
+        if state.kv is not None:
+            yield from gauge("tradeoff:kv_cache_usage_perc", "Share of batched mode's KV blocks in use", state.kv.used)
+        if state.speculation is not None and state.speculation.drafted:
             yield from gauge("tradeoff:spec_decode_draft_acceptance_rate", "Accepted / drafted tokens since start",
-                             spec["accepted"] / spec["drafted"])
-        yield from gauge("tradeoff:requests_rejected", "Requests refused as overloaded since start", snap.get("rejected"))
+                             state.speculation.accepted / state.speculation.drafted)
+        yield from gauge("tradeoff:requests_rejected", "Requests refused as overloaded since start", snap.stats.rejected)

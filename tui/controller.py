@@ -1,9 +1,10 @@
-"""What the dashboard drives: the engine (in this process, or a remote one: --backend, --connect), the synthetic
-users, their controls, and samples of their metrics. (The voice loop is tui/voice_link.py.)
+"""What the dashboard drives: a `Backend` (the engine in this process, or a remote one: --backend, --connect), the
+synthetic users, their controls, and samples of their numbers. (The voice loop is tui/voice_link.py.)
 
 Every method that may block (start-up, `sample`, `close`) is called from a worker thread, never from the
-UI thread; the controls only queue a message for the engine's worker (mode, policy, speculation) or make a
-short round trip to the load generator's loop, behind a lock so presses apply in order.
+UI thread; the controls go to the backend in order on one thread of their own (a remote backend's take a
+network round trip). The state shown (mode, speculation, users) is read from the backend's snapshot and the
+load generator, never kept here.
 """
 
 from __future__ import annotations
@@ -11,19 +12,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from engine import Engine
+from engine import Backend, Controls, Engine
 from engine.gguf_convert import converted_folder
 from engine.loader import load_tokenizer
-from engine.loadgen import LoadGenerator
 from engine.registry import DEFAULT_MODEL, REGISTRY, cache_dir, local_file
-from engine.remote import RemoteEngine
+from serve.loadgen import LoadGenerator
+from serve.remote import RemoteEngine
 from tui.model import RECENT_S, USER_LEVELS, Sample
 
 Progress = Callable[[int, int, str], None]  # (stage, stages, line of output)
@@ -62,28 +62,28 @@ def api_url(realtime: str) -> str:
     return f"{'https' if parts.scheme == 'wss' else 'http'}://{parts.netloc}/v1"
 
 
-class Backend:
-    """The engine and the synthetic users (a closed-loop load generator in this process).
+class Controller:
+    """The backend and the synthetic users (a closed-loop load generator in this process).
 
     The engine runs here, or remotely: with `backend` the LLM runs on that server and every number is measured
     here, from the streams; with `connect` the whole voice loop runs on a `tradeoff serve`, so the numbers are
-    its engine's own (every client's requests). Given an `engine`, the backend uses it and leaves it open on
+    its engine's own (every client's requests). Given an `engine`, the controller uses it and leaves it open on
     `close` (tests share one engine)."""
 
     STAGES = 3
 
-    def __init__(self, options: Options, engine: Engine | None = None):
+    def __init__(self, options: Options, engine: Backend | None = None):
         self.options = options
         self.engine = engine
         self._owns_engine = engine is None
         self.loadgen: LoadGenerator | None = None
-        self.users = 0
         self.started = time.monotonic()
         self.level_start = self.started  # the last change of mode or load: the headline numbers start here
-        self._lock = threading.Lock()
         # controls apply in order on one thread: a remote engine's take a network round trip, which must not
         # hold the UI; a failure goes to `on_error` (the dashboard shows it)
         self._controls = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controls")
+        self.controls_sent = 0  # controls handed to the controls thread ...
+        self.controls_applied = 0  # ... and those it has finished (applied or refused): a reading taken after all
         self.on_error: Callable[[str], None] = lambda message: None
         self._fetch: subprocess.Popen | None = None
         self._closed = False
@@ -114,17 +114,16 @@ class Backend:
         progress(2, self.STAGES, engine.describe())
         progress(3, self.STAGES, "starting synthetic users ...")
         if not o.connect:  # attached to a server, the dashboard takes the mode it is in
-            engine.set_mode(o.mode)
+            engine.control(Controls(mode=o.mode))
         self.loadgen = LoadGenerator(engine)
-        self.loadgen.start_closed(o.users)
-        self.users = o.users
+        self.loadgen.start(o.users)
         self.level_start = time.monotonic()
 
     def _fetch_model(self, progress: Progress) -> None:
         """`tradeoff fetch MODEL` in a child process, its output (pip, tqdm) shown line by line, so the
         download never writes over the screen."""
         progress(1, self.STAGES, f"fetching {self.options.model} (first run only) ...")
-        cmd = [sys.executable, "-m", "tui.cli", "fetch", self.options.model]
+        cmd = [sys.executable, "-m", "tradeoff", "fetch", self.options.model]
         self._fetch = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         line = []
         while ch := self._fetch.stdout.read(1):  # tqdm redraws with \r: treat it as a line end too
@@ -153,6 +152,10 @@ class Backend:
 
     # ---- readings ----------------------------------------------------------------------------
 
+    @property
+    def users(self) -> int:
+        return self.loadgen.users if self.loadgen is not None else self.options.users
+
     def sample(self) -> Sample | None:
         engine = self.engine
         if engine is None or self._closed:
@@ -160,13 +163,13 @@ class Backend:
         now = time.monotonic()
         level_start = self.level_start
         if self.options.connect:  # the server's own numbers: they include the voice loop running there
-            level = engine.server_snapshot(since_s=now - level_start)
-            recent = engine.server_snapshot(since_s=RECENT_S)
+            level = engine.server_snapshot(now - level_start)
+            recent = engine.server_snapshot(RECENT_S)
             if level is None or recent is None:
                 return None
         else:
-            level = engine.metrics_snapshot(since=level_start)
-            recent = engine.stats.snapshot(now, since=now - RECENT_S)
+            level = engine.snapshot(now - level_start)
+            recent = engine.snapshot(RECENT_S)
         return Sample.from_snapshots(now - self.started, level, recent, self.users, now - level_start)
 
     @property
@@ -179,37 +182,25 @@ class Backend:
 
     # ---- controls ----------------------------------------------------------------------------
 
-    @property
-    def can_speculate(self) -> bool:
-        return self.engine is not None and self.engine.spec != "off"
-
-    def set_mode(self, mode: str) -> None:
-        self._control(self.engine.set_mode, mode)
-
-    def set_speculation(self, on: bool) -> None:
-        self._control(self.engine.set_speculation, on)
-
-    def set_chunked_prefill(self, on: bool) -> None:
-        self._control(lambda: self.engine.set_policy(chunked_prefill=on))
-
-    def _control(self, fn: Callable, *args) -> None:
+    def control(self, controls: Controls) -> None:
+        """Apply `controls` on the controls thread; the headline numbers start again from now."""
         def apply() -> None:
             try:
-                fn(*args)
+                self.engine.control(controls)  # returns once the backend has applied it
             except Exception as e:
                 self.on_error(f"{type(e).__name__}: {e}")
+            finally:
+                self.controls_applied += 1
 
+        self.controls_sent += 1
         self._controls.submit(apply)
         self._changed()
 
     def set_users(self, users: int) -> None:
-        """Blocks for a round trip to the load generator's loop: call it from a worker."""
-        with self._lock:
-            if self.loadgen is None or users == self.users:
-                return
-            self.loadgen.resize(users)
-            self.users = users
-            self._changed()
+        if self.loadgen is None or users == self.loadgen.users:
+            return
+        self.loadgen.resize(users)
+        self._changed()
 
     def _changed(self) -> None:
         self.level_start = time.monotonic()

@@ -1,4 +1,4 @@
-"""`tradeoff bench distill`: train the default model's draft (engine/draft.py) by self-distillation, on this CPU.
+"""`tradeoff distill`: train the default model's draft (engine/draft.py) by self-distillation, on this CPU.
 
 1. Data: the target's own replies (greedy, and sampled for every other prompt) to a few hundred chat
    prompts composed from templates and subjects below (questions, explanations, summaries and rewrites
@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from bench.report import table, write_json
 from engine.draft import DEFAULT_DRAFT_PATH, Draft, init_draft, load_draft, save_draft
 from engine.engine import Engine, Request
 from engine.kv_cache import StaticKVCache
 from engine.loader import load
+from engine.machine import machine
 from engine.model import Transformer
 from engine.registry import DEFAULT_MODEL
 from engine.sampling import SamplingParams
@@ -429,9 +429,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default="bench/out/distill.json", help="where to write the JSON (default: %(default)s)")
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("distill", help="train the default model's draft by self-distillation (about an hour on 2 cores)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def configure(name: str, p: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Fill in the parser of `tradeoff distill`."""
+    p.description = __doc__
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     add_arguments(p)
     p.set_defaults(func=main)
 
@@ -439,7 +440,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     result = run(args)
     f, s = result["facts"], result["speed"]
-    print(table(result["rows"], COLUMNS))
+    print("  ".join(header for _, header, _ in COLUMNS))
+    for row in result["rows"]:
+        print("  ".join(format(row[key], spec).rjust(len(header)) for key, header, spec in COLUMNS))
     print(f"draft: {result['out']} ({result['file_bytes'] / 1e6:.1f} MB), layers from target {args.layers}, "
           f"head {args.vocab} tokens")
     print(f"data: {f['train_replies']} training replies ({f['train_reply_tokens']} tokens), {f['held_out_replies']} held-out; "
@@ -449,12 +452,9 @@ def main(args: argparse.Namespace) -> int:
           f"(untrained init {f['untrained_agreement']:.3f}; the head covers {f['held_out_vocab_coverage']:.3f} of the tokens)")
     print(f"decode step ms (bf16): target {s['target_step_ms']:.1f}, draft {s['draft_step_ms']:.2f}, "
           f"draft with the full head {s['full_head_draft_step_ms']:.2f}")
-    print(f"JSON: {write_json(args.json, 'distill', result['rows'], facts=f, speed=s)}")
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": "distill", "machine": machine(), "rows": result["rows"], "facts": f,
+                               "speed": s}, indent=2))
+    print(f"JSON: {out}")
     return 0
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m bench.distill_draft", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    raise SystemExit(main(parser.parse_args()))

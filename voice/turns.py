@@ -1,0 +1,131 @@
+"""Turn-taking, as its own object: a `TurnDetector` consumes a session's input audio (16 kHz) and emits typed turn
+events (speech started, paused, resumed, turn ended, with sample positions); the session only reacts to them.
+
+Today's policy is OpenAI's `server_vad`: Silero finds speech (voice/vad.py), and a silence of
+`silence_duration_ms` ends the turn. A pause (the first silent chunk) comes before that, so the session can
+transcribe and draft a reply while the silence is waited out. A turn also ends when it outgrows the input
+buffer, or when the client commits it.
+
+The detector keeps the last few seconds of audio (the utterance's prefix padding and the recognizer's input are
+cut from it) and when each chunk arrived, so a turn's end is dated to when the client sent its last speech,
+not to when the silence after it was noticed.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import dataclass
+
+import numpy as np
+
+from voice.audio import ASR_RATE
+from voice.protocol import TurnDetection
+from voice.vad import SileroVAD
+
+HISTORY_S = 3  # audio kept before speech starts: covers any prefix_padding_ms
+
+
+@dataclass(frozen=True)
+class SpeechStarted:
+    start: int  # first sample of the utterance, its prefix padding included
+
+
+@dataclass(frozen=True)
+class SpeechPaused:
+    at: int  # where the speech last was
+
+
+@dataclass(frozen=True)
+class SpeechResumed:
+    at: int
+
+
+@dataclass(frozen=True)
+class TurnEnded:
+    end: int  # where the speech ended
+    sent_at: float  # when the client sent the audio holding that sample (time.monotonic())
+    reason: str  # silence | too_long | commit
+
+
+TurnEvent = SpeechStarted | SpeechPaused | SpeechResumed | TurnEnded
+
+
+class TurnDetector:
+    def __init__(self, config: TurnDetection, max_turn_s: float):
+        self.config = config
+        self.max_turn_s = max_turn_s
+        self.vad = SileroVAD(config.threshold, config.silence_duration_ms)
+        self.received = 0  # samples received so far
+        self.history = np.zeros(0, np.float32)  # the last HISTORY_S of audio, ending at `received`
+        self.arrivals: list[tuple[int, float]] = []  # (samples received after a chunk, when it arrived)
+        self.start: int | None = None  # first sample of the current utterance (None: no turn under way)
+
+    @property
+    def in_turn(self) -> bool:
+        return self.start is not None
+
+    @property
+    def paused(self) -> bool:
+        """The user went silent and has not resumed (the turn may still end or go on)."""
+        return self.vad.pause_at is not None
+
+    def configure(self, config: TurnDetection) -> None:
+        """New parameters; the current utterance is forgotten."""
+        self.config = config
+        self.vad.configure(config.threshold, config.silence_duration_ms)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the current utterance (the sample count goes on: it indexes the session's audio)."""
+        self.vad.reset()
+        self.start = None
+
+    def feed(self, chunk: np.ndarray, arrived: float) -> list[TurnEvent]:
+        """The next chunk of input audio, which arrived at `arrived`; returns the turn events it caused, in order."""
+        self.received += len(chunk)
+        self.arrivals.append((self.received, arrived))
+        if len(self.arrivals) > 4096:  # only the current turn's chunks are ever looked up
+            del self.arrivals[:2048]
+        self.history = np.concatenate([self.history, chunk])[-HISTORY_S * ASR_RATE:]
+        events: list[TurnEvent] = []
+        for ev in self.vad.process(chunk):
+            if ev.kind == "start":
+                padding = self.config.prefix_padding_ms * ASR_RATE // 1000
+                self.start = max(ev.sample - padding, self.received - len(self.history), 0)
+                events.append(SpeechStarted(self.start))
+            elif self.start is None:
+                continue
+            elif ev.kind == "pause":
+                events.append(SpeechPaused(ev.sample))
+            elif ev.kind == "resume":
+                events.append(SpeechResumed(ev.sample))
+            elif ev.kind == "end":
+                events.append(self._ended(ev.sample, "silence"))
+        if self.start is not None and (self.received - self.start) / ASR_RATE > self.max_turn_s:
+            events.append(self.end_turn("too_long"))
+        return events
+
+    def end_turn(self, reason: str = "commit") -> TurnEnded:
+        """End the turn under way now (a commit, or one that outgrew the buffer), where the speech last was."""
+        if self.start is None:
+            raise RuntimeError("no turn under way")
+        end = self.vad.speech_end
+        if self.vad.speaking:
+            self.vad.reset()
+        return self._ended(end, reason)
+
+    def audio(self, start: int) -> np.ndarray:
+        """The audio from sample `start` (at most HISTORY_S back) to the latest received."""
+        return self.history[max(0, len(self.history) - (self.received - start)):]
+
+    def _ended(self, end: int, reason: str) -> TurnEnded:
+        self.start = None
+        return TurnEnded(end, self._sent_time(end), reason)
+
+    def _sent_time(self, sample: int) -> float:
+        """When the client sent the chunk holding `sample`, for a client that streams in real time (as a
+        microphone does). Each later chunk's arrival bounds it from above (arrival minus the audio in
+        between); the tightest bound wins, so a moment when this loop was starved does not make it late."""
+        i = min(bisect_left(self.arrivals, (sample + 1, 0.0)), len(self.arrivals) - 1)
+        end = self.arrivals[i][0]
+        return min(t - (n - end) / ASR_RATE for n, t in self.arrivals[i:])
