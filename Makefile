@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 	@$(VENV)/bin/tradeoff fetch
+	@$(VENV)/bin/tradeoff setup
 
 # Reinstalls only when pyproject.toml changes. A machine whose Python already has torch (a GPU box)
 # gets a venv that sees it; elsewhere the local CPU wheel torch==2.13.0 goes in before anything needs torch.

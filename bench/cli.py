@@ -10,11 +10,13 @@ BENCHES: dict[str, tuple[str, str]] = {
     "decode": ("bench.decode", "batch-1 prefill/decode speed, TTFT, TBT and achieved bandwidth"),
     "quant": ("bench.quant", "accuracy of bf16/int8/int4 weights against fp32"),
     "spec": ("bench.spec", "speculative decoding per drafter vs no speculation, and llama.cpp in its own process"),
+    "peer": ("bench.peer", "tradeoff serve vs llama.cpp's server: same GGUF, threads and traffic, timed by one client"),
     "kernels": ("bench.kernels", "time each Triton kernel against its PyTorch equivalent (GPU)"),
     "sweep": ("bench.sweep", "throughput vs latency: one row per concurrency level, JSON and a PNG"),
     "interference": ("bench.interference", "batched mode: TBT of decoding users when a long prompt arrives, chunked off/on"),
     "keys": ("bench.dashboard_keys", "dashboard key latency at 160x60 while the engine is saturated"),
     "voice": ("bench.voice", "the voice loop end to end: E2E breakdown, barge-in, WER (simulated caller)"),
+    "soak": ("bench.soak", "a `tradeoff serve` under mixed load and random disconnects for N minutes: RSS, fds, KV, errors"),
 }
 
 

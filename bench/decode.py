@@ -1,6 +1,10 @@
 """`tradeoff bench decode`: batch-1 prefill and decode speed (no speculation) per weight format, TTFT, TBT,
 and achieved memory bandwidth; on CUDA, with and without CUDA graphs.
 
+On a CPU the first row is the engine's own choice for this machine (engine/setup.py: measured once and cached),
+then one row per decode format (the native int4 kernel, torch's int4 kernel, int8, bf16, fp32 weights), each with
+the chosen prefill path where it can use it; the JSON names the CPU each row came from.
+
 Achieved bandwidth = bytes of weights read per decode step x decode steps/s. It is printed next to the
 machine's measured read bandwidth (a large tensor sum), the ceiling a memory-bound decode can reach, and as
 MBU (memory-bandwidth utilisation): achieved bandwidth over the measured device-to-device copy bandwidth.
@@ -20,20 +24,20 @@ from engine.engine import Engine, Request
 from engine.loader import load
 from engine.metrics import percentile
 from engine.sampling import SamplingParams
+from engine.setup import resolve
 
-# weight format -> (weight dtype, quantization, bytes per layer weight, bytes per head weight).
-# int4: half a byte plus a bf16 scale and zero per 32 weights; int8: one byte plus a scale per row (negligible).
-FORMATS = {
-    "fp32": (torch.float32, "none", 4.0, 4.0),
-    "bf16": (torch.bfloat16, "none", 2.0, 2.0),
-    "int8": (torch.bfloat16, "int8", 1.0, 1.0),
-    "int4": (torch.bfloat16, "int4", 0.5 + 4 / 32, 0.5 + 4 / 32),
-}
+# decode format -> (bytes per layer weight, bytes per head weight) a decode step reads.
+# native: Q4_1 groups (half a byte, fp32 d and m per 32) and a Q8_0 head (a byte, an fp32 scale per 32);
+# torch int4: half a byte plus a bf16 scale and zero per 32; int8: one byte plus a scale per row (negligible).
+BYTES = {"native": (0.5 + 8 / 32, 1 + 4 / 32), "int4": (0.5 + 4 / 32, 0.5 + 4 / 32), "int8": (1.0, 1.0),
+         "bf16": (2.0, 2.0), "fp32": (4.0, 4.0)}
+CPU_FORMATS = ("native", "int4", "int8", "bf16", "fp32")
+CUDA_FORMATS = {"bf16": torch.bfloat16, "fp32": torch.float32}  # on CUDA: dense weights, with and without graphs
 
 
 def weight_bytes(cfg, fmt: str) -> float:
     """Bytes of weights one decode step reads."""
-    _, _, layer_b, head_b = FORMATS[fmt]
+    layer_b, head_b = BYTES[fmt]
     head = cfg.vocab_size * cfg.dim
     return (cfg.weight_bytes(1.0) - head) * layer_b + head * head_b
 PROMPT = ("Summarise the following in two sentences. The Industrial Revolution began in Britain in the late 18th "
@@ -96,40 +100,49 @@ def measure(engine: Engine, max_tokens: int, runs: int) -> dict:
             "tbt_p50_ms": percentile(itls, 50) * 1000, "tbt_p99_ms": percentile(itls, 99) * 1000}
 
 
+def engines(loaded, formats: list[str], device: torch.device, graph_settings: tuple[bool, ...]):
+    """(row name, format, CUDA graphs, engine keyword arguments) of each row to measure."""
+    if device.type == "cuda":
+        return [(f, f, graphs, {"dtype": CUDA_FORMATS[f], "quant": "none", "cuda_graphs": graphs})
+                for f in formats for graphs in graph_settings]
+    chosen = resolve(loaded)
+    rows = [("chosen", chosen.decode, False, {"setup": chosen})]
+    return rows + [(f, f, False, {"setup": chosen.with_decode(f)}) for f in formats if f != chosen.decode]
+
+
 def run(model: str, formats: list[str], runs: int, max_tokens: int, device: str | None,
         graph_settings: tuple[bool, ...]) -> tuple[list[dict], float]:
-    """One row per weight format and CUDA-graph setting (graphs apply on CUDA only; elsewhere the setting is moot)."""
+    """One row per weight format (and CUDA-graph setting on CUDA; on a CPU, the engine's own choice first)."""
     loaded = load(model)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = []
     bandwidth = copy_bw = None
-    for name in formats:
-        dtype, quant, _, _ = FORMATS[name]
-        step_bytes = weight_bytes(loaded.config, name)
-        eager_tok_s = None
-        for graphs in graph_settings:
-            engine = Engine(loaded, device=device, dtype=dtype, quant=quant, spec="off", cuda_graphs=graphs)
-            if bandwidth is None:
-                bandwidth, copy_bw = read_bandwidth(engine.device), copy_bandwidth(engine.device)
-            try:
-                row = measure(engine, max_tokens, runs)
-            finally:
-                engine.close()
-            tok_s = row["decode_tok_s"]
-            rows.append({
-                "model": loaded.name, "weights": name, "activations": str(engine.model.dtype).removeprefix("torch."),
-                "device": str(engine.device), "graphs": ("on" if graphs else "off") if engine.device.type == "cuda" else "n/a",
-                **row, "weight_mb_per_token": step_bytes / 1e6,
-                "achieved_gb_s": step_bytes * tok_s / 1e9, "read_bandwidth_gb_s": bandwidth / 1e9,
-                "copy_bandwidth_gb_s": copy_bw / 1e9, "mbu_pct": 100 * step_bytes * tok_s / copy_bw,
-                "vs_eager": tok_s / eager_tok_s if graphs and eager_tok_s else None,
-            })
-            if not graphs:
-                eager_tok_s = tok_s
+    eager: dict[str, float] = {}
+    for name, fmt, graphs, kwargs in engines(loaded, formats, dev, graph_settings):
+        step_bytes = weight_bytes(loaded.config, fmt)
+        engine = Engine(loaded, device=str(dev), spec="off", **kwargs)
+        if bandwidth is None:
+            bandwidth, copy_bw = read_bandwidth(engine.device), copy_bandwidth(engine.device)
+        try:
+            row = measure(engine, max_tokens, runs)
+        finally:
+            engine.close()
+        tok_s = row["decode_tok_s"]
+        rows.append({
+            "model": loaded.name, "weights": name, "setup": engine.setup_summary(), "device": str(engine.device),
+            "graphs": ("on" if graphs else "off") if engine.device.type == "cuda" else "n/a",
+            **row, "weight_mb_per_token": step_bytes / 1e6,
+            "achieved_gb_s": step_bytes * tok_s / 1e9, "read_bandwidth_gb_s": bandwidth / 1e9,
+            "copy_bandwidth_gb_s": copy_bw / 1e9, "mbu_pct": 100 * step_bytes * tok_s / copy_bw,
+            "vs_eager": tok_s / eager[fmt] if graphs and fmt in eager else None,
+        })
+        if not graphs:
+            eager[fmt] = tok_s
     return rows, bandwidth
 
 
 COLUMNS = [
-    ("weights", "weights", ""), ("activations", "activations", ""), ("graphs", "CUDA graphs", ""),
+    ("weights", "weights", ""), ("graphs", "CUDA graphs", ""),
     ("prompt_tokens", "prompt", "d"),
     ("prefill_tok_s", "prefill tok/s", ".0f"),
     ("decode_tok_s", "decode tok/s", ".1f"), ("ttft_ms", "TTFT ms", ".1f"), ("tbt_p50_ms", "TBT p50 ms", ".1f"),
@@ -144,8 +157,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.description = __doc__
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--device", default=None)
-    p.add_argument("--weights", default="int4,int8,bf16,fp32",
-                   help="weight formats to compare in one run (default: %(default)s)")
+    p.add_argument("--weights", default=None,
+                   help=f"decode formats to compare in one run (default: {','.join(CPU_FORMATS)} on a CPU, "
+                        f"{','.join(CUDA_FORMATS)} on CUDA)")
     p.add_argument("--runs", type=int, default=5, help="runs per format; figures are medians (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per run (default: %(default)s)")
     p.add_argument("--cuda-graphs", choices=sorted(GRAPH_SETTINGS), default=None,
@@ -158,7 +172,10 @@ def configure(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     graphs = GRAPH_SETTINGS[args.cuda_graphs or ("both" if cuda else "off")]
-    rows, _ = run(args.model, args.weights.split(","), args.runs, args.max_tokens, args.device, graphs)
+    formats = args.weights.split(",") if args.weights else list(CUDA_FORMATS if cuda else CPU_FORMATS)
+    rows, _ = run(args.model, formats, args.runs, args.max_tokens, args.device, graphs)
     print(table(rows, COLUMNS))
+    if not cuda:
+        print(f"chosen on this CPU: {rows[0]['setup']}")
     print(f"JSON: {write_json(args.json, 'decode', rows)}")
     return 0

@@ -1,8 +1,11 @@
-"""`tradeoff bench quant`: the accuracy cost of each weight format against fp32, on 20 chat prompts.
+"""`tradeoff bench quant`: the accuracy cost of each decode format against fp32, on 20 chat prompts.
 
-For each prompt the fp32 model's greedy reply (64 tokens) is the reference sequence. Every format then
-scores that same sequence in one forward pass (teacher forcing), and we report the max |logit - fp32 logit|
-and how often its argmax equals fp32's (greedy-token agreement) over all reply positions.
+For each prompt the fp32 model's greedy reply (64 tokens) is the reference sequence. Every format then scores
+that same sequence (teacher forcing) through its own decode path, in verify-sized chunks of a few rows, as
+latency mode runs it (one pass over the whole sequence would take the dense prefill path instead and measure
+the wrong weights), and we report the max |logit - fp32 logit| and how often its argmax equals fp32's
+(greedy-token agreement) over all reply positions. The engine's setup chooser (engine/setup.py) applies the
+same test, on one reply, before it picks a format.
 """
 
 from __future__ import annotations
@@ -12,14 +15,11 @@ import argparse
 import torch
 
 from bench.report import table, write_json
+from engine import setup
 from engine.kv_cache import StaticKVCache
-from engine.loader import LoadedModel, load
+from engine.loader import load
 from engine.model import Transformer
-from engine.quant import quantize
 
-# name -> (activation/weight dtype, quantization)
-FORMATS = {"fp32": (torch.float32, "none"), "bf16": (torch.bfloat16, "none"), "int8": (torch.bfloat16, "int8"),
-           "int4": (torch.bfloat16, "int4")}
 PROMPTS = [
     "What is the capital of France?", "Explain photosynthesis in simple terms.", "Write a haiku about autumn.",
     "Give three tips for learning a language.", "What causes the seasons on Earth?", "How do vaccines work?",
@@ -32,42 +32,35 @@ PROMPTS = [
 ]
 
 
-def build(loaded: LoadedModel, fmt: str) -> Transformer:
-    dtype, quant = FORMATS[fmt]
-    model = Transformer(loaded.config, dtype=dtype)
-    model.load_canonical(loaded.weights)
-    return quantize(model, quant)
-
-
-def score(model: Transformer, ids: list[int]) -> torch.Tensor:
-    cache = StaticKVCache(model.cfg, len(ids), model.dtype)
-    return model.logits(model(torch.tensor(ids), cache.extend(ids), cache))
-
-
 def greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:
     cache = StaticKVCache(model.cfg, len(prompt) + n, model.dtype)
+    step = setup.torch_step(model)
     ids = list(prompt)
-    logits = model.logits(model(torch.tensor(ids), cache.extend(ids), cache))[-1]
+    logits = step(ids, cache, 1)
     for _ in range(n - 1):
-        ids.append(int(logits.argmax()))
-        logits = model.logits(model(torch.tensor(ids[-1:]), cache.extend(ids[-1:]), cache))[-1]
-    return ids + [int(logits.argmax())]
+        ids.append(int(logits[-1].argmax()))
+        logits = step(ids[-1:], cache, 1)
+    return ids + [int(logits[-1].argmax())]
 
 
 def run(model_spec: str, formats: list[str], prompts: list[str], reply_tokens: int) -> list[dict]:
     loaded = load(model_spec)
-    ref_model = build(loaded, "fp32")
+    models: dict[str, Transformer] = {}
+    reference = setup.dense_model(loaded, "fp32", models)
     sequences = []
     for p in prompts:
         prompt = loaded.tokenizer.encode_chat([{"role": "user", "content": p}])
-        sequences.append((len(prompt), greedy(ref_model, prompt, reply_tokens)))
-    reference = [score(ref_model, ids)[n - 1 : -1] for n, ids in sequences]
+        ids = greedy(reference, prompt, reply_tokens)
+        sequences.append((len(prompt), ids, setup.decode_logits(setup.torch_step(reference), reference, ids, len(prompt))))
     rows = []
     for fmt in formats:
-        model = ref_model if fmt == "fp32" else build(loaded, fmt)
+        model, step = setup.decode_candidate(loaded, fmt, models, torch.get_num_threads())
+        if step is None:
+            rows.append({"format": fmt, "note": "cannot run here (the native kernel did not build)"})
+            continue
         max_err, agree, total = 0.0, 0, 0
-        for (n, ids), ref in zip(sequences, reference):
-            logits = score(model, ids)[n - 1 : -1]
+        for n, ids, ref in sequences:
+            logits = setup.decode_logits(step, model, ids, n)
             max_err = max(max_err, (logits - ref).abs().max().item())
             agree += int((logits.argmax(-1) == ref.argmax(-1)).sum())
             total += len(ref)
@@ -83,7 +76,7 @@ COLUMNS = [("format", "weights", ""), ("prompts", "prompts", "d"), ("positions",
 def configure(p: argparse.ArgumentParser) -> None:
     p.description = __doc__
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--formats", default="fp32,bf16,int8,int4")
+    p.add_argument("--formats", default=",".join(setup.DECODES), help="decode formats (default: %(default)s)")
     p.add_argument("--reply-tokens", type=int, default=64)
     p.add_argument("--json", default="bench/out/quant.json")
     p.set_defaults(func=main)

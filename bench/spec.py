@@ -3,26 +3,32 @@
 Fixed chat prompts, greedy: questions (prompt lookup can't help), summaries of a given text and rewrites
 (it can). Per drafter: acceptance rate, mean accepted length, tokens per target forward, draft time share,
 decode tok/s (median over prompts) and the speedup over `off` measured in the same run. Also the TTFT of a
-~30-token user turn after a cached system prompt and first turn. If llama-cpp-python is installed, it runs
-the same GGUF greedily in the same run and the table shows our ratio to it. Target MBU: the target's weight
-bytes per forward x target forwards/s over the device's measured copy bandwidth (the draft's reads left out).
+~30-token user turn after a cached system prompt and first turn. Where a Python with llama-cpp-python is found
+(this one, or --peer-python), llama.cpp runs the same GGUF greedily in the same run, in a process of its own
+under its default environment and the same thread count (bench/llama_peer.py), and the table shows our ratio
+to it. Target MBU: the target's weight bytes per forward x target forwards/s over the device's measured copy
+bandwidth (the draft's reads left out).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
-import time
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
-from bench.decode import FORMATS, copy_bandwidth, weight_bytes
+from bench.decode import copy_bandwidth, weight_bytes
 from bench.report import table, write_json
 from engine.engine import Engine, Request
 from engine.loader import load
+from engine.metrics import SpecStats
 from engine.registry import DEFAULT_MODEL, resolve
 from engine.sampling import SamplingParams
-from engine.speculative import SpecStats
 
 TEXT = ("Honeybees live in colonies of up to sixty thousand workers, one queen and a few hundred drones. Workers "
         "collect nectar and pollen, build wax comb, cool the hive by fanning their wings and defend the entrance. "
@@ -38,6 +44,7 @@ PROMPTS = [
     ("rewrite", f"Repeat this text, fixing nothing: {TEXT}"),
 ]
 SYSTEM = "You are a friendly voice assistant. Answer in one or two short sentences, in plain spoken English."
+FIRST_TURN = "Name three cities in Italy."
 FOLLOW_UP = "Thanks. Could you now tell me, in a few words, which of those places you would recommend for a first visit?"
 
 
@@ -47,7 +54,7 @@ def decode_tok_s(m) -> float | None:
 
 def follow_up_ttft(engine: Engine) -> float:
     """TTFT of a ~30-token user turn whose system prompt and first turn are already in the cache."""
-    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Name three cities in Italy."}]
+    history = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": FIRST_TURN}]
     first = engine.generate(Request(messages=history, sampling=SamplingParams(max_tokens=40)))
     history += [{"role": "assistant", "content": first.text}, {"role": "user", "content": FOLLOW_UP}]
     return engine.generate(Request(messages=history, sampling=SamplingParams(max_tokens=8))).metrics.ttft
@@ -67,11 +74,10 @@ def run_engine(loaded, spec: str, max_tokens: int, quant: str | None, copy_bw: f
                 rates.append(r)
                 kinds.setdefault(kind, []).append(r)
         ttft = statistics.median(follow_up_ttft(engine) for _ in range(3))
-        fmt = next(name for name, (dtype, quant, _, _) in FORMATS.items()
-                   if quant == engine.quant and (quant != "none" or dtype == engine.dtype))
+        fmt = engine.setup.decode if engine.setup is not None else {torch.float32: "fp32"}.get(engine.dtype, "bf16")
         tok_s, summary = statistics.median(rates), totals.summary()
         forwards_s = tok_s / summary["tokens_per_target_forward"]
-        return {"drafter": spec, "quant": engine.quant, "decode_tok_s": tok_s,
+        return {"drafter": spec, "quant": engine.setup_summary(), "decode_tok_s": tok_s,
                 **{f"tok_s_{k}": statistics.median(v) for k, v in kinds.items()},
                 **summary, "follow_up_ttft_ms": ttft * 1000,
                 "target_mbu_pct": 100 * forwards_s * weight_bytes(loaded.config, fmt) / copy_bw}
@@ -79,22 +85,35 @@ def run_engine(loaded, spec: str, max_tokens: int, quant: str | None, copy_bw: f
         engine.close()
 
 
-def run_llama_cpp(gguf: str, max_tokens: int) -> dict | None:
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    llm = Llama(model_path=gguf, n_threads=2, n_ctx=2048, verbose=False)
-    rates = []
-    for _, prompt in PROMPTS:
-        llm.reset()
-        times = []
-        for _ in llm.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=max_tokens,
-                                            temperature=0.0, stream=True):
-            times.append(time.perf_counter())
-        if len(times) > 2:
-            rates.append((len(times) - 2) / (times[-1] - times[1]))  # first chunk is the role header
-    return {"drafter": "llama.cpp", "quant": "gguf", "decode_tok_s": statistics.median(rates)}
+PEER = Path(__file__).with_name("llama_peer.py")
+
+
+def peer_python(given: str | None) -> str | None:
+    """The Python that runs llama.cpp: --peer-python, else this one if it has llama-cpp-python; None if neither."""
+    if given:
+        return given
+    found = subprocess.run([sys.executable, "-c", "import llama_cpp"], capture_output=True).returncode == 0
+    return sys.executable if found else None
+
+
+def run_llama_cpp(python: str, gguf: str, max_tokens: int, threads: int) -> dict:
+    """llama.cpp on the same GGUF and prompts, in its own process with the environment it would have on its own."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}  # tradeoff's setting, not llama.cpp's
+    job = {"gguf": gguf, "threads": threads, "max_tokens": max_tokens, "prompts": [p for _, p in PROMPTS],
+           "system": SYSTEM, "first_turn": FIRST_TURN, "follow_up": FOLLOW_UP}
+    out = subprocess.run([python, str(PEER)], input=json.dumps(job), capture_output=True, text=True, env=env,
+                         timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"llama.cpp peer ({python}) failed: {out.stderr.strip()[-2000:]}")
+    result = json.loads(out.stdout)
+    kinds: dict[str, list[float]] = {}
+    for (kind, _), rate in zip(PROMPTS, result["rates"]):
+        if rate is not None:
+            kinds.setdefault(kind, []).append(rate)
+    return {"drafter": "llama.cpp", "quant": f"gguf (llama-cpp-python {result['version']}, own process)",
+            "decode_tok_s": statistics.median(r for r in result["rates"] if r is not None),
+            **{f"tok_s_{k}": statistics.median(v) for k, v in kinds.items()},
+            "follow_up_ttft_ms": result["follow_up_ttft_s"] * 1000}
 
 
 COLUMNS = [
@@ -107,13 +126,14 @@ COLUMNS = [
 ]
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("spec", help="speculative decoding per drafter vs no speculation (and llama.cpp)",
-                       description=__doc__)
+def configure(p: argparse.ArgumentParser) -> None:
+    p.description = __doc__
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--drafters", default="off,ngram,draft,auto")
     p.add_argument("--quant", default=None, help="weight format (default: the engine's default for the device)")
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--peer-python", default=None, metavar="PYTHON",
+                   help="a Python with llama-cpp-python to measure llama.cpp with (default: this one, if it has it)")
     p.add_argument("--json", default="bench/out/spec.json")
     p.set_defaults(func=main)
 
@@ -122,7 +142,10 @@ def main(args: argparse.Namespace) -> int:
     loaded = load(args.model)
     copy_bw = copy_bandwidth(torch.device("cuda" if torch.cuda.is_available() else "cpu"))  # the engines' device
     rows = [run_engine(loaded, spec, args.max_tokens, args.quant, copy_bw) for spec in args.drafters.split(",")]
-    if (ref := run_llama_cpp(str(resolve(args.model)), args.max_tokens)) is not None:
+    python = peer_python(args.peer_python)
+    ref = None
+    if python is not None:
+        ref = run_llama_cpp(python, str(resolve(args.model)), args.max_tokens, torch.get_num_threads())
         rows.append(ref)
     base = next((r["decode_tok_s"] for r in rows if r["drafter"] == "off"), None)
     for r in rows:
@@ -130,6 +153,6 @@ def main(args: argparse.Namespace) -> int:
         r["vs_llama_cpp"] = r["decode_tok_s"] / ref["decode_tok_s"] if ref else None
     print(table(rows, COLUMNS))
     if ref is None:
-        print("llama.cpp: not measured (pip install llama-cpp-python to compare in the same run)")
+        print("llama.cpp: not measured (pip install '.[bench]', or give --peer-python, to compare in the same run)")
     print(f"JSON: {write_json(args.json, 'spec', rows)}")
     return 0

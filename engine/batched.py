@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -42,20 +41,9 @@ class StepProfile:
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
 
-def choose_dtype(device: torch.device) -> torch.dtype:
-    """The compute dtype of batched mode on `device`, by measurement.
-
-    CPU: bf16 only where the CPU has bf16 dot-product instructions. With AVX512_BF16 (2-core AMD EPYC, 1
-    thread, model forward + logits at batch 16) bf16 ran 241 tok/s against fp32's 90; on AVX2 alone bf16
-    stops scaling at ~38 tok/s in total while fp32 reaches 63 at batch 16 and 116 at 64 (shared/FACTS.md).
-    """
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no cheap way to tell; fp32 scales with batch size everywhere
-        return torch.float32
-    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+def cuda_dtype() -> torch.dtype:
+    """Batched mode's dtype on CUDA (on a CPU it is measured: engine/setup.py)."""
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def batched_model(loaded: LoadedModel, latency_model: Transformer, latency_quant: str, dtype: torch.dtype) -> Transformer:
@@ -113,43 +101,54 @@ class BatchedRunner:
         batch = self.scheduler.schedule()
         if not batch:
             return
+        profile = self.profile
+        profile.seconds["schedule"] += time.perf_counter() - t0
+        self._run(batch)
         t1 = time.perf_counter()
+        self.scheduler.remove_finished()
+        profile.seconds["update"] += time.perf_counter() - t1
+        profile.steps += 1
+        profile.sequences += len(batch)
+        profile.tokens += sum(n for _, n in batch)
+
+    # ---- internals --------------------------------------------------------------------------
+
+    def _run(self, batch: list[tuple[PagedSeq, int]]) -> None:
+        """One forward pass over `batch`, then each sampler's token. A pass that raises cannot say whose input broke
+        it, so its sequences run again in two halves, and so on down: the one that caused it fails alone and the
+        others go on in the same step (a retry rewrites the same cache slots; nothing advanced before the failure)."""
+        t0 = time.perf_counter()
         tokens, samplers, ends = self._inputs(batch)
         query_lens, context_lens = [n for _, n in batch], [s.num_computed + n for s, n in batch]
         tables = [s.block_table for s, _ in batch]
         graphed = self.graphs is not None and self.graphs.fits(query_lens, context_lens)
-        if not graphed:
-            positions = self.cache.prepare(query_lens, context_lens, tables)
-        t2 = time.perf_counter()
         picks = None  # the greedy token of each sampler, where the device chose it
         try:
+            if not graphed:
+                positions = self.cache.prepare(query_lens, context_lens, tables)
+            t1 = time.perf_counter()
             if graphed:
                 logits, best = self.graphs.run(tokens, context_lens, tables)
                 logits, picks = logits[ends], best[ends].tolist()  # the step's one readback
             else:
                 hidden = self.model(torch.tensor(tokens, device=self.model.device), positions, self.cache)
                 logits = self.model.logits(hidden[ends]) if ends else None
-        except Exception as e:  # the whole batch shared the failed pass; the engine keeps serving the rest
-            for s, _ in batch:
-                s.seq.fail(e)
-            self.scheduler.remove_finished()
+        except Exception as e:
+            if len(batch) == 1:
+                batch[0][0].seq.fail(e)
+                return
+            half = len(batch) // 2
+            self._run(batch[:half])
+            self._run(batch[half:])
             return
-        t3 = time.perf_counter()
+        t2 = time.perf_counter()
         self.scheduler.advance(batch)
         now = time.monotonic()
         for j, s in enumerate(samplers):
             self._emit(s.seq, logits[j], now, picks[j] if picks else None)
-        t4 = time.perf_counter()
-        self.scheduler.remove_finished()
-        t5 = time.perf_counter()
-        profile = self.profile
-        for phase, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
-            profile.seconds[phase] += dt
-        profile.steps += 1
-        profile.sequences += len(batch)
-        profile.tokens += len(tokens)
-
-    # ---- internals --------------------------------------------------------------------------
+        seconds = self.profile.seconds
+        for phase, dt in zip(("prepare", "forward", "sample"), (t1 - t0, t2 - t1, time.perf_counter() - t2)):
+            seconds[phase] += dt
 
     def _inputs(self, batch: list[tuple[PagedSeq, int]]) -> tuple[list[int], list[PagedSeq], list[int]]:
         """The step's tokens; the sequences that will have computed all their tokens and sample; their last rows."""

@@ -24,14 +24,17 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from engine.backend import ControlError, Controls, check_mode
-from engine.batched import BatchedRunner, batched_model, choose_dtype
+from engine.batched import BatchedRunner, batched_model, cuda_dtype
 from engine.latency import LatencyRunner
 from engine.loader import LoadedModel, load
+from engine.machine import cpu
 from engine.metrics import RequestMetrics
 from engine.model import Transformer
+from engine.native import build as build_native
 from engine.quant import quantize
 from engine.scheduler import BatchPolicy
 from engine.sequence import EngineError, Request, Sequence, Stream, TokenEvent
+from engine.setup import DTYPES, NATIVE_PREFILL_ROWS, Setup, latency_model, resolve
 from engine.snapshot import EngineState, KVCache, Snapshot, Speculation
 from engine.speculative import build_drafter
 from engine.stats import RollingStats
@@ -58,55 +61,53 @@ class Completion:
         return self.metrics.finish_reason
 
 
-def activation_dtype(device: torch.device, weights: torch.dtype) -> torch.dtype:
-    # Measured (bench/RESULTS.md): this CPU has no native bf16, so norms, RoPE and attention run faster in fp32
-    # while the matmuls still read bf16/int4 weights; GPUs keep activations in the weights' dtype.
-    return torch.float32 if device.type == "cpu" else weights
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    # Measured with `tradeoff bench decode` (bench/RESULTS.md): bf16 weights read half the bytes of fp32 and decode
-    # faster (28.7 vs 21.1 tok/s on the 2-core CPU); int4 quantization then starts from them.
-    return torch.bfloat16
-
-
-def default_quant(device: torch.device) -> str:
-    # Measured with `tradeoff bench decode` (bench/RESULTS.md): on the CPU, int4 weights (the GGUF's own Q4_1
-    # groups) decode fastest; torch's int4 kernel here is CPU-only, so other devices keep full weights.
-    return "int4" if device.type == "cpu" else "none"
-
-
 class Engine:
-    """`dtype` applies to both modes when given; by default latency mode runs `default_dtype` and batched mode
-    `engine.batched.choose_dtype` (sharing the latency model's weights when the two agree). On CUDA, both modes
+    """How the model runs: on a CPU, the setup measured and cached for this machine (engine/setup.py), with `quant`
+    (latency mode's weight format) and `dtype` (dense weights: prompt chunks and batched mode) imposed when given,
+    or `setup` itself; `progress` hears about a first measurement. On CUDA, bf16 (or `dtype`) weights, and both modes
     replay their decode steps from CUDA graphs unless `cuda_graphs` is False (eager, for comparison)."""
 
     def __init__(self, model: str | LoadedModel = "smollm2-135m", device: str | None = None,
                  dtype: torch.dtype | None = None, max_seq_len: int | None = None, max_waiting: int = 64,
                  mode: str = "latency", policy: BatchPolicy | None = None, kv_cache_tokens: int = 16384,
-                 quant: str | None = None, spec: str = "auto", draft: str | None = None, cuda_graphs: bool = True):
+                 quant: str | None = None, spec: str = "auto", draft: str | None = None, cuda_graphs: bool = True,
+                 setup: Setup | None = None, progress: Callable[[str], None] | None = None):
         loaded = load(model) if isinstance(model, str) else model
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = dtype or default_dtype(self.device)
-        self.batched_dtype = dtype or choose_dtype(self.device)
         self.name = loaded.name
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
-        self.model = Transformer(loaded.config, dtype=self.dtype, device=self.device,
-                                 act_dtype=activation_dtype(self.device, self.dtype))
-        self.model.load_canonical(loaded.weights)
+        native = None
+        if self.device.type == "cpu":
+            self.setup: Setup | None = setup or resolve(loaded, quant, dtype, progress)
+            self.quant, self.dtype = self.setup.quant, self.setup.weight_dtype
+            self.batched_dtype = DTYPES[self.setup.batched]
+            self.model = latency_model(loaded, self.setup)
+            if self.setup.decode == "native":
+                native, why = build_native(self.model, self.setup.threads)
+                if native is None:  # the kernel did not build or load here: torch's int4 kernel instead, and say why
+                    self.setup = replace(self.setup, decode="int4", prefill="fp32" if self.setup.prefill == "native"
+                                         else self.setup.prefill, why=f"native kernel unavailable: {why}")
+        else:
+            self.setup = None
+            self.quant, self.dtype = quant or "none", dtype or torch.bfloat16
+            self.batched_dtype = dtype or cuda_dtype()
+            self.model = Transformer(loaded.config, dtype=self.dtype, device=self.device)
+            self.model.load_canonical(loaded.weights)
+            quantize(self.model, self.quant)
         self.max_seq_len = min(max_seq_len or loaded.config.max_seq_len, loaded.config.max_seq_len)
         self.max_waiting = max_waiting
         self.policy = policy or BatchPolicy()  # batched mode's scheduling policy; `control` changes it live
         self.kv_cache_tokens = kv_cache_tokens
         self.stats = RollingStats()
         self.finish_listeners: list[Callable[[RequestMetrics], None]] = []  # called on the worker as requests end
-        self.quant = quant or default_quant(self.device)
-        quantize(self.model, self.quant)
         self.spec = spec
-        drafter = build_drafter(spec, self.model, self.name, draft, self.max_seq_len, self.quant)
+        native_threads = self.setup.threads if native is not None else None  # drafts too run natively where the target does
+        drafter = build_drafter(spec, self.model, self.name, draft, self.max_seq_len, self.quant, native_threads)
         self._drafter = drafter  # kept so speculation can be turned back on
-        self._latency = LatencyRunner(self.model, self.max_seq_len, drafter, cuda_graphs=cuda_graphs)
+        self._latency = LatencyRunner(self.model, self.max_seq_len, drafter, cuda_graphs=cuda_graphs, native=native,
+                                      native_prefill=self.setup is not None and self.setup.prefill == "native",
+                                      prefill_rows=NATIVE_PREFILL_ROWS)
         self._cuda_graphs = cuda_graphs  # for the batched runner, built later
         self._batched_model = batched_model(loaded, self.model, self.quant, self.batched_dtype)
         self._batched: BatchedRunner | None = None  # built on first use: its KV pool is large
@@ -124,16 +125,23 @@ class Engine:
     # ---- public API -------------------------------------------------------------------------
 
     def describe(self) -> str:
-        return (f"{self.name} on {self.device}: latency mode {self.dtype} ({self.quant} weights), "
-                f"batched mode {self.batched_dtype}; speculation {self.spec}")
+        where = cpu().short() if self.device.type == "cpu" else str(self.device)
+        return f"{self.name} on {where}: {self.setup_summary()}; speculation {self.spec}"
 
     def prompt_ids(self, request: Request) -> list[int]:
         request.check()
+        # tokenized only as far as the context reaches: a prompt of megabytes is refused after a few thousand tokens
         if request.messages is not None:
-            return self.tokenizer.encode_chat(request.messages)
+            return self.tokenizer.encode_chat(request.messages, limit=self.max_seq_len)
         if request.prompt is not None:
-            return self.tokenizer.encode(request.prompt)
-        return list(request.prompt_ids)
+            return self.tokenizer.encode(request.prompt, limit=self.max_seq_len)
+        ids = list(request.prompt_ids)
+        vocab = self.config.vocab_size
+        # checked here, whole, so a bad id is this request's 400 and never reaches a step shared with others
+        bad = next((j for j, i in enumerate(ids) if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt_ids[{bad}] is not a token id: token ids are integers in [0, {vocab}), the vocabulary")
+        return ids
 
     def submit(self, request: Request, loop: asyncio.AbstractEventLoop | None = None) -> Stream:
         """Queue a request and return its stream. Pass the running loop to read it with `async for`."""
@@ -258,12 +266,13 @@ class Engine:
                            can_speculate=self._drafter is not None,
                            speculation=Speculation(drafter.name if drafter else None, spec.steps, spec.drafted,
                                                    spec.accepted, spec.emitted),
-                           kv=kv, setup=self.setup())
+                           kv=kv, setup=self.setup_summary())
 
-    def setup(self) -> str:
+    def setup_summary(self) -> str:
         """How the model runs, in a few words (the status line and `describe` show it)."""
-        return f"latency: {self.quant} weights, {str(self.model.dtype).removeprefix('torch.')} activations; " \
-               f"batched: {str(self.batched_dtype).removeprefix('torch.')}"
+        if self.setup is not None:
+            return self.setup.describe()
+        return f"{self.quant} weights, {str(self.dtype).removeprefix('torch.')}"
 
     def _switch(self, mode: str) -> None:
         if mode == self.mode:

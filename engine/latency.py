@@ -6,8 +6,11 @@ The cache keeps the k/v of the last sequence it ran, so a follow-up turn sharing
 emitted token plus k drafted tokens through the target at once, emits what verification accepts
 (all with one timestamp), and truncates the cache back to what was accepted. k = 0 is a plain decode step.
 
-On CUDA the decode step replays a captured CUDA graph and chooses tokens on the device (engine/cuda_graph.py);
-prefill, and a step whose shape no graph covers, run eagerly.
+On a CPU, where the engine's setup (engine/setup.py) chose it, the native kernel (engine/native.py) runs the decode
+and verify steps, each in one call, and prompt chunks too if it was chosen for them; other prompt chunks run
+through the model's dense weights. Either way only the rows whose logits are needed go through the head. On CUDA the
+decode step replays a captured CUDA graph and chooses tokens on the device (engine/cuda_graph.py); prefill, and a
+step whose shape no graph covers, run eagerly.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from engine.cuda_graph import DecodeGraphs
 from engine.kv_cache import StaticKVCache
 from engine.metrics import SpecStats
 from engine.model import Transformer
+from engine.native import NativeModel
 from engine.sequence import Sequence
 from engine.speculative import AdaptiveK, Drafter, choose_tokens
 
@@ -28,9 +32,16 @@ MODE = "latency"
 
 
 class LatencyRunner:
+    """native: the native step for decode and verify rows; native_prefill: for prompt chunks too (in chunks of
+    `prefill_rows`)."""
+
     def __init__(self, model: Transformer, max_seq_len: int, drafter: Drafter | None = None, k_max: int = 6,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, native: NativeModel | None = None, native_prefill: bool = False,
+                 prefill_rows: int = 16):
         self.model = model
+        self.native = native
+        self.native_prefill = native_prefill and native is not None
+        self.prefill_rows = prefill_rows
         self.max_seq_len = max_seq_len
         self.cache = StaticKVCache(model.cfg, max_seq_len, model.dtype, model.device)
         cuda = model.device.type == "cuda"
@@ -105,7 +116,7 @@ class LatencyRunner:
         ids = seq.all_ids  # a sequence moved in from batched mode brings its output so far
         cached = self.cache.reuse_prefix(ids)
         seq.metrics.cached_tokens = min(cached, len(seq.prompt_ids))
-        logits = self._forward(ids[cached:])[-1:]
+        logits = self._forward(ids[cached:], 1)
         self._prefilled = True
         seq.append(choose_tokens([], None, logits, seq.params, seq.generator), MODE)
 
@@ -123,7 +134,7 @@ class LatencyRunner:
             timed = self.graphs.ready(len(step))
             logits, best = self.graphs.run(step)
         else:
-            logits, best = self._forward(step), None
+            logits, best = self._forward(step, len(step)), None
         tokens = choose_tokens(drafts, draft_probs, logits, seq.params, seq.generator, best)
         accepted = len(tokens) - 1
         self.cache.truncate(kept + 1 + accepted)  # forget the rejected drafts
@@ -134,7 +145,11 @@ class LatencyRunner:
         if self.drafter and timed:
             self.adaptive.update(k, len(drafts), accepted, t1 - t0, t2 - t1)
 
-    def _forward(self, ids: list[int]) -> torch.Tensor:
-        """Run `ids` after the cached sequence; return logits [len(ids), V]."""
+    def _forward(self, ids: list[int], logit_rows: int) -> torch.Tensor:
+        """Run `ids` after the cached sequence; return the logits [logit_rows, V] of the last `logit_rows` of them."""
+        if self.native is not None and (len(ids) <= self.adaptive.k_max + 1 or self.native_prefill):
+            for i in range(0, len(ids) - self.prefill_rows, self.prefill_rows):  # a long prompt: chunks but the last
+                self.native.forward(ids[i:i + self.prefill_rows], self.cache, 0)
+            return self.native.forward(ids[-((len(ids) - 1) % self.prefill_rows + 1):], self.cache, logit_rows)
         hidden = self.model(torch.tensor(ids, device=self.model.device), self.cache.extend(ids), self.cache)
-        return self.model.logits(hidden)
+        return self.model.logits(hidden[-logit_rows:])

@@ -5,7 +5,9 @@
   Q4_1 blocks map onto it almost exactly), `torch.ops.aten._weight_int4pack_mm_for_cpu` on the CPU.
   Torch's formula is w = (q - 8) * scale + zero_t, so zero_t = group min + 8 * scale.
 
-Both keep activations in the model dtype (bf16 on a CPU: the int4 kernel is only fast with bf16).
+Torch's int4 kernel is fast only with bf16 activations, so Int4Linear feeds it bf16 whatever the model's dtype;
+its dense copy (for prompt chunks) is in `dense_dtype`. Quantize from fp32 weights: the default GGUF's Q4_1 groups
+are then recovered exactly (from bf16-rounded weights they are not), which the native kernel relies on.
 Quantization happens once at load: it takes well under a second for the default model.
 """
 
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engine.model import Linear, Transformer
+from kernels.native import pack_q4
 
 QUANT_MODES = ("none", "int8", "int4")
 INT4_GROUP = 32
@@ -51,11 +54,11 @@ def int4_quantize(weight: Tensor, group: int = INT4_GROUP) -> tuple[Tensor, Tens
 
 
 class Int4Linear(nn.Module):
-    """int4 for decode and verification (a few rows); prefill chunks of `DENSE_ROWS`+ rows use the dense bf16 weight.
+    """int4 for decode and verification (a few rows); prefill chunks of `DENSE_ROWS`+ rows use the dense weight.
 
-    The int4 CPU kernel unpacks weights per row block, so past a few rows it is slower than a bf16 GEMM
-    (measured: 95 rows take 2.7x longer). Keeping the bf16 weight costs memory only: it is the tensor the
-    model loaded anyway.
+    The int4 CPU kernel unpacks weights per row block, so past a few rows it is slower than a dense GEMM
+    (measured: 95 rows take 2.7x longer than bf16). Keeping the dense weight costs memory only: it is the tensor
+    the model loaded anyway.
     """
 
     DENSE_ROWS = 8
@@ -71,31 +74,37 @@ class Int4Linear(nn.Module):
         self.out_features = weight.shape[0]
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
         # [K/g, N, 2]: (scale, zero) pairs, the layout the kernel reads
-        self.register_buffer("scales_zeros", torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous().to(dtype))
+        self.register_buffer("scales_zeros",
+                             torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16))
         self.dense = weight.to(dtype)
+        # The exact codes (0.75 bytes per weight) for engine/native.py: neither `dense` (bf16) nor `scales_zeros` gives them back.
+        self.q4 = pack_q4(q, scale, lo)
         self.bias = bias
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.to(self.scales_zeros.dtype)
         if x.numel() >= self.DENSE_ROWS * x.shape[-1]:
-            return F.linear(x, self.dense, self.bias)
+            return F.linear(x.to(self.dense.dtype), self.dense, self.bias)
+        x = x.to(torch.bfloat16)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), self.packed, self.group, self.scales_zeros)
         y = y.view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
 
-def quantize(model: Transformer, mode: str) -> Transformer:
-    """Replace every layer projection and the output head with its quantized form, in place."""
+def quantize(model: Transformer, mode: str, dense_dtype: torch.dtype | None = None) -> Transformer:
+    """Replace every layer projection and the output head with its quantized form, in place. dense_dtype: the
+    dtype of int4's dense copies (default: the model's weights')."""
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown quantization {mode!r} (choose from {', '.join(QUANT_MODES)})")
     if mode == "none":
         return model
     cls = Int8Linear if mode == "int8" else Int4Linear
+    dtype = model.weight_dtype if mode == "int8" else dense_dtype or model.weight_dtype
     for block in model.layers:
         for name, child in list(block.named_children()):
             if isinstance(child, Linear):
-                setattr(block, name, cls(child.weight, child.bias, model.weight_dtype))
-    # The head too: it is the largest single matrix (a fifth of the bytes per token). Measured on the default
-    # model, an int4 head decodes ~9% faster than an int8 one at the same greedy agreement with fp32.
-    model.head_q = cls(model.lm_head, None, model.weight_dtype)
+                setattr(block, name, cls(child.weight, child.bias, dtype))
+    # The head too: it is the largest single matrix (a fifth of the bytes per token). In int8 for both modes: an
+    # int4 head loses greedy choices (top-1 agreement with fp32 0.88 against 0.95 with an int8 head, teacher-forced,
+    # engine/setup.py's measure; the default GGUF's embedding is Q8_0, which int4 cannot hold).
+    model.head_q = Int8Linear(model.lm_head, None, model.weight_dtype if mode == "int8" else torch.bfloat16)
     return model

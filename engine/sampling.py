@@ -10,11 +10,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+# A temperature below this is greedy. Sampling there already takes the top token unless two logits tie within about
+# 1e-3, and dividing logits by a far tinier one (1e-300, 5e-324) overflows float32 to inf and NaN; vLLM draws the
+# line at the same place (its _SAMPLING_EPS).
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (or anything below MIN_TEMPERATURE) = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     seed: int | None = None
@@ -24,18 +29,20 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # NaN too
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # what a torch generator takes
+            raise ValueError("seed must be a 64-bit integer")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
@@ -60,6 +67,8 @@ def probabilities(logits: Tensor, params: SamplingParams) -> Tensor:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         # drop a token when the tokens ranked above it already cover top_p
         drop = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
+        # the most likely token always stays: a top_p that rounds to 0 in float32 (1e-300) would otherwise drop them all
+        drop[..., 0] = False
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
         probs = probs / probs.sum(-1, keepdim=True)
     return probs

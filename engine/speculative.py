@@ -14,7 +14,7 @@ sequence by prefix matching, so rejected tokens are simply forgotten on the next
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,9 @@ from torch import Tensor
 from engine.kv_cache import StaticKVCache
 from engine.model import Transformer
 from engine.sampling import SamplingParams, probabilities
+
+if TYPE_CHECKING:
+    from engine.native import NativeModel
 
 SPEC_MODES = ("off", "ngram", "draft", "auto")
 
@@ -61,12 +64,17 @@ class ModelDrafter:
 
     name = "draft"
 
-    def __init__(self, model: Transformer, max_seq_len: int):
+    def __init__(self, model: Transformer, max_seq_len: int, native: NativeModel | None = None):
+        """native: `model`'s native step (engine.native.build(model)); when set it runs the drafting steps, on this
+        drafter's cache."""
         self.model = model
+        self.native = native
         self.cache = StaticKVCache(model.cfg, max_seq_len, model.dtype, model.device)
 
     def _forward(self, ids: list[int]) -> Tensor:
         """Run `ids` after the cached tokens; return the logits after the last one."""
+        if self.native is not None:
+            return self.native.forward(ids, self.cache, 1)[0]
         hidden = self.model(torch.tensor(ids, device=self.model.device), self.cache.extend(ids), self.cache)
         return self.model.logits(hidden[-1])
 
@@ -219,8 +227,10 @@ def load_draft_model(target: Transformer, target_name: str, draft: str | None) -
 
 
 def build_drafter(spec: str, target: Transformer, target_name: str, draft: str | None, max_seq_len: int,
-                  quant: str) -> Drafter | None:
-    """The drafter for a `--spec` choice: off, ngram, draft (needs a draft model) or auto (both, when a draft exists)."""
+                  quant: str, native_threads: int | None = None) -> Drafter | None:
+    """The drafter for a `--spec` choice: off, ngram, draft (needs a draft model) or auto (both, when a draft exists).
+    native_threads: run the draft model's steps on the native kernel, with this many threads (where it can)."""
+    from engine.native import build as build_native
     from engine.quant import quantize
 
     if spec not in SPEC_MODES:
@@ -234,6 +244,8 @@ def build_drafter(spec: str, target: Transformer, target_name: str, draft: str |
         if spec == "draft":
             raise ValueError(f"--spec draft needs --draft PATH: there is no trained draft for {target_name}")
         return NgramDrafter()
-    drafter = ModelDrafter(quantize(model, quant), max_seq_len)
+    model = quantize(model, quant)
+    native = build_native(model, native_threads)[0] if native_threads else None
+    drafter = ModelDrafter(model, max_seq_len, native)
     # auto trusts prompt lookup only on a match of 2+ tokens: a lone repeated token predicts little
     return drafter if spec == "draft" else AutoDrafter(NgramDrafter(min_n=2), drafter)

@@ -3,11 +3,20 @@
 Text <-> ids through the `tokenizers` library, chat prompts through the model's own Jinja template
 (rendered in a sandbox, as Hugging Face does), and `IncrementalDetokenizer`, which turns a growing id
 list into text deltas without ever splitting a multi-byte UTF-8 character.
+
+In a chat prompt only the template's own markers are control tokens: message content is text, so a user who
+writes `<|im_end|>` gets the tokens of those characters, not an end of turn.
+
+Long text is encoded in pieces of about PIECE_CHARS characters, cut where every supported pre-tokenizer splits anyway
+(so the ids are those of one call), and a caller that only needs to know whether text fits (`limit`) gets an answer
+once the count passes it. One call on megabytes of text can hold the GIL for seconds, and would stall the server's
+event loop even from a worker thread.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -63,6 +72,36 @@ def tokenizer_from_gguf(tokens: list[str], merges: list[str], token_types: list[
     return tok
 
 
+PIECE_CHARS = 16_384
+_CUT = re.compile(r"(?<=\S) (?=\S)")  # a single space between two other characters
+
+
+def _encode(tok: HFTokenizer, text: str, limit: int | None) -> list[int]:
+    """`tok`'s ids of `text`, encoded piecewise when it is long; with `limit`, stops once more than `limit` are known."""
+    ids: list[int] = []
+    start = 0
+    while start < len(text) and (limit is None or len(ids) <= limit):
+        end = _cut(text, start + PIECE_CHARS) if len(text) - start > PIECE_CHARS else len(text)
+        ids += tok.encode(text[start:end], add_special_tokens=False).ids
+        start = end
+    return ids
+
+
+def _cut(text: str, end: int) -> int:
+    """Where a piece ending near `end` ends: before the last single space in the second half of the piece (a byte-level
+    pre-tokenizer always splits there: the space begins the next word); at `end` itself in text with no such space."""
+    spaces = list(_CUT.finditer(text, end - PIECE_CHARS // 2, end))
+    return spaces[-1].start() if spaces else end
+
+
+def _unused_private_char(texts: list[str]) -> str:
+    """A private-use character that none of `texts` holds (it marks where content goes in a rendered template)."""
+    for code in range(0xE000, 0xF900):
+        if not any(chr(code) in t for t in texts):
+            return chr(code)
+    raise ValueError("message content uses every private-use character; no room to mark it")
+
+
 def _raise(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
@@ -71,6 +110,10 @@ class Tokenizer:
     def __init__(self, tok: HFTokenizer, chat_template: str | None, bos_token: str | None, eos_token: str | None,
                  extra_stop_ids: tuple[int, ...] = ()):
         self.tok = tok
+        # the same tokenizer with special-token parsing off, for text that must stay text (message content); a
+        # second object because the flag is the tokenizer's state and encodes run on many threads
+        self.text_tok = HFTokenizer.from_str(tok.to_str())
+        self.text_tok.encode_special_tokens = True
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
@@ -102,9 +145,10 @@ class Tokenizer:
 
         return cls(tok, template, token_str(cfg.get("bos_token")), token_str(cfg.get("eos_token")), extra)
 
-    def encode(self, text: str) -> list[int]:
-        """Ids of `text`; special-token strings in it (from a rendered template) become their ids."""
-        return self.tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, limit: int | None = None) -> list[int]:
+        """Ids of `text`; special-token strings in it (from a rendered template) become their ids. With `limit`, only
+        the first ids past it are certain to be there: enough to tell that the text does not fit."""
+        return _encode(self.tok, text, limit)
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special)
@@ -117,8 +161,33 @@ class Tokenizer:
             bos_token=self.bos_token or "", eos_token=self.eos_token or "",
         )
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        return self.encode(self.render_chat(messages))
+    def encode_text(self, text: str, limit: int | None = None) -> list[int]:
+        """Ids of `text` as plain text: special-token strings in it are spelled out, not turned into their ids.
+        `limit` as for `encode`."""
+        return _encode(self.text_tok, text, limit)
+
+    def encode_chat(self, messages: list[dict], limit: int | None = None) -> list[int]:
+        """The rendered template's ids, its markers as control tokens and every message's content as plain text.
+
+        The template renders with a placeholder for each content, so what it writes around the content (and what it
+        does with it: repeat it, drop it) is known exactly; each piece between placeholders is encoded on its own. (A
+        template that edits content, such as trimming it, edits the placeholder: the content goes in as sent.)
+        `limit` as for `encode`."""
+        contents = [m.get("content") for m in messages]
+        mark = _unused_private_char([c for c in contents if isinstance(c, str)])
+        placeholders = [{**m, "content": f"{mark}{i}{mark}"} if isinstance(c, str) else m
+                        for i, (m, c) in enumerate(zip(messages, contents))]
+        pieces = re.split(f"{mark}(\\d+){mark}", self.render_chat(placeholders))
+        ids: list[int] = []
+        for j, piece in enumerate(pieces):  # template text, a content's index, template text, ...
+            if limit is not None and len(ids) > limit:
+                break
+            left = None if limit is None else limit - len(ids)
+            if j % 2:
+                ids += self.encode_text(contents[int(piece)], left)
+            elif piece:
+                ids += self.encode(piece, left)
+        return ids
 
 
 class IncrementalDetokenizer:

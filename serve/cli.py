@@ -13,6 +13,7 @@ from engine.loader import EXPECTED, load_tokenizer
 from engine.metrics import RequestMetrics
 from engine.quant import QUANT_MODES
 from engine.registry import DEFAULT_MODEL, REGISTRY, fetch
+from engine.setup import DTYPES
 from engine.speculative import SPEC_MODES
 from serve.remote import RemoteEngine
 
@@ -27,14 +28,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model to run: {EXPECTED} (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--quant", choices=QUANT_MODES, default=None,
-                   help="weight-only quantization (default: int4 on a CPU, none elsewhere; chosen by measurement)")
+                   help="latency mode's weight format (default on a CPU: measured on this machine at first start and "
+                        "cached, see `tradeoff setup`; none on a GPU)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="dense weights: prompt chunks and batched mode (default on a CPU: measured, as --quant)")
     p.add_argument("--spec", choices=SPEC_MODES, default="auto",
                    help="speculative decoding: off, ngram (prompt lookup), draft (a draft model), auto (both; default)")
     p.add_argument("--draft", default=None,
                    help="draft model for --spec draft/auto: a trained draft .safetensors or any model sharing the "
                         "tokenizer (default: the committed trained draft of the default model)")
-
-
     add_backend_args(p)
 
 
@@ -53,7 +55,13 @@ def backend_from(args: argparse.Namespace, **options) -> Backend:
     """The in-process engine, or with --backend the remote one."""
     if args.backend:
         return remote_from(args, **options)
-    return Engine(args.model, device=args.device, quant=args.quant, spec=args.spec, draft=args.draft, **options)
+    return Engine(args.model, device=args.device, quant=args.quant, dtype=DTYPES.get(args.dtype), spec=args.spec,
+                  draft=args.draft, progress=say, **options)
+
+
+def say(line: str) -> None:
+    """Progress of long work (the first measurement of this machine's setup) on stderr."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def remote_from(args: argparse.Namespace, **options) -> RemoteEngine:
@@ -80,6 +88,13 @@ def configure(name: str, p: argparse.ArgumentParser, argv: list[str]) -> None:
         p.description = "Fetch a registry model into the user cache and convert it once, so later starts take seconds."
         p.add_argument("model", nargs="?", default=DEFAULT_MODEL, choices=sorted(REGISTRY))
         p.set_defaults(func=cmd_fetch)
+    elif name == "setup":
+        p.description = ("How the engine runs the model on this CPU (weight format and kernel of decode steps, prompt "
+                         "chunks, batched mode's dtype, threads): measured at the first start on a machine and cached "
+                         "per CPU, torch version and model. This shows the choice and the figures behind it.")
+        p.add_argument("--model", default=DEFAULT_MODEL, help=f"model: {EXPECTED} (default: %(default)s)")
+        p.add_argument("--remeasure", action="store_true", help="measure again, replacing the cached choice")
+        p.set_defaults(func=cmd_setup)
     elif name == "generate":
         p.description = "Stream the model's reply to one chat message, then print TTFT and TBT."
         p.add_argument("prompt", help="the user message (wrapped in the model's chat template)")
@@ -106,6 +121,21 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_setup(args: argparse.Namespace) -> int:
+    from engine import setup
+    from engine.loader import load
+    from engine.machine import cpu
+
+    loaded = load(args.model)
+    key = setup.cache_key(loaded)
+    if args.remeasure:
+        setup.cache_path(key).unlink(missing_ok=True)
+    chosen = setup.choose(loaded, say)
+    print(f"{loaded.name} on {cpu().short()}:\n  {chosen.describe()}\n  measured: {chosen.why}\n"
+          f"  cached in {setup.cache_path(key)} (--quant/--dtype override it; --remeasure measures again)")
+    return 0
+
+
 def format_metrics(m: RequestMetrics) -> str:
     s = m.summary()
 
@@ -129,7 +159,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not args.json:
             print(ev.text, end="", flush=True)
     if args.json:  # token ids are empty from a --backend: the server sends text
-        print(json.dumps({"model": engine.name, "text": "".join(text), "token_ids": ids, "metrics": stream.metrics.summary()}))
+        why = engine.setup.why if isinstance(engine, Engine) and engine.setup is not None else None
+        print(json.dumps({"model": engine.name, "setup": engine.snapshot().state.setup, "setup_why": why,
+                          "text": "".join(text), "token_ids": ids, "metrics": stream.metrics.summary()}))
     else:
         print("\n" + format_metrics(stream.metrics), file=sys.stderr)
     engine.close()

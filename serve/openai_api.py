@@ -6,9 +6,16 @@ and `/v1/tradeoff/control` (mode, speculation, batching policy). These are Starl
 mounts them beside the realtime WebSocket, so one port serves both, as OpenAI's API does.
 
 Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, and status: 400 bad request,
-401 missing key, 404 unknown model, 429 overloaded, 503 still loading. A request is admitted before any byte of
-the response is sent, so an overloaded engine answers 429 even to a streaming request. A client that
-disconnects, while waiting or while streaming, cancels its request at once.
+401 missing key, 404 unknown model or path, 405 wrong method, 408 body too slow, 413 body too large, 429 overloaded
+(with `Retry-After`), 500 a fault of ours, 503 still loading. A request is admitted before any byte of the response is
+sent, so an overloaded engine answers 429 even to a streaming request. A client that disconnects, while uploading,
+waiting or streaming, cancels its request at once.
+
+What a client sends is checked before it reaches the engine: the body's size, JSON that Python can read (no
+5,000-digit numbers, no nesting past the parser's depth), text that is valid UTF-8 (no lone surrogates), strict
+types (a bool is not a number), and only known parameters, as OpenAI's API does. Parsing a large body and
+tokenizing a prompt run on a worker thread, and tokenizing stops once a prompt is past the context, so one huge
+request does not stall the event loop.
 """
 
 from __future__ import annotations
@@ -16,12 +23,15 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -33,19 +43,49 @@ from engine.sequence import Request, Stream, TokenEvent
 from serve.prometheus import EngineMetrics
 
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+MAX_BODY_BYTES = 4 << 20  # default request body limit (`tradeoff serve --max-body-kb`)
+BODY_TIMEOUT_S = 60.0  # the whole body must arrive within this
+RETRY_AFTER_S = 1  # told to an overloaded client (the queue drains in about a request's time)
+THREAD_PARSE_BYTES = 64 << 10  # bodies larger than this are parsed on a worker thread
+
+log = logging.getLogger("serve.openai_api")
+
+# Parameters of OpenAI's API that change nothing here: accepted so that stock clients can send them.
+IGNORED = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
+# Parameters of OpenAI's API this server does not implement: accepted only at a value that means "not used".
+UNSUPPORTED_CHAT = {
+    "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
+    "parallel_tool_calls": (None, True, False), "logprobs": (None, False), "top_logprobs": (None, 0),
+    "frequency_penalty": (None, 0, 0.0), "presence_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
+    "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "web_search_options": (None,),
+    "reasoning_effort": (None,), "verbosity": (None,),
+}
+UNSUPPORTED_COMPLETIONS = {
+    "echo": (None, False), "suffix": (None, ""), "logprobs": (None,), "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
+}
+COMMON = frozenset({"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+                    "ignore_eos", "n"})  # top_k and ignore_eos are vLLM's extensions
+KNOWN_CHAT = COMMON | {"messages", "max_completion_tokens", "response_format"} | IGNORED | set(UNSUPPORTED_CHAT)
+KNOWN_COMPLETIONS = COMMON | {"prompt", "best_of"} | IGNORED | set(UNSUPPORTED_COMPLETIONS)
+# Keys a chat message may carry besides role and content, each only at a value that means "not used" (a client that
+# sends a reply back as history sends them as null); `name` may be any string and is ignored.
+MESSAGE_KEYS = {"name": None, "refusal": (None,), "audio": (None,), "function_call": (None,), "tool_calls": (None, []),
+                "annotations": (None, [])}
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 class ClientGone(Exception):
@@ -65,8 +105,9 @@ class Call:
 class OpenAIAPI:
     """The routes over `engine`, which may be set later (`attach`): until then they answer 503."""
 
-    def __init__(self, engine: Backend | None = None, token: str | None = None):
+    def __init__(self, engine: Backend | None = None, token: str | None = None, max_body_bytes: int = MAX_BODY_BYTES):
         self.token = token
+        self.max_body_bytes = max_body_bytes
         self.engine: Backend | None = None
         self.metrics: EngineMetrics | None = None
         if engine is not None:
@@ -102,6 +143,9 @@ class OpenAIAPI:
                 return e.response()
             except ClientGone:
                 return Response(status_code=499)  # nobody reads it; the request was cancelled
+            except ClientDisconnect:  # gone while sending its body: nothing was started, nobody reads an answer
+                log.info("client %s left while sending its request to %s", _peer(request), request.url.path)
+                return Response(status_code=499)
 
         return run
 
@@ -140,7 +184,7 @@ class OpenAIAPI:
     async def control(self, request: HTTPRequest, engine: Backend) -> Response:
         """{"mode": "latency"|"batched", "speculation": bool, "chunked_prefill": bool, "max_batch_size": int}, any
         subset, applied all or nothing."""
-        body = await json_body(request)
+        body = await self.json_body(request)
         try:
             controls = Controls.from_json(body)
             await asyncio.to_thread(engine.control, controls)  # on a thread: a remote engine's take a round trip
@@ -151,15 +195,27 @@ class OpenAIAPI:
     # ---- completions ------------------------------------------------------------------------
 
     async def chat_completions(self, request: HTTPRequest, engine: Backend) -> Response:
-        return await self.complete(request, parse_call(await json_body(request), engine, chat=True))
+        return await self.complete(request, parse_call(await self.json_body(request), engine, chat=True))
 
     async def completions(self, request: HTTPRequest, engine: Backend) -> Response:
-        return await self.complete(request, parse_call(await json_body(request), engine, chat=False))
+        return await self.complete(request, parse_call(await self.json_body(request), engine, chat=False))
+
+    async def json_body(self, request: HTTPRequest) -> dict:
+        """The body as a JSON object, read within the size and time limits and checked to be valid text."""
+        try:
+            raw = await asyncio.wait_for(read_body(request, self.max_body_bytes), BODY_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:.0f} s",
+                           code="request_timeout") from None
+        if len(raw) > THREAD_PARSE_BYTES:
+            return await asyncio.to_thread(parse_json, raw)
+        return parse_json(raw)
 
     async def complete(self, http: HTTPRequest, call: Call) -> Response:
         engine = self.engine
         try:
-            stream = engine.submit(call.request, asyncio.get_running_loop())
+            # on a thread: the engine renders the template and tokenizes here, which takes a while for a long prompt
+            stream = await asyncio.to_thread(engine.submit, call.request, asyncio.get_running_loop())
         except Exception as e:
             raise engine_error(e) from None
         events = aiter(stream)
@@ -258,26 +314,36 @@ class Reply:
 # ---- parsing --------------------------------------------------------------------------------------
 
 def parse_call(body: dict, engine: Backend, chat: bool) -> Call:
+    known, unsupported = (KNOWN_CHAT, UNSUPPORTED_CHAT) if chat else (KNOWN_COMPLETIONS, UNSUPPORTED_COMPLETIONS)
+    for name in body:
+        if name not in known:  # as OpenAI's API: a misspelt parameter is a mistake, not a default
+            raise APIError(400, f"Unrecognized request argument supplied: {name}", param=name, code="unknown_parameter")
     model = body.get("model")
     if not isinstance(model, str):
         raise APIError(400, "'model' is required: a string (GET /v1/models lists the one served)", param="model")
     if model != engine.name:
         raise APIError(404, f"the model '{model}' does not exist; this server serves '{engine.name}'",
                        param="model", code="model_not_found")
-    for name, why in (("tools", "tool calls"), ("functions", "function calls"), ("logprobs", "logprobs"),
-                      ("echo", "echo"), ("suffix", "suffix")):
-        if body.get(name) not in (None, False, []):
-            raise APIError(400, f"{why} are not supported by this server", param=name)
-    if body.get("n") not in (None, 1) or body.get("best_of") not in (None, 1):
-        raise APIError(400, "only n = 1 (and best_of = 1) is supported", param="n")
+    for name, off in unsupported.items():
+        if not is_one_of(body.get(name), off):
+            raise APIError(400, f"'{name}' is not supported by this server (send {_spell(off)})", param=name)
+    for name in ("n", "best_of"):
+        if not is_one_of(body.get(name), (None, 1)):
+            raise APIError(400, f"only {name} = 1 is supported", param=name)
     fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+    if fmt is not None and fmt != {"type": "text"}:
         raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
     stream = get(body, "stream", bool, False)
     options = get(body, "stream_options", dict, None)
     if options is not None and not stream:
         raise APIError(400, "stream_options needs stream: true", param="stream_options")
-    include_usage = bool(options and options.get("include_usage"))
+    options = options or {}
+    for name in options:
+        if name not in ("include_usage", "include_obfuscation"):
+            raise APIError(400, f"Unrecognized request argument supplied: stream_options.{name}",
+                           param=f"stream_options.{name}", code="unknown_parameter")
+    include_usage = get(options, "include_usage", bool, False, "stream_options.")
+    get(options, "include_obfuscation", bool, False, "stream_options.")  # no obfuscation is sent either way
     sampling = parse_sampling(body, engine.max_seq_len)
     if chat:
         request = Request(messages=parse_messages(body.get("messages")), sampling=sampling)
@@ -299,13 +365,15 @@ def parse_sampling(body: dict, context: int) -> SamplingParams:
     if not 0 < top_p <= 1:
         raise APIError(400, f"top_p must be in (0, 1], got {top_p}", param="top_p")
     top_k = get(body, "top_k", int, 0)  # vLLM's extension; -1 also means off there
+    seed = get(body, "seed", int, None)
+    if seed is not None and not -(2**63) <= seed < 2**64:
+        raise APIError(400, "seed must be a 64-bit integer", param="seed")
     stop = body.get("stop")
     stops = (stop,) if isinstance(stop, str) else stop if stop is not None else ()
     if not isinstance(stops, (list, tuple)) or len(stops) > MAX_STOP or not all(isinstance(s, str) and s for s in stops):
         raise APIError(400, f"stop must be a non-empty string or a list of up to {MAX_STOP} of them", param="stop")
-    return SamplingParams(max_tokens=max_tokens or context, temperature=temperature, top_p=top_p,
-                          top_k=max(top_k, 0), seed=get(body, "seed", int, None),
-                          ignore_eos=get(body, "ignore_eos", bool, False), stop=tuple(stops))
+    return SamplingParams(max_tokens=max_tokens or context, temperature=temperature, top_p=top_p, top_k=max(top_k, 0),
+                          seed=seed, ignore_eos=get(body, "ignore_eos", bool, False), stop=tuple(stops))
 
 
 def parse_messages(messages: Any) -> list[dict]:
@@ -316,6 +384,16 @@ def parse_messages(messages: Any) -> list[dict]:
         where = f"messages[{i}]"
         if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
             raise APIError(400, f"{where} needs a role of system, developer, user or assistant", param=where)
+        for key, value in m.items():
+            if key in ("role", "content"):
+                continue
+            if key not in MESSAGE_KEYS:
+                raise APIError(400, f"Unrecognized request argument supplied: {where}.{key}", param=f"{where}.{key}",
+                               code="unknown_parameter")
+            if key == "name":
+                get(m, "name", str, None, where + ".")
+            elif not is_one_of(value, MESSAGE_KEYS[key]):
+                raise APIError(400, f"{where}.{key} is not supported by this server", param=f"{where}.{key}")
         content = m.get("content")
         if isinstance(content, list):  # content parts: only text here
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
@@ -333,31 +411,98 @@ def parse_prompt(prompt: Any, sampling: SamplingParams) -> Request:
     if isinstance(prompt, str) and prompt:
         return Request(prompt=prompt, sampling=sampling)
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return Request(prompt_ids=prompt, sampling=sampling)
+        return Request(prompt_ids=prompt, sampling=sampling)  # the engine checks that they are in its vocabulary
     raise APIError(400, "'prompt' must be a non-empty string or a list of token ids (one prompt per request)", param="prompt")
 
 
-def get(body: dict, name: str, kind: type, default: Any) -> Any:
-    """body[name] checked against `kind` (an int is a float too; a bool is neither)."""
+def get(body: dict, name: str, kind: type, default: Any, where: str = "") -> Any:
+    """body[name] checked against `kind` (an int is a float too; a bool is neither); null means the default."""
     value = body.get(name)
     if value is None:
         return default
     ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        ok, value = True, float(value)
+        ok = True
+        try:
+            value = float(value)
+        except OverflowError:  # an integer past a float's range: surely out of range, so say which
+            value = float("inf")
     if not ok:
-        raise APIError(400, f"'{name}' must be {kind.__name__}, got {type(value).__name__}", param=name)
+        raise APIError(400, f"'{where}{name}' must be {_KINDS[kind]}, got {_kind_of(value)}", param=where + name)
     return value
 
 
-async def json_body(request: HTTPRequest) -> dict:
+_KINDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", dict: "an object", list: "an array"}
+
+
+def _kind_of(value: Any) -> str:
+    """The JSON type of a parsed value, in words."""
+    return next((name for kind, name in _KINDS.items() if isinstance(value, kind)), "null")
+
+
+def is_one_of(value: Any, allowed: tuple) -> bool:
+    """`value in allowed`, types included: 0 is not False and 1 is not True here."""
+    return any(type(value) is type(a) and value == a for a in allowed)
+
+
+def _spell(values: tuple) -> str:
+    return " or ".join(json.dumps(v) for v in values)
+
+
+async def read_body(request: HTTPRequest, limit: int) -> bytes:
+    """The body, refused with a 413 as soon as it passes `limit` bytes (by its Content-Length, or as it streams)."""
+    declared = request.headers.get("content-length", "")
+    too_large = APIError(413, f"the request body is larger than this server takes ({limit} bytes)", code="request_too_large")
+    if declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(raw: bytes) -> dict:
+    """The body as a JSON object whose every string is valid text; APIError(400) otherwise."""
     try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the body is not valid JSON: {e}") from None
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # bad JSON or bytes, a number too long for Python, nesting too deep
+        raise APIError(400, f"the body is not valid JSON that this server can read: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(body, dict):
         raise APIError(400, "the body must be a JSON object")
+    if (where := invalid_text(body)) is not None:
+        raise APIError(400, f"{where or 'a key'} is not valid text: it holds a lone surrogate (half of a UTF-16 pair), "
+                            "which UTF-8 cannot encode", param=where or None)
     return body
+
+
+def invalid_text(value: Any) -> str | None:
+    """The path ('messages[0].content') of the first string in a parsed JSON value, key or value, that is not valid
+    Unicode text (a lone surrogate, which JSON's \\ud800 escapes can carry); '' for a bad top-level key; else None."""
+    todo = [("", value)]
+    while todo:  # by hand: a recursive walk could meet nesting as deep as the parser allows
+        where, v = todo.pop()
+        if isinstance(v, str):
+            if not _encodes(v):
+                return where
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                if not _encodes(k):
+                    return where  # the key itself cannot be named in a valid message
+                todo.append((f"{where}.{k}" if where else k, item))
+        elif isinstance(v, list):
+            todo += [(f"{where}[{i}]", item) for i, item in enumerate(v)]
+    return None
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def engine_error(e: Exception) -> APIError:
@@ -365,7 +510,8 @@ def engine_error(e: Exception) -> APIError:
     if isinstance(e, APIError):
         return e
     if isinstance(e, OverloadedError):
-        return APIError(429, str(e), "rate_limit_exceeded", code="rate_limit_exceeded")
+        return APIError(429, str(e), "rate_limit_exceeded", code="rate_limit_exceeded",
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(e, ContextLengthError):
         return APIError(400, str(e), param="messages", code="context_length_exceeded")
     if isinstance(e, ValueError):
@@ -394,3 +540,29 @@ async def until_disconnect(http: HTTPRequest, work: Any) -> Any:
 async def wait_disconnect(http: HTTPRequest) -> None:
     while (await http.receive())["type"] != "http.disconnect":
         pass
+
+
+def _peer(request: HTTPRequest) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "?"
+
+
+# ---- 404, 405 and 500 in OpenAI's shape ------------------------------------------------------------
+
+STATUS_TYPES = {404: "not_found_error", 405: "invalid_request_error", 500: "server_error"}
+
+
+async def http_error(request: HTTPRequest, exc: HTTPException) -> Response:
+    """Starlette's own errors (no such route, wrong method) as OpenAI error objects."""
+    messages = {404: f"no route {request.url.path}: the API is under /v1, the realtime WebSocket at /v1/realtime",
+                405: f"{request.method} is not allowed on {request.url.path}"}
+    error = APIError(exc.status_code, messages.get(exc.status_code, str(exc.detail)),
+                     STATUS_TYPES.get(exc.status_code, "invalid_request_error"), headers=exc.headers)
+    return error.response()
+
+
+async def server_error(request: HTTPRequest, exc: Exception) -> Response:
+    """A fault of ours, as an OpenAI error object (Starlette still logs the traceback)."""
+    return APIError(500, f"internal error: {type(exc).__name__}", "server_error").response()
+
+
+EXCEPTION_HANDLERS = {HTTPException: http_error, Exception: server_error}  # for Starlette(exception_handlers=...)

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("serve.cli", "a streamed conversation in the terminal, with TTFT/TBT per turn"),
     "generate": ("serve.cli", "stream one reply to a prompt"),
     "fetch": ("serve.cli", "download the default model into the user cache (make setup runs this)"),
+    "setup": ("serve.cli", "how the engine runs the model on this CPU, as measured (make setup measures it once)"),
     "bench": ("bench.cli", "benchmarks: print a table and write JSON"),
     "distill": ("engine.distill", "train the default model's draft by self-distillation (about an hour on 2 cores)"),
 }

@@ -22,6 +22,7 @@ from engine import Backend, Controls, Engine
 from engine.gguf_convert import converted_folder
 from engine.loader import load_tokenizer
 from engine.registry import DEFAULT_MODEL, REGISTRY, cache_dir, local_file
+from engine.setup import DTYPES
 from serve.loadgen import LoadGenerator
 from serve.remote import RemoteEngine
 from tui.model import RECENT_S, USER_LEVELS, Sample
@@ -36,6 +37,7 @@ class Options:
     model: str = DEFAULT_MODEL
     device: str | None = None
     quant: str | None = None
+    dtype: str | None = None  # fp32 | bf16
     spec: str = "auto"
     draft: str | None = None
     asr: str = "whisper"
@@ -105,7 +107,8 @@ class Controller:
                                       tokenizer=load_tokenizer(o.model), max_waiting=max_waiting)
             else:
                 progress(2, self.STAGES, f"loading {o.model} ...")
-                engine = Engine(o.model, device=o.device, quant=o.quant, spec=o.spec, draft=o.draft, max_waiting=max_waiting)
+                engine = Engine(o.model, device=o.device, quant=o.quant, dtype=DTYPES.get(o.dtype), spec=o.spec,
+                                draft=o.draft, max_waiting=max_waiting, progress=lambda line: progress(2, self.STAGES, line))
             if self._closed:  # quit while loading
                 engine.close()
                 return

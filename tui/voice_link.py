@@ -160,6 +160,7 @@ class VoiceLink:
                 executor = getattr(services.asr(self.asr), "executor", None)  # Whisper decodes on a thread pool
                 if executor is not None:
                     executor.shutdown(wait=True)
+                services.tts.close()  # its worker process
 
     async def _start_server(self, engine: Backend):
         self.post(VoiceStatus(f"loading speech recognition ({self.asr}) ..."))

@@ -10,7 +10,8 @@ end-of-turn wait; asking again after more speech gives the transcript of the who
   on a worker thread, one at a time (each uses every core).
 - `SphinxASR`: pocketsphinx, streaming. It holds the GIL while decoding, so each session's decoder
   lives in its own worker process and decodes while the user speaks; one decoder per session keeps its
-  cepstral-mean adaptation between turns.
+  cepstral-mean adaptation between turns. Each worker holds ~84 MB, so a server runs at most `max_workers` of
+  them; `open` past that raises `RecognizerLimitError`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -198,15 +200,38 @@ class WhisperRecognizer:
 
 # ---- pocketsphinx (worker process per session) --------------------------------------------------
 
+class RecognizerLimitError(RuntimeError):
+    """Every recognizer worker this server allows is in use."""
+
+
 class SphinxASR:
     name = "pocketsphinx"
 
+    def __init__(self, max_workers: int = 8):
+        self.max_workers = max_workers
+        self.workers = 0  # recognizers open now
+        self._lock = threading.Lock()  # sessions open and close recognizers from the loop and from threads
+
     def open(self) -> SphinxRecognizer:
-        return SphinxRecognizer()
+        with self._lock:
+            if self.workers >= self.max_workers:
+                raise RecognizerLimitError(f"all {self.max_workers} pocketsphinx workers of this server are in use; "
+                                           "use the whisper transcription model, or retry later")
+            self.workers += 1
+        try:
+            return SphinxRecognizer(self._closed)
+        except BaseException:
+            self._closed()
+            raise
+
+    def _closed(self) -> None:
+        with self._lock:
+            self.workers -= 1
 
 
 class SphinxRecognizer:
-    def __init__(self):
+    def __init__(self, on_close: Callable[[], None] | None = None):
+        self.on_close = on_close  # told once, when the worker has been asked to end
         self.process = subprocess.Popen([sys.executable, "-m", "voice.sphinx_worker"], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent)
         # A pipe holds ~64 KB; while the worker starts or falls behind, a write would block the event
@@ -217,15 +242,30 @@ class SphinxRecognizer:
         self._lock = threading.Lock()  # one transcript request in flight
         self._ready = False
         self.fed = 0
+        self.closing = False
 
     def _write_loop(self) -> None:
+        """Writes frames until `close`, then ends the worker and reaps it here, so closing never waits on the event
+        loop (a worker may still be starting). A worker that died early just has its frames dropped."""
+        broken = False
         while (frame := self.outbox.get()) is not None:
+            if broken:
+                continue
             try:
                 self.process.stdin.write(frame)
                 self.process.stdin.flush()
-            except (BrokenPipeError, OSError):
-                return
-        self.process.stdin.close()
+            except OSError:  # BrokenPipeError: the worker has exited
+                broken = True
+        try:
+            self.process.stdin.close()  # EOF: the worker quits
+        except OSError:
+            pass
+        try:
+            self.process.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process.stdout.close()
 
     def _send(self, kind: bytes, payload: bytes = b"") -> None:
         self.outbox.put(sphinx_worker.HEADER.pack(kind, len(payload)) + payload)
@@ -256,18 +296,19 @@ class SphinxRecognizer:
         self._send(b"R")
 
     def close(self) -> None:
+        """Ask the worker to end and return at once; the writer thread reaps it."""
+        if self.closing:
+            return
+        self.closing = True
         self.outbox.put(None)
-        try:
-            self.process.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.process.stdout.close()
+        if self.on_close is not None:
+            self.on_close()
 
 
-def make_asr(name: str) -> ASR:
+def make_asr(name: str, max_workers: int = 8) -> ASR:
+    """`max_workers`: the most pocketsphinx worker processes at once (one per session using it)."""
     if name == "whisper":
         return WhisperASR()
     if name == "pocketsphinx":
-        return SphinxASR()
+        return SphinxASR(max_workers)
     raise ValueError(f"unknown ASR backend {name!r}: whisper or pocketsphinx")

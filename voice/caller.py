@@ -131,7 +131,7 @@ class Microphone:
 class SimulatedCaller:
     def __init__(self, client: RealtimeClient, questions: tuple[str, ...] = QUESTIONS, turns: int | None = None,
                  barge_in_every: int = 0, barge_in_after_ms: float = 600, snr_db: float = 30.0, gap_ms: float = 500,
-                 turn_timeout_s: float = 30.0, seed: int = 0):
+                 turn_timeout_s: float = 30.0, seed: int = 0, tts: EspeakTTS | None = None):
         self.client = client
         self.questions = questions
         self.turns = turns or len(questions)  # asked in order, round and round
@@ -139,7 +139,8 @@ class SimulatedCaller:
         self.barge_in_after = barge_in_after_ms / 1000
         self.gap = gap_ms / 1000
         self.turn_timeout = turn_timeout_s
-        self.tts = EspeakTTS()
+        self._own_tts = tts is None  # a caller of many shares one (each has a worker process); its own ends with run()
+        self.tts = tts or EspeakTTS()
         reference = speak(self.tts, questions[0])
         speech_rms = float(np.sqrt(np.mean(reference**2)))
         self.mic = Microphone(client, speech_rms * 10 ** (-snr_db / 20), seed)
@@ -168,6 +169,8 @@ class SimulatedCaller:
         finally:
             self.mic.task.cancel()
             await asyncio.wait([self.mic.task])
+            if self._own_tts:
+                self.tts.close()
         return answered
 
     async def _turn(self, turn: Turn, following: Turn | None) -> bool:

@@ -40,6 +40,15 @@ def serve_parser(p: argparse.ArgumentParser) -> None:
                    help="cut a reply's first clause after this many words (default: %(default)s)")
     p.add_argument("--max-message-kb", type=int, default=1024, help="largest WebSocket message (default: %(default)s)")
     p.add_argument("--max-buffer-s", type=float, default=30, help="longest input audio per turn (default: %(default)s)")
+    p.add_argument("--max-body-kb", type=int, default=4096,
+                   help="largest HTTP request body; a larger one gets 413 (default: %(default)s)")
+    p.add_argument("--max-asr-workers", type=int, default=8,
+                   help="most pocketsphinx worker processes at once, one per session using it (~84 MB each; "
+                        "default: %(default)s)")
+    p.add_argument("--max-conversation-items", type=int, default=4096,
+                   help="most items one session's conversation holds (default: %(default)s)")
+    p.add_argument("--max-conversation-kb", type=int, default=1024,
+                   help="most text one session's conversation holds (default: %(default)s)")
     add_model_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -80,7 +89,8 @@ async def serve(args: argparse.Namespace) -> int:
     from voice.server import VoiceServer, make_services
     from voice.tts import make_tts
 
-    server = VoiceServer(None, args.host, args.port, args.token, max_message_bytes=args.max_message_kb * 1024)
+    server = VoiceServer(None, args.host, args.port, args.token, max_message_bytes=args.max_message_kb * 1024,
+                         max_body_bytes=args.max_body_kb * 1024)
     engine = None
     async with server:
         http = f"http://{args.host}:{server.port}"
@@ -89,10 +99,12 @@ async def serve(args: argparse.Namespace) -> int:
             engine = await asyncio.to_thread(backend_from, args)
             defaults = replace(SessionConfig(), transcription_model=args.asr, temperature=args.temperature,
                                turn_detection=TurnDetection(silence_duration_ms=args.silence_ms))
+            tts = await asyncio.to_thread(make_tts, args.tts, args.piper_model)  # starts espeak's worker process
             services = await asyncio.to_thread(
-                make_services, engine, make_tts(args.tts, args.piper_model), asr=args.asr, defaults=defaults,
+                make_services, engine, tts, asr=args.asr, max_asr_workers=args.max_asr_workers, defaults=defaults,
                 max_output_tokens=args.max_tokens, max_buffer_s=args.max_buffer_s, lead_ms=args.lead_ms,
-                first_words=args.first_words)
+                first_words=args.first_words, max_conversation_items=args.max_conversation_items,
+                max_conversation_bytes=args.max_conversation_kb * 1024)
             server.attach(services)
             print(f"tradeoff serve: ready. {engine.describe()}; ASR {args.asr}, TTS {args.tts}\n"
                   f"  realtime voice  {server.url}\n  OpenAI API      {server.http_url}  (chat/completions, "

@@ -3,6 +3,10 @@
 An assistant item remembers how many audio samples each spoken clause took, so it can be cut back to
 what the listener actually heard (barge-in, `conversation.item.truncate`): the model's next turn then
 sees only that text.
+
+A conversation is bounded, in items and in bytes of text, so one session cannot hold the server's memory: a client's
+item that would pass the bound is refused (`has_room`), and the server's own items (a spoken turn, a reply) make
+room by dropping the oldest (`make_room`), so a long spoken session never stops.
 """
 
 from __future__ import annotations
@@ -47,15 +51,39 @@ class Item:
                 "content": content}
 
 
+MAX_ITEMS = 4096
+MAX_BYTES = 1 << 20  # of text; the model sees at most a context's worth (about 32 KB for the default model)
+
+
 class Conversation:
-    def __init__(self):
+    def __init__(self, max_items: int = MAX_ITEMS, max_bytes: int = MAX_BYTES):
         self.items: list[Item] = []
+        self.max_items, self.max_bytes = max_items, max_bytes
 
     def add(self, item: Item) -> str | None:
         """Append; return the id of the item before it (the protocol's previous_item_id)."""
         previous = self.items[-1].id if self.items else None
         self.items.append(item)
         return previous
+
+    def text_bytes(self) -> int:
+        return sum(_size(it.text) for it in self.items)
+
+    def has_room(self, text: str = "") -> bool:
+        """Whether one more item holding `text` stays within the bounds."""
+        return len(self.items) < self.max_items and self.text_bytes() + _size(text) <= self.max_bytes
+
+    def make_room(self, text: str = "") -> list[Item]:
+        """Drop the oldest items until one more holding `text` fits; return them, oldest first."""
+        dropped: list[Item] = []
+        size = self.text_bytes() + _size(text)
+        while self.items and (len(self.items) >= self.max_items or size > self.max_bytes):
+            dropped.append(self.items.pop(0))
+            size -= _size(dropped[-1].text)
+        return dropped
+
+    def remove(self, item: Item) -> None:
+        self.items.remove(item)
 
     def find(self, item_id: str) -> Item | None:
         return next((it for it in self.items if it.id == item_id), None)
@@ -71,3 +99,7 @@ class Conversation:
         the last sequence's KV cache, prefills only the new turn."""
         msgs = [{"role": "system", "content": instructions}] if instructions else []
         return msgs + [{"role": it.role, "content": it.text} for it in self.items if it.text]
+
+
+def _size(text: str | None) -> int:
+    return len(text.encode("utf-8", "replace")) if text else 0

@@ -2,7 +2,9 @@
 configuration, and server event construction.
 
 Everything a client can get wrong is caught here and raised as a `ProtocolError`, which the session
-turns into an `error` event; the session itself then carries on.
+turns into an `error` event; the session itself then carries on. Types are strict (a bool is not a number, and a
+field sent as null is refused unless the Realtime API gives null a meaning), unknown fields are refused (as the
+Realtime API refuses unknown session fields), and every string must be valid text (no lone surrogates).
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ import json
 import uuid
 from dataclasses import dataclass, field, replace
 
+from serve.openai_api import invalid_text
+
 PATH = "/v1/realtime"  # the realtime WebSocket endpoint, as OpenAI's
 CLIENT_EVENTS = frozenset({
     "session.update", "input_audio_buffer.append", "input_audio_buffer.commit", "input_audio_buffer.clear",
-    "conversation.item.create", "conversation.item.truncate", "response.create", "response.cancel",
+    "conversation.item.create", "conversation.item.truncate", "conversation.item.delete", "response.create",
+    "response.cancel",
 })
 # Transcription model names a client may ask for -> our ASR backend.
 TRANSCRIPTION_MODELS = {
@@ -59,11 +64,16 @@ def parse_client_event(raw: str | bytes) -> dict:
         raise ProtocolError("invalid_event", "binary frames are not part of the protocol: send JSON text events")
     try:
         event = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise ProtocolError("invalid_json", f"message is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # not JSON, a number too long for Python, or nesting too deep
+        raise ProtocolError("invalid_json", f"message is not valid JSON that this server can read: {type(e).__name__}: "
+                            f"{str(e)[:200]}") from None
     if not isinstance(event, dict):
         raise ProtocolError("invalid_event", "an event must be a JSON object")
-    event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
+    event_id = event.get("event_id")
+    event_id = event_id if isinstance(event_id, str) and invalid_text(event_id) is None else None
+    if (bad_text := invalid_text(event)) is not None:
+        raise ProtocolError("invalid_value", f"{bad_text or 'a key'} is not valid text: it holds a lone surrogate (half "
+                            "of a UTF-16 pair), which UTF-8 cannot encode", bad_text or None, event_id)
     kind = event.get("type")
     if not isinstance(kind, str):
         raise ProtocolError("invalid_event", "an event needs a string 'type'", "type", event_id)
@@ -80,12 +90,16 @@ def parse_client_event(raw: str | bytes) -> dict:
     return event
 
 
-def _field(obj: dict, key: str, types: type | tuple, where: str, required: bool = False, default: object = None):
-    if key not in obj or (obj[key] is None and not required):
+def _field(obj: dict, key: str, types: type | tuple, where: str, required: bool = False, default: object = None,
+           nullable: bool = False):
+    """obj[key] checked against `types`; `default` if absent (or null where `nullable`)."""
+    if key not in obj or (obj[key] is None and nullable and not required):
         if required:
             raise ProtocolError("missing_required_parameter", f"missing required parameter '{where}{key}'", where + key)
         return default
     value = obj[key]
+    if value is None:
+        raise ProtocolError("invalid_type", f"'{where}{key}' must be {_names(types)}, got null", where + key)
     if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
         raise ProtocolError("invalid_type", f"'{where}{key}' must be {_names(types)}, got a boolean", where + key)
     if not isinstance(value, types):
@@ -105,7 +119,9 @@ def _check_append(event: dict) -> None:
 
 def _check_item_create(event: dict) -> None:
     item = _field(event, "item", dict, "", required=True)
-    _field(event, "previous_item_id", str, "")
+    _field(event, "previous_item_id", str, "", nullable=True)
+    _known(item, ("id", "type", "object", "role", "status", "content"), "item.")
+    _field(item, "id", str, "item.")
     if _field(item, "type", str, "item.", default="message") != "message":
         raise ProtocolError("unsupported", "only items of type 'message' are supported", "item.type")
     role = _field(item, "role", str, "item.", required=True)
@@ -119,7 +135,12 @@ def _check_item_create(event: dict) -> None:
         ptype = _field(part, "type", str, where, required=True)
         if ptype not in ("input_text", "text", "output_text"):
             raise ProtocolError("unsupported", f"content type {ptype!r} is not supported: send text", where + "type")
+        _known(part, ("type", "text"), where)
         _field(part, "text", str, where, required=True)
+
+
+def _check_item_delete(event: dict) -> None:
+    _field(event, "item_id", str, "", required=True)
 
 
 def _check_truncate(event: dict) -> None:
@@ -131,14 +152,15 @@ def _check_truncate(event: dict) -> None:
 
 
 def _check_response_create(event: dict) -> None:
-    response = _field(event, "response", dict, "", default={})
+    response = _field(event, "response", dict, "", default={}, nullable=True)
+    _known(response, ("instructions", "max_output_tokens", "output_modalities", "conversation", "metadata", "audio"),
+           "response.")
     _field(response, "instructions", str, "response.")
-    _check_max_tokens(response, "response.")
+    max_output_tokens(response, "response.")
     _check_modalities(response, "response.")
-    for key in response:
-        if key not in ("instructions", "max_output_tokens", "output_modalities", "conversation", "metadata", "audio"):
-            raise ProtocolError("unknown_parameter", f"unknown parameter 'response.{key}'", f"response.{key}")
-    if response.get("conversation", "auto") != "auto":
+    _field(response, "metadata", dict, "response.", nullable=True)
+    _field(response, "audio", dict, "response.", nullable=True)  # its voice is the session's: refusing it breaks no one
+    if _field(response, "conversation", str, "response.", default="auto") != "auto":
         raise ProtocolError("unsupported", "only conversation 'auto' is supported", "response.conversation")
 
 
@@ -150,9 +172,18 @@ def _check_session_update(event: dict) -> None:
     _field(event, "session", dict, "", required=True)
 
 
-def _check_max_tokens(obj: dict, where: str) -> int | None:
-    value = obj.get("max_output_tokens")
-    if value is None or value == "inf":
+def _known(obj: dict, keys: tuple[str, ...], where: str) -> None:
+    for key in obj:
+        if key not in keys:
+            raise ProtocolError("unknown_parameter", f"unknown parameter '{where}{key}'", where + key)
+
+
+def max_output_tokens(obj: dict, where: str) -> int | None:
+    """obj's `max_output_tokens` as a number of tokens, None for 'inf' or when absent (the server's limit)."""
+    if "max_output_tokens" not in obj:
+        return None
+    value = obj["max_output_tokens"]
+    if value == "inf":
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
         raise ProtocolError("invalid_value", f"'{where}max_output_tokens' must be an integer 1..4096 or 'inf'",
@@ -170,8 +201,9 @@ def _check_modalities(obj: dict, where: str) -> list[str] | None:
 
 _CHECKS = {
     "input_audio_buffer.append": _check_append, "conversation.item.create": _check_item_create,
-    "conversation.item.truncate": _check_truncate, "response.create": _check_response_create,
-    "response.cancel": _check_response_cancel, "session.update": _check_session_update,
+    "conversation.item.truncate": _check_truncate, "conversation.item.delete": _check_item_delete,
+    "response.create": _check_response_create, "response.cancel": _check_response_cancel,
+    "session.update": _check_session_update,
 }
 
 
@@ -234,7 +266,7 @@ class SessionConfig:
             elif key == "output_modalities":
                 changes["output_modalities"] = tuple(_check_modalities(session, "session."))
             elif key == "max_output_tokens":
-                changes["max_output_tokens"] = _check_max_tokens(session, "session.")
+                changes["max_output_tokens"] = max_output_tokens(session, "session.")
             elif key == "temperature":
                 t = _field(session, key, (int, float), "session.")
                 if not 0 <= t <= 2:
@@ -263,11 +295,15 @@ class SessionConfig:
             changes["turn_detection"] = self._turn_detection(inp["turn_detection"], where + "turn_detection.")
         transcription = _field(inp, "transcription", dict, where)
         if transcription is not None:
+            _known(transcription, ("model", "language", "prompt"), where + "transcription.")
+            if _field(transcription, "prompt", str, where + "transcription.", default="", nullable=True):
+                raise ProtocolError("unsupported", "a transcription prompt is not supported (send '' or null)",
+                                    where + "transcription.prompt")
             model = _field(transcription, "model", str, where + "transcription.", default=self.transcription_model)
             if model not in TRANSCRIPTION_MODELS:
                 raise ProtocolError("invalid_value", f"unknown transcription model {model!r}; supported: "
                                     f"{sorted(TRANSCRIPTION_MODELS)}", where + "transcription.model")
-            language = transcription.get("language")
+            language = _field(transcription, "language", str, where + "transcription.", nullable=True)
             if language not in (None, "en"):
                 raise ProtocolError("unsupported", "only English ('en') is supported", where + "transcription.language")
             changes["transcription_model"] = model
@@ -294,6 +330,7 @@ class SessionConfig:
             values[key] = v
         for key in ("create_response", "interrupt_response"):
             values[key] = _field(td, key, bool, where, default=getattr(base, key))
+        _field(td, "type", str, where)
         if td.get("idle_timeout_ms") is not None:
             raise ProtocolError("unsupported", "idle_timeout_ms is not supported (send null)", where + "idle_timeout_ms")
         for key in td:
@@ -322,6 +359,8 @@ def _check_format(obj: dict, where: str) -> None:
     fmt = _field(obj, "format", dict, where)
     if fmt is None:
         return
-    if fmt.get("type") != "audio/pcm" or fmt.get("rate", 24000) != 24000:
+    _known(fmt, ("type", "rate"), where + "format.")
+    rate = fmt.get("rate", 24000)
+    if fmt.get("type") != "audio/pcm" or isinstance(rate, bool) or rate != 24000:
         raise ProtocolError("unsupported_format", f"'{where}format' must be {{'type': 'audio/pcm', 'rate': 24000}} "
                             f"(pcm16, 24 kHz, mono), got {json.dumps(fmt)}", where + "format")

@@ -1,8 +1,10 @@
 """One assistant response: engine stream -> clauses -> TTS -> audio deltas paced at about real time.
 
 Two halves, so a reply can be drafted before it is announced:
-- `prepare()` submits the request and starts the producer (tokens -> clauses -> speech, into a queue).
-  The session calls it while the VAD is still waiting out the user's silence; nothing is sent yet.
+- `prepare()` starts the producer: it submits the request (on a worker thread: fitting a long conversation to the
+  context and tokenizing it takes a while), then turns tokens into clauses and speech, into a queue. The session
+  calls it while the VAD is still waiting out the user's silence; nothing is sent yet. Whatever goes wrong there
+  (a refused request, an engine or TTS failure) ends the response as `failed`, and the session goes on.
 - `run()` announces the response and plays the queue: each 20 ms frame is sent when the client's
   playback would be within `lead_ms` of running dry, so a barge-in has little buffered audio to chase.
 `stop()` ends it at once (barge-in, `response.cancel`): no further frame is sent, the engine stream is
@@ -15,7 +17,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from engine import Backend, ContextLengthError, OverloadedError, Request, SamplingParams
+from engine import Backend, ContextLengthError, Request, SamplingParams
 from engine.sequence import Stream
 from voice.audio import WIRE_RATE, float_to_pcm16, pcm16_to_b64
 from voice.clauses import ClauseSplitter
@@ -50,25 +52,11 @@ class Response:
     # ---- lifecycle --------------------------------------------------------------------------
 
     def prepare(self, system: str | None, history: list[dict]) -> None:
-        """Submit to the engine and start producing audio; sends nothing. Oldest history goes first if
-        the conversation outgrows the model's context."""
+        """Start submitting and producing audio; sends nothing. Oldest history goes first if the conversation
+        outgrows the model's context."""
         if self.stop_reason is not None:
             return
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                try:
-                    messages = ([{"role": "system", "content": system}] if system else []) + history
-                    self.stream = self.engine.submit(Request(messages=messages, sampling=self.sampling), loop)
-                    break
-                except ContextLengthError:
-                    if len(history) <= 1:
-                        raise
-                    history = history[1:]
-        except (ContextLengthError, OverloadedError, ValueError, RuntimeError) as e:
-            self.queue.put_nowait(e)
-            return
-        self.producer = asyncio.create_task(self._produce())
+        self.producer = asyncio.create_task(self._produce(system, history, asyncio.get_running_loop()))
 
     def discard(self) -> None:
         """Drop a draft that was never announced."""
@@ -89,6 +77,8 @@ class Response:
 
     async def run(self, conversation: Conversation) -> str:
         """Announce, play, and finish with `response.done`; return the final status."""
+        for old in conversation.make_room():
+            await self.send(server_event("conversation.item.deleted", item_id=old.id))
         previous = conversation.add(self.item)
         await self.send(server_event("response.created", response=self._response("in_progress")))
         await self.send(server_event("response.output_item.added", response_id=self.id, output_index=0,
@@ -113,9 +103,16 @@ class Response:
 
     # ---- producer: tokens -> clauses -> speech ------------------------------------------------
 
-    async def _produce(self) -> None:
+    async def _produce(self, system: str | None, history: list[dict], loop: asyncio.AbstractEventLoop) -> None:
         splitter = ClauseSplitter(self.first_words)
         try:
+            submitting = asyncio.ensure_future(asyncio.to_thread(submit_fitting, self.engine, system, history,
+                                                                 self.sampling, loop))
+            try:
+                self.stream = await asyncio.shield(submitting)  # shielded: a thread cannot be cancelled mid-way
+            except asyncio.CancelledError:  # stopped meanwhile: the request it is about to queue is cancelled at once
+                submitting.add_done_callback(_cancel_queued)
+                raise
             async for ev in self.stream:
                 self.times.stamp(llm_first_token=ev.t)
                 if not self.audio:
@@ -126,7 +123,7 @@ class Response:
             if self.audio and (rest := splitter.flush()):
                 await self._speak(*rest)
             self.queue.put_nowait(None)
-        except Exception as e:  # EngineError, a TTS failure: the player reports it as a failed response
+        except Exception as e:  # refused, EngineError, a TTS failure: the player reports it as a failed response
             self.queue.put_nowait(e)
 
     async def _speak(self, clause: str, ends_sentence: bool) -> None:
@@ -214,3 +211,43 @@ class Response:
             "output": [] if status == "in_progress" else [self.item.to_dict()], "usage": usage,
         }
 
+
+def _cancel_queued(submitted: asyncio.Future) -> None:
+    if not submitted.cancelled() and submitted.exception() is None:
+        submitted.result().cancel()
+
+
+def submit_fitting(engine: Backend, system: str | None, history: list[dict], sampling: SamplingParams,
+                   loop: asyncio.AbstractEventLoop) -> Stream:
+    """Submit the newest part of `history` that fits the model's context (blocking: run it on a thread). One pass
+    from the newest message back picks it, tokenizing about a context's worth of text however long the conversation
+    is; if the template costs a little more than counted, the oldest kept message goes too, and so on."""
+    head = [{"role": "system", "content": system}] if system else []
+    history = newest_that_fit(engine, head, history)
+    while True:
+        try:
+            return engine.submit(Request(messages=head + history, sampling=sampling), loop)
+        except ContextLengthError:
+            if len(history) <= 1:
+                raise
+            history = history[1:]
+
+
+def newest_that_fit(engine: Backend, head: list[dict], history: list[dict]) -> list[dict]:
+    """The longest tail of `history` whose tokens, with `head` and the template's own, leave one token of context
+    (at least the last message, which may itself be too long). Counted with the engine's tokenizer when it has one."""
+    tok, context = engine.tokenizer, engine.max_seq_len
+    if tok is None or context is None or len(history) <= 1:
+        return history
+    probe = {"role": "user", "content": "x"}
+    one, two = (len(tok.encode_chat(head + [probe] * n)) for n in (1, 2))
+    around = two - one - len(tok.encode_text("x"))  # the template's tokens around one message
+    budget = context - 1 - (one - around - len(tok.encode_text("x")))  # what is left beside head and the reply's start
+    start = len(history)
+    while start > 0:
+        cost = around + len(tok.encode_text(history[start - 1]["content"], limit=budget))  # no further than the budget
+        if cost > budget:
+            break
+        budget -= cost
+        start -= 1
+    return history[min(start, len(history) - 1):]

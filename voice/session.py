@@ -19,9 +19,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from engine import Backend, SamplingParams
-from voice.asr import ASR, Recognizer, Transcript
+from voice.asr import ASR, Recognizer, RecognizerLimitError, Transcript
 from voice.audio import ASR_RATE, WIRE_RATE, Resampler, b64_to_pcm16, pcm16_to_float
-from voice.conversation import Conversation, Item
+from voice.conversation import MAX_BYTES, MAX_ITEMS, Conversation, Item
 from voice.metrics import TurnTimes
 from voice.protocol import (
     TRANSCRIPTION_MODELS,
@@ -29,6 +29,7 @@ from voice.protocol import (
     SessionConfig,
     TurnDetection,
     error_event,
+    max_output_tokens,
     new_id,
     parse_client_event,
     server_event,
@@ -52,6 +53,8 @@ class Services:
     max_buffer_s: float = 30.0  # longest input audio a turn may hold
     lead_ms: float = 100.0  # how far audio deltas run ahead of real time
     first_words: int = 3  # the first clause of a reply is cut after this many words
+    max_conversation_items: int = MAX_ITEMS  # bounds on one session's conversation
+    max_conversation_bytes: int = MAX_BYTES
 
 
 class Session:
@@ -59,7 +62,8 @@ class Session:
         self.services = services
         self.send = send
         self.config = replace(services.defaults, id=new_id("sess"))
-        self.conversation = Conversation()
+        self.conversation = Conversation(services.max_conversation_items, services.max_conversation_bytes)
+        # RecognizerLimitError when the default recognizer's workers are all in use: the server refuses the session
         self.recognizer: Recognizer = services.asr(TRANSCRIPTION_MODELS[self.config.transcription_model]).open()
         self.turns = TurnDetector(self.config.turn_detection or TurnDetection(), services.max_buffer_s)
         self.resampler = Resampler(WIRE_RATE, ASR_RATE)
@@ -81,7 +85,7 @@ class Session:
         await self.send(server_event("session.created", session=self.config.to_dict()))
 
     async def close(self) -> None:
-        """The client is gone: stop generating, cancel every task, end the recognizer's worker."""
+        """The client is gone: stop generating, cancel every task, end the recognizer's worker (without waiting)."""
         for response in (self.active, self.draft):
             if response is not None:
                 response.stop("client_disconnected")
@@ -129,8 +133,12 @@ class Session:
             raise ProtocolError("invalid_value", str(e), "session.audio.output.voice", event.get("event_id")) from None
         if new.transcription_model != self.config.transcription_model:
             asr = await asyncio.to_thread(self.services.asr, TRANSCRIPTION_MODELS[new.transcription_model])
+            try:  # the new one first, so a refusal leaves the session as it was
+                recognizer = await asyncio.to_thread(asr.open)  # a worker process starts: not on the loop
+            except RecognizerLimitError as e:
+                raise ProtocolError("recognizer_limit_reached", str(e), "session.audio.input.transcription.model") from None
             self.recognizer.close()
-            self.recognizer = asr.open()
+            self.recognizer = recognizer
             self._drop_utterance()
         if new.turn_detection != self.config.turn_detection:
             self._drop_utterance()
@@ -187,9 +195,13 @@ class Session:
             raise ProtocolError("unsupported", "items can only be appended: previous_item_id must be the last item's id",
                                 "previous_item_id")
         item_id = spec.get("id") or new_id("item")
-        if not isinstance(item_id, str) or self.conversation.find(item_id):
-            raise ProtocolError("invalid_value", f"item id {item_id!r} is not a new string id", "item.id")
+        if self.conversation.find(item_id):
+            raise ProtocolError("invalid_value", f"item id {item_id!r} is already in the conversation", "item.id")
         text = "".join(part["text"] for part in spec["content"])
+        if not self.conversation.has_room(text):
+            raise ProtocolError("conversation_full", f"the conversation holds at most {self.conversation.max_items} items "
+                                f"and {self.conversation.max_bytes} bytes of text; delete items to make room "
+                                "(conversation.item.delete)", "item")
         item = Item(item_id, spec["role"], text=text)
         prev = self.conversation.add(item)
         await self.send(server_event("conversation.item.added", previous_item_id=prev, item=item.to_dict()))
@@ -209,13 +221,22 @@ class Session:
         await self.send(server_event("conversation.item.truncated", item_id=item.id, content_index=0,
                                      audio_end_ms=event["audio_end_ms"]))
 
+    async def _on_conversation_item_delete(self, event: dict) -> None:
+        item = self.conversation.find(event["item_id"])
+        if item is None:
+            raise ProtocolError("invalid_value", f"no item with id {event['item_id']!r}", "item_id")
+        if self.active is not None and self.active.item is item:
+            raise ProtocolError("invalid_value", "that item is the response in progress: cancel it first", "item_id")
+        self.conversation.remove(item)
+        await self.send(server_event("conversation.item.deleted", item_id=item.id))
+
     async def _on_response_create(self, event: dict) -> None:
         if self.active is not None:
             raise ProtocolError("conversation_already_has_active_response",
                                 f"response {self.active.id} is still in progress; cancel it or wait for response.done")
         spec = event.get("response") or {}
         times = TurnTimes()
-        response = self._new_response(times, max_tokens=spec.get("max_output_tokens"),
+        response = self._new_response(times, max_tokens=max_output_tokens(spec, "response."),
                                       modalities=spec.get("output_modalities"))
         self._start(response, instructions=spec.get("instructions"))
 
@@ -306,6 +327,8 @@ class Session:
         if draft is not None:  # the draft recorded its LLM and TTS times already: the turn's times are its
             draft.times.stamp(speech_end=times.speech_end, vad_decision=times.vad_decision, drafted=True)
             times = draft.times
+        for old in self.conversation.make_room():  # a spoken turn is never refused: the oldest items make room
+            await self.send(server_event("conversation.item.deleted", item_id=old.id))
         previous = self.conversation.add(item)
         await self.send(server_event("input_audio_buffer.committed", previous_item_id=previous, item_id=item.id))
         await self.send(server_event("conversation.item.added", previous_item_id=previous, item=item.to_dict()))

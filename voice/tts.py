@@ -1,18 +1,26 @@
 """Text to speech backends. Each returns float32 mono audio at the wire rate (24 kHz) for one clause.
 
-- `EspeakTTS` (default): libespeak-ng from the `espeakng-loader` wheel, driven through ctypes. It
-  synthesises ~1000x faster than real time, so a clause is ready in a few milliseconds.
+- `EspeakTTS` (default): libespeak-ng from the `espeakng-loader` wheel, driven through ctypes in a worker process
+  (voice/tts_worker.py), so a fault in the C library costs one response, not the server. It synthesises ~1000x
+  faster than real time, so a clause is ready in a few milliseconds.
 - `PiperTTS`: a user-supplied Piper voice (`voice.onnx` + `voice.onnx.json`) run by the `piper`
   executable, which reads text on stdin and writes raw 16-bit PCM on stdout.
+
+Voices come from a closed list, checked before anything native sees them: the OpenAI voice names, and for espeak
+the installed languages with or without one of the installed variants (`en-us`, `en-us+m3`), as listed once by the
+worker. Text is sent as valid UTF-8 in pieces of at most MAX_TEXT_CHARS characters.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
+import os
+import select
 import shutil
 import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -26,6 +34,7 @@ OPENAI_VOICES = {
     "sage": "en-us+f2", "shimmer": "en-us+f4", "verse": "en-us+m4", "marin": "en-us+f5", "cedar": "en-us+m7",
 }
 DEFAULT_VOICE = "alloy"
+MAX_TEXT_CHARS = 2000  # longer text is spoken in pieces cut at spaces (a clause is far shorter)
 
 
 class TTS(Protocol):
@@ -37,76 +46,123 @@ class TTS(Protocol):
     def synthesize(self, text: str, voice: str = DEFAULT_VOICE, speed: float = 1.0, end_pause: bool = True) -> np.ndarray:
         """Speak `text`; `end_pause=False` drops the trailing pause (the clause continues a sentence)."""
 
+    def close(self) -> None:
+        """Release what the backend holds (a worker process)."""
 
-# espeak-ng's speak_lib.h
-_AUDIO_OUTPUT_SYNCHRONOUS = 2
-_INITIALIZE_DONT_EXIT = 0x8000
-_CHARS_UTF8 = 1
-_ENDPAUSE = 0x1000
-_POS_CHARACTER = 1
-_RATE = 1
-_SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+
+class SynthesisError(RuntimeError):
+    """The speech synthesizer failed on one piece of text (its worker crashed or hung); the next call starts anew."""
 
 
 class EspeakTTS:
-    """libespeak-ng is a process-wide singleton: one synthesis at a time, guarded by a lock."""
+    """libespeak-ng in a worker process: one synthesis at a time (the library is a process-wide singleton), guarded by
+    a lock. A worker that crashes or hangs is replaced on the next call; the call it failed raises SynthesisError."""
 
     name = "espeak"
-    _lock = threading.Lock()
-    _lib: ctypes.CDLL | None = None
-    _rate = 0
+    timeout_s = 30.0  # a clause takes milliseconds; a worker silent for this long is stuck
 
     def __init__(self, words_per_minute: int = 175):
         self.words_per_minute = words_per_minute  # at speed 1.0
+        self._lock = threading.Lock()
+        self._worker: subprocess.Popen | None = None
+        self._buffer = b""
         with self._lock:
-            if EspeakTTS._lib is None:
-                EspeakTTS._lib, EspeakTTS._rate = self._load()
-        self._chunks: list[np.ndarray] = []
-        self._callback = _SYNTH_CALLBACK(self._on_audio)  # keep a reference: ctypes must not collect it
+            info = self._start()
+        self.rate = info["rate"]
+        self.languages: frozenset[str] = frozenset(info["voices"])
+        self.variants: frozenset[str] = frozenset(info["variants"])
 
-    @staticmethod
-    def _load() -> tuple[ctypes.CDLL, int]:
-        import espeakng_loader
-
-        lib = ctypes.CDLL(espeakng_loader.get_library_path())
-        lib.espeak_Initialize.restype = ctypes.c_int
-        data_parent = str(Path(espeakng_loader.get_data_path()).parent).encode()
-        rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data_parent, _INITIALIZE_DONT_EXIT)
-        if rate <= 0:
-            raise RuntimeError(f"espeak-ng failed to initialise (data in {data_parent.decode()})")
-        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
-        lib.espeak_Synth.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
-                                     ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
-        return lib, rate
-
-    def _on_audio(self, wav, n: int, events) -> int:
-        if wav and n > 0:
-            self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).astype(np.float32) / 32768.0)
-        return 0
+    def _start(self) -> dict:
+        self._worker = subprocess.Popen([sys.executable, "-m", "voice.tts_worker"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent)
+        self._buffer = b""
+        return json.loads(self._read_line())
 
     def _espeak_voice(self, voice: str) -> str:
         return OPENAI_VOICES.get(voice, voice)
 
     def check_voice(self, voice: str) -> None:
-        with self._lock:
-            self._select(voice)
-
-    def _select(self, voice: str, speed: float = 1.0) -> None:
-        name = self._espeak_voice(voice)
-        if self._lib.espeak_SetVoiceByName(name.encode()) != 0:
-            raise ValueError(f"unknown voice {voice!r}: use one of {sorted(OPENAI_VOICES)} or an espeak-ng voice name")
-        self._lib.espeak_SetParameter(_RATE, round(self.words_per_minute * speed), 0)
+        base, plus, variant = self._espeak_voice(voice).partition("+")
+        if base in self.languages and (not plus or variant in self.variants):
+            return
+        raise ValueError(f"unknown voice {voice!r}: use an OpenAI voice name ({', '.join(sorted(OPENAI_VOICES))}), or an "
+                         f"espeak-ng language ({', '.join(sorted(self.languages))}), optionally followed by '+' and a "
+                         f"variant ({', '.join(sorted(self.variants))}), as in 'en-us+m3'")
 
     def synthesize(self, text: str, voice: str = DEFAULT_VOICE, speed: float = 1.0, end_pause: bool = True) -> np.ndarray:
-        data = text.encode("utf-8") + b"\0"
+        self.check_voice(voice)
+        # valid UTF-8 with no NUL (espeak reads a C string), in pieces of bounded size
+        text = text.encode("utf-8", "replace").decode("utf-8").replace("\0", " ")
+        pieces = _pieces(text, MAX_TEXT_CHARS)
+        audio = [self._speak(piece, self._espeak_voice(voice), speed, end_pause and i == len(pieces) - 1)
+                 for i, piece in enumerate(pieces)]
+        return resample(np.concatenate(audio) if audio else np.zeros(0, np.float32), self.rate, WIRE_RATE)
+
+    def _speak(self, text: str, voice: str, speed: float, end_pause: bool) -> np.ndarray:
+        request = {"text": text, "voice": voice, "speed": speed, "words_per_minute": self.words_per_minute,
+                   "end_pause": end_pause}
         with self._lock:
-            self._select(voice, speed)  # every call: another session may have switched the shared library's voice
-            self._chunks = []
-            self._lib.espeak_SetSynthCallback(self._callback)
-            flags = _CHARS_UTF8 | (_ENDPAUSE if end_pause else 0)
-            self._lib.espeak_Synth(data, len(data), 0, _POS_CHARACTER, 0, flags, None, None)
-            audio = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.float32)
-        return resample(audio, self._rate, WIRE_RATE)
+            try:
+                if self._worker is None or self._worker.poll() is not None:
+                    self._start()
+                self._worker.stdin.write(json.dumps(request).encode() + b"\n")
+                self._worker.stdin.flush()
+                reply = json.loads(self._read_line())
+                if "error" in reply:
+                    raise ValueError(reply["error"])
+                pcm = self._read(2 * reply["samples"])
+            except (OSError, SynthesisError) as e:
+                self._stop()
+                raise SynthesisError(f"the espeak-ng worker failed on this text ({e}); it is restarted for the next") from None
+        return pcm16_to_float(pcm)
+
+    def _read_line(self) -> bytes:
+        while b"\n" not in self._buffer:
+            self._fill()
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line
+
+    def _read(self, n: int) -> bytes:
+        while len(self._buffer) < n:
+            self._fill()
+        data, self._buffer = self._buffer[:n], self._buffer[n:]
+        return data
+
+    def _fill(self) -> None:
+        """More bytes from the worker, or SynthesisError if it has exited or says nothing for `timeout_s`."""
+        fd = self._worker.stdout.fileno()
+        deadline = time.monotonic() + self.timeout_s
+        while not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            if time.monotonic() >= deadline:
+                raise SynthesisError(f"no answer in {self.timeout_s:.0f} s")
+        data = os.read(fd, 1 << 16)
+        if not data:
+            raise SynthesisError(f"it exited with code {self._worker.wait()}")
+        self._buffer += data
+
+    def _stop(self) -> None:
+        if self._worker is not None:
+            self._worker.kill()
+            self._worker.wait()
+            for pipe in (self._worker.stdin, self._worker.stdout):
+                pipe.close()
+            self._worker = None
+
+    def close(self) -> None:
+        """End the worker (it also ends by itself when this process exits: its stdin closes)."""
+        with self._lock:
+            self._stop()
+
+
+def _pieces(text: str, limit: int) -> list[str]:
+    """`text` cut into pieces of at most `limit` characters, at the last space before the limit where there is one."""
+    pieces = []
+    while len(text) > limit:
+        cut = text.rfind(" ", 0, limit + 1)
+        cut = cut if cut > 0 else limit
+        pieces.append(text[:cut])
+        text = text[cut:].lstrip(" ")
+    return pieces + [text] if text else pieces
 
 
 class PiperTTS:
@@ -125,12 +181,18 @@ class PiperTTS:
             raise FileNotFoundError(f"{executable!r} not found on PATH (pip install piper-tts)")
 
     def check_voice(self, voice: str) -> None:
-        """The voice is the model file; every OpenAI voice name maps onto it."""
+        """The voice is the model file; every OpenAI voice name maps onto it, and no other name is taken."""
+        if voice not in OPENAI_VOICES:
+            raise ValueError(f"unknown voice {voice!r}: this server speaks with one Piper voice; name it by one of "
+                             f"the OpenAI voice names: {', '.join(sorted(OPENAI_VOICES))}")
 
     def synthesize(self, text: str, voice: str = DEFAULT_VOICE, speed: float = 1.0, end_pause: bool = True) -> np.ndarray:
         cmd = [self.executable, "--model", str(self.model), "--output-raw", "--length_scale", f"{1 / speed:.3f}"]
-        out = subprocess.run(cmd, input=text.encode(), capture_output=True, check=True)
+        out = subprocess.run(cmd, input=text.encode("utf-8", "replace"), capture_output=True, check=True)
         return resample(pcm16_to_float(out.stdout), self.rate, WIRE_RATE)
+
+    def close(self) -> None:
+        """Nothing to release: each clause runs its own `piper`."""
 
 
 def make_tts(name: str, piper_model: str | None = None) -> TTS:

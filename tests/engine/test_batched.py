@@ -162,16 +162,63 @@ def test_prefix_cache_hit_reuses_blocks_and_gives_the_same_tokens(tiny):
         assert ref.output_ids == b.output_ids
 
 
-def test_a_failed_forward_fails_its_batch_and_the_runner_keeps_serving(tiny):
+class RaisesOn:
+    """The model, except that a forward pass whose tokens include `token` raises (as a bad input would)."""
+
+    def __init__(self, model: Transformer, token: int):
+        self.model, self.token = model, token
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, tokens, positions, cache):
+        if (tokens == self.token).any():
+            raise RuntimeError("this input breaks the model")
+        return self.model(tokens, positions, cache)
+
+
+@pytest.mark.parametrize("where", [1, 2, 4])
+def test_a_failed_step_fails_only_the_sequence_that_caused_it(tiny, where):
+    """Five sequences share steps; one breaks the forward pass mid-prompt (its chunk arrives after the others have
+    started decoding). It fails alone; the other four give exactly the tokens they give without it, and every
+    block comes back."""
     loaded, model = tiny
-    runner = BatchedRunner(model, 512, kv_cache_tokens=256)
-    bad = new_seq([5, 6, 60000], loaded.tokenizer, 4)  # token 60000 is outside the vocabulary
-    run_to_end(runner, [bad])
-    with pytest.raises(Exception, match="failed"):
+    policy = BatchPolicy(max_batch_size=8, token_budget=16)
+    prompts = [[5 + i, 6, 7, 8] for i in range(4)]
+    clean = [new_seq(p, loaded.tokenizer, 12, ignore_eos=True) for p in prompts]
+    run_to_end(BatchedRunner(model, 512, policy, kv_cache_tokens=512, block_size=8), clean)
+    runner = BatchedRunner(RaisesOn(model, 9999), 512, policy, kv_cache_tokens=512, block_size=8)
+    good = [new_seq(p, loaded.tokenizer, 12, ignore_eos=True) for p in prompts]
+    bad = new_seq(list(range(100, 130)) + [9999] + list(range(130, 140)), loaded.tokenizer, 12, ignore_eos=True)
+    seqs = good[:where] + [bad] + good[where:]
+    run_to_end(runner, seqs)
+    with pytest.raises(Exception, match="breaks the model"):
         list(bad.stream)
-    good = new_seq([5, 6, 7], loaded.tokenizer, 4, ignore_eos=True)
-    run_to_end(runner, [good])
-    assert len(good.output_ids) == 4 and runner.blocks.num_free == runner.blocks.num_blocks
+    assert bad.metrics.finish_reason == "error"
+    assert [s.output_ids for s in good] == [s.output_ids for s in clean]
+    assert [s.metrics.finish_reason for s in good] == ["length"] * 4
+    assert runner.blocks.num_free == runner.blocks.num_blocks and not runner.scheduler.running
+    # and it serves on: a new request after the failure runs normally
+    after = new_seq(prompts[0], loaded.tokenizer, 12, ignore_eos=True)
+    run_to_end(runner, [after])
+    assert after.output_ids == clean[0].output_ids
+
+
+def test_a_failed_step_in_latency_mode_leaves_the_cache_consistent(tiny):
+    """Latency mode runs one sequence per step, so the failure is the head's own; the cache it half-wrote is dropped,
+    and the next sequence gives the tokens it gives on a fresh runner."""
+    loaded, model = tiny
+    reference = new_seq([5, 6, 7, 8], loaded.tokenizer, 10, ignore_eos=True)
+    run_to_end(LatencyRunner(model, 512), [reference])
+    runner = LatencyRunner(RaisesOn(model, 9999), 512)
+    first = new_seq([5, 6, 7, 8], loaded.tokenizer, 10, ignore_eos=True)
+    bad = new_seq([5, 6, 7, 8, 9999], loaded.tokenizer, 10, ignore_eos=True)  # shares a prefix with `first`
+    after = new_seq([5, 6, 7, 8], loaded.tokenizer, 10, ignore_eos=True)
+    run_to_end(runner, [first, bad])
+    assert bad.metrics.finish_reason == "error" and runner.cache.length == len(runner.cache.ids) == 0
+    run_to_end(runner, [after])
+    assert first.output_ids == after.output_ids == reference.output_ids
+    assert runner.cache.ids == after.all_ids[:runner.cache.length]
 
 
 # ---- the engine: live mode switches and overload ----------------------------------------------------------
@@ -256,6 +303,28 @@ def test_policy_changes_apply_to_the_running_engine(tiny_loaded):
         state = engine.snapshot().state
         assert (state.mode, state.max_batch_size, state.chunked_prefill) == ("batched", 4, False)
         for s in streams:
+            s.cancel()
+    finally:
+        engine.close()
+
+
+def test_cancelled_requests_leave_the_queue_bound_at_once(tiny_loaded):
+    """A request cancelled while it waits stops counting against `max_waiting` the moment it is cancelled, not at the
+    worker's next step: with the queue full, cancelling two makes room for two at once."""
+    engine = Engine(tiny_loaded, mode="batched", quant="none", spec="off", max_waiting=2,
+                    policy=BatchPolicy(max_batch_size=1, token_budget=16))
+    try:
+        long = SamplingParams(max_tokens=4000, ignore_eos=True)  # outlasts the test
+        running = engine.submit(Request(prompt_ids=[5, 6, 7], sampling=long))
+        wait_until(lambda: running.metrics.scheduled is not None, what="the first request to run")
+        waiting = [engine.submit(Request(prompt_ids=[5, 6, i], sampling=long)) for i in (8, 9)]
+        with pytest.raises(OverloadedError):
+            engine.submit(Request(prompt_ids=[5, 6, 10], sampling=long))
+        for s in waiting:
+            s.cancel()
+        again = [engine.submit(Request(prompt_ids=[5, 6, i], sampling=long)) for i in (11, 12)]  # no refusal
+        assert engine.snapshot().stats.rejected == 1
+        for s in [running, *again]:
             s.cancel()
     finally:
         engine.close()

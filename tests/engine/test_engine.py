@@ -147,6 +147,16 @@ def test_bad_requests(engine):
         SamplingParams(top_p=0)
 
 
+@pytest.mark.parametrize("ids", [[49152], [-1], [2**63], [5, True], [5, 6.0], [1, 2, 10**80]])
+def test_prompt_ids_outside_the_vocabulary_are_refused_at_submission(engine, ids):
+    """Checked before anything is queued: a bad id is its request's ValueError (a 400), never a failed model step."""
+    before = engine.snapshot().state
+    with pytest.raises(ValueError, match=r"prompt_ids\[\d\] is not a token id.*\[0, 49152\)"):
+        engine.submit(Request(prompt_ids=ids, sampling=SamplingParams(max_tokens=2)))
+    assert engine.snapshot().state.waiting == before.waiting
+    assert engine.generate(Request(prompt_ids=[1, 2, 49151], sampling=SamplingParams(max_tokens=1))).token_ids
+
+
 def test_a_reader_whose_event_loop_closed_cancels_its_request_and_the_engine_lives_on(engine):
     loop = asyncio.new_event_loop()
     stream = engine.submit(chat("Tell me a long story.", max_tokens=100, ignore_eos=True), loop)

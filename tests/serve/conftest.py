@@ -31,15 +31,15 @@ class APIServer:
         self.thread.join(timeout=10)
 
 
-def api_app(engine, token=None, tradeoff_routes=True):
+def api_app(engine, token=None, tradeoff_routes=True, max_body_bytes=None):
     """The OpenAI API over `engine` as an app; without tradeoff's own routes it looks like any OpenAI-compatible server."""
     from starlette.applications import Starlette
 
-    from serve.openai_api import OpenAIAPI
+    from serve.openai_api import EXCEPTION_HANDLERS, MAX_BODY_BYTES, OpenAIAPI
 
-    api = OpenAIAPI(engine, token=token)
+    api = OpenAIAPI(engine, token=token, max_body_bytes=max_body_bytes or MAX_BODY_BYTES)
     routes = [r for r in api.routes if tradeoff_routes or not r.path.startswith("/v1/tradeoff")]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)
 
 
 @pytest.fixture(scope="module")

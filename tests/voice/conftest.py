@@ -29,7 +29,9 @@ def engine(default_model):
 
 @pytest.fixture(scope="session")
 def tts():
-    return EspeakTTS()
+    t = EspeakTTS()
+    yield t
+    t.close()
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import asyncio
 import numpy as np
 import pytest
 
+from tests.conftest import wait_until
 from tests.voice.conftest import closest
 from voice.asr import SphinxASR, log_mel
 from voice.audio import ASR_RATE, WIRE_RATE, float_to_pcm16, resample, with_noise_floor
@@ -129,5 +130,5 @@ async def test_pocketsphinx_worker_gives_what_an_in_process_decoder_gives(tts):
             assert wer([text], [result.text]) < 0.8, (text, result.text)  # weak, but it heard speech
             rec.reset()
     finally:
-        rec.close()
-    assert rec.process.poll() is not None
+        rec.close()  # returns at once (it is called on the event loop); the worker ends and is reaped meanwhile
+    wait_until(lambda: rec.process.poll() is not None, what="the worker to exit")

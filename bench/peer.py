@@ -1,0 +1,135 @@
+"""`tradeoff bench peer`: `tradeoff serve` against llama.cpp's own server, on the same GGUF, the same thread count and
+the same traffic, each in a process of its own and timed by the same client.
+
+This is how a user meets either one: over HTTP. Each server runs alone (one after the other, so they never share
+the cores), gets a few warm-up requests of its own, then the same sequence of chat requests, one at a time:
+prompts of about --prompt-tokens tokens (the load generator's passage and questions, each different so neither
+server answers from a cached reply), --max-tokens tokens of reply. The client is serve/remote.py's, which
+measures TTFT, TBT and E2E from the SSE stream with vLLM's definitions; per request it records TTFT and the
+time per output token after the first (TPOT).
+
+llama.cpp is started as `PYTHON -m llama_cpp.server` under the environment it would have on its own (without
+tradeoff's OMP_WAIT_POLICY), where PYTHON has llama-cpp-python with its server extra (`--peer-python`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from bench.report import table, write_json
+from engine import Request, SamplingParams
+from engine.metrics import percentile
+from engine.registry import DEFAULT_MODEL, resolve
+from serve.loadgen import PromptSet
+from serve.remote import RemoteEngine, RemoteError
+
+WARMUP = 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 600) -> RemoteEngine:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with status {process.returncode} before answering")
+        try:
+            return RemoteEngine(url, connect_timeout_s=2)
+        except RemoteError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def run_server(name: str, cmd: list[str], env: dict, port: int, traffic: list[list[dict]], warmup: list[list[dict]],
+               max_tokens: int) -> dict:
+    """Start a server, send it the warm-up and then the measured requests one at a time, stop it."""
+    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        remote = wait_ready(f"http://127.0.0.1:{port}/v1", process)
+        try:
+            metrics = []
+            for i, messages in enumerate(warmup + traffic):
+                stream = remote.submit(Request(messages=messages, sampling=SamplingParams(max_tokens=max_tokens)))
+                for _ in stream:
+                    pass
+                if i >= len(warmup):
+                    metrics.append(stream.metrics)
+        finally:
+            remote.close()
+    finally:
+        process.terminate()
+        try:
+            _, err = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            _, err = process.communicate()
+    ttft = [m.ttft for m in metrics if m.ttft is not None]
+    tpot = [m.tpot for m in metrics if m.tpot is not None]
+    return {"server": name, "requests": len(metrics), "output_tokens_mean": statistics.mean(m.output_tokens for m in metrics),
+            "ttft_p50_ms": percentile(ttft, 50) * 1000, "ttft_p90_ms": percentile(ttft, 90) * 1000,
+            "tpot_p50_ms": percentile(tpot, 50) * 1000, "tpot_p90_ms": percentile(tpot, 90) * 1000,
+            "decode_tok_s": 1 / statistics.median(tpot)}
+
+
+COLUMNS = [("server", "server", ""), ("requests", "requests", "d"), ("output_tokens_mean", "tokens out", ".1f"),
+           ("ttft_p50_ms", "TTFT p50 ms", ".0f"), ("ttft_p90_ms", "TTFT p90 ms", ".0f"),
+           ("tpot_p50_ms", "TPOT p50 ms", ".1f"), ("tpot_p90_ms", "TPOT p90 ms", ".1f"),
+           ("decode_tok_s", "tok/s per user", ".1f"), ("vs_llama_cpp", "TTFT / TPOT vs llama.cpp", "")]
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.description = __doc__
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--model", default=DEFAULT_MODEL, help="a registry name or .gguf file (default: %(default)s)")
+    p.add_argument("--peer-python", default=sys.executable, metavar="PYTHON",
+                   help="a Python with llama-cpp-python[server] (default: this one)")
+    p.add_argument("--requests", type=int, default=20, help="measured requests per server (default: %(default)s)")
+    p.add_argument("--prompt-tokens", type=int, default=158, help="prompt size (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=64, help="reply size (default: %(default)s)")
+    p.add_argument("--spec", default="auto", help="tradeoff's speculation (default: %(default)s)")
+    p.add_argument("--json", default="bench/out/peer.json")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from engine.loader import load_tokenizer
+
+    gguf = str(resolve(args.model))
+    prompts = PromptSet(load_tokenizer(args.model))
+    rng = random.Random(0)
+    warmup = [prompts.messages(args.prompt_tokens, rng) for _ in range(WARMUP)]
+    traffic = [prompts.messages(args.prompt_tokens, rng) for _ in range(args.requests)]
+    threads = str(torch.get_num_threads())
+    own_env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}  # llama.cpp's default environment
+    rows = []
+    port = free_port()
+    print(f"tradeoff serve on :{port} ...", flush=True)
+    rows.append(run_server("tradeoff serve (latency mode)", [sys.executable, "-m", "tradeoff", "serve", "--port", str(port),
+                                                             "--model", args.model, "--spec", args.spec,
+                                                             "--max-tokens", str(args.max_tokens)],
+                           dict(os.environ), port, traffic, warmup, args.max_tokens))
+    port = free_port()
+    print(f"llama.cpp server ({args.peer_python}) on :{port} ...", flush=True)
+    rows.append(run_server("llama.cpp server", [args.peer_python, "-m", "llama_cpp.server", "--model", gguf, "--port", str(port),
+                                                "--n_threads", threads, "--n_threads_batch", threads, "--n_ctx", "4096"],
+                           own_env, port, traffic, warmup, args.max_tokens))
+    ours, peer = rows
+    ours["vs_llama_cpp"] = f"{ours['ttft_p50_ms'] / peer['ttft_p50_ms']:.2f} / {ours['tpot_p50_ms'] / peer['tpot_p50_ms']:.2f}"
+    print(table(rows, COLUMNS))
+    print("(below 1 is better: tradeoff's TTFT and time per token as a share of llama.cpp's)")
+    print(f"JSON: {write_json(args.json, 'peer', rows, prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens)}")
+    return 0
