@@ -21,6 +21,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -57,26 +58,32 @@ def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 600) -> R
 def run_server(name: str, cmd: list[str], env: dict, port: int, traffic: list[list[dict]], warmup: list[list[dict]],
                max_tokens: int) -> dict:
     """Start a server, send it the warm-up and then the measured requests one at a time, stop it."""
-    process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        remote = wait_ready(f"http://127.0.0.1:{port}/v1", process)
+    # Its log goes to a file, not a pipe: llama.cpp's server logs every request, and a pipe nobody reads while the
+    # requests run fills up and blocks the server mid-write.
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
         try:
-            metrics = []
-            for i, messages in enumerate(warmup + traffic):
-                stream = remote.submit(Request(messages=messages, sampling=SamplingParams(max_tokens=max_tokens)))
-                for _ in stream:
-                    pass
-                if i >= len(warmup):
-                    metrics.append(stream.metrics)
+            remote = wait_ready(f"http://127.0.0.1:{port}/v1", process)
+            try:
+                metrics = []
+                for i, messages in enumerate(warmup + traffic):
+                    stream = remote.submit(Request(messages=messages, sampling=SamplingParams(max_tokens=max_tokens)))
+                    for _ in stream:
+                        pass
+                    if i >= len(warmup):
+                        metrics.append(stream.metrics)
+            finally:
+                remote.close()
+        except Exception as e:
+            log.seek(0)
+            raise RuntimeError(f"{name}: {e}; the end of its log:\n{log.read()[-2000:]}") from e
         finally:
-            remote.close()
-    finally:
-        process.terminate()
-        try:
-            _, err = process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            _, err = process.communicate()
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
     ttft = [m.ttft for m in metrics if m.ttft is not None]
     tpot = [m.tpot for m in metrics if m.tpot is not None]
     return {"server": name, "requests": len(metrics), "output_tokens_mean": statistics.mean(m.output_tokens for m in metrics),
