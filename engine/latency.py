@@ -118,6 +118,8 @@ class LatencyRunner:
         seq.metrics.cached_tokens = min(cached, len(seq.prompt_ids))
         logits = self._forward(ids[cached:], 1)
         self._prefilled = True
+        if (masked := seq.mask_stops(logits)) is not None:  # min_tokens
+            logits = masked
         seq.append(choose_tokens([], None, logits, seq.params, seq.generator), MODE)
 
     def _decode(self, seq: Sequence) -> None:
@@ -135,13 +137,16 @@ class LatencyRunner:
             logits, best = self.graphs.run(step)
         else:
             logits, best = self._forward(step, len(step)), None
+        if (masked := seq.mask_stops(logits)) is not None:  # min_tokens: stop tokens are out, so the graph's argmax is too
+            logits, best = masked, None
         tokens = choose_tokens(drafts, draft_probs, logits, seq.params, seq.generator, best)
         accepted = len(tokens) - 1
         self.cache.truncate(kept + 1 + accepted)  # forget the rejected drafts
         t2 = time.perf_counter()
+        max_drafts = self.adaptive.k_max if self.drafter else 0
+        for stats in (self.spec, seq.metrics.spec):  # before `append`, which may end the request and report its metrics
+            stats.add(len(drafts), accepted, len(tokens), t1 - t0, t2 - t0, max_drafts)
         seq.append(tokens, MODE)
-        for stats in (self.spec, seq.metrics.spec):
-            stats.add(len(drafts), accepted, len(tokens), t1 - t0, t2 - t0)
         if self.drafter and timed:
             self.adaptive.update(k, len(drafts), accepted, t1 - t0, t2 - t1)
 

@@ -23,14 +23,23 @@ class SpecStats:
     emitted: int = 0
     draft_s: float = 0.0
     step_s: float = 0.0
+    # accepted_hist[j]: the steps that had drafts and accepted exactly j of them (steps without drafts are not in
+    # it), as vLLM counts a request's verify steps. Its length is the most drafts a step could propose, plus one;
+    # empty while speculation was never on.
+    accepted_hist: list[int] = field(default_factory=list)
 
-    def add(self, drafted: int, accepted: int, emitted: int, draft_s: float, step_s: float) -> None:
+    def add(self, drafted: int, accepted: int, emitted: int, draft_s: float, step_s: float, max_drafts: int = 0) -> None:
+        """One decode step; `max_drafts` is the most drafts a step may propose now (0: speculation is off)."""
         self.steps += 1
         self.drafted += drafted
         self.accepted += accepted
         self.emitted += emitted
         self.draft_s += draft_s
         self.step_s += step_s
+        if max_drafts:
+            self._widen(max_drafts + 1)
+        if drafted:
+            self.accepted_hist[accepted] += 1
 
     def merge(self, other: SpecStats) -> None:
         self.steps += other.steps
@@ -39,6 +48,26 @@ class SpecStats:
         self.emitted += other.emitted
         self.draft_s += other.draft_s
         self.step_s += other.step_s
+        self._widen(len(other.accepted_hist))
+        for j, n in enumerate(other.accepted_hist):
+            self.accepted_hist[j] += n
+
+    def _widen(self, length: int) -> None:
+        self.accepted_hist += [0] * (length - len(self.accepted_hist))
+
+    @property
+    def max_drafts(self) -> int:
+        """The most drafts a step could propose (vLLM's num_spec_tokens); 0 if speculation was never on."""
+        return max(len(self.accepted_hist) - 1, 0)
+
+    @property
+    def draft_steps(self) -> int:
+        """Steps that had drafts (vLLM's drafts, or spec steps)."""
+        return sum(self.accepted_hist)
+
+    def accepted_at(self, position: int) -> int:
+        """Steps that accepted the draft at `position` (0-based): those that accepted more than `position` drafts."""
+        return sum(self.accepted_hist[position + 1:])
 
     def summary(self) -> dict:
         return {

@@ -5,6 +5,7 @@ The token choice itself (greedy, sampling, speculative verification) is `engine.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,8 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False  # keep going past stop tokens (benchmarks want a fixed output length)
     stop: tuple[str, ...] = ()  # end the output before the first of these strings (which is not emitted)
+    # vLLM's min_tokens: no stop token can be chosen, and no stop string ends the output, before this many tokens
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -39,6 +42,8 @@ class SamplingParams:
             raise ValueError("seed must be a 64-bit integer")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens = {self.max_tokens}], got {self.min_tokens}")
 
     @property
     def greedy(self) -> bool:
@@ -72,3 +77,10 @@ def probabilities(logits: Tensor, params: SamplingParams) -> Tensor:
         probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
+
+
+def forbid(logits: Tensor, token_ids: Collection[int], rows: int) -> Tensor:
+    """A copy of `logits` [n, V] in which `token_ids` cannot be chosen (greedy or sampled) in the first `rows` rows."""
+    out = logits.clone()
+    out[:rows, torch.tensor(sorted(token_ids), device=out.device)] = float("-inf")
+    return out

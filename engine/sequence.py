@@ -14,10 +14,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine.metrics import RequestMetrics
-from engine.sampling import SamplingParams, make_generator
+from engine.sampling import SamplingParams, forbid, make_generator
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @dataclass
@@ -122,6 +126,14 @@ class Sequence:
     def cancelled(self) -> bool:
         return self.stream.cancelled
 
+    def mask_stops(self, logits: Tensor) -> Tensor | None:
+        """min_tokens: `logits` [n, V], whose row i chooses output token len(output_ids) + i, with the stop tokens made
+        impossible in the rows before min_tokens; None when no row needs that (then an argmax taken elsewhere holds)."""
+        rows = self.params.min_tokens - len(self.output_ids)
+        if rows <= 0 or not self.stop_ids:
+            return None
+        return forbid(logits, self.stop_ids, rows)
+
     def append(self, tokens: list[int], mode: str, t: float | None = None) -> None:
         """Emit tokens produced by one step (all at time t); finish on a stop token or the token limit."""
         t = time.monotonic() if t is None else t
@@ -136,9 +148,14 @@ class Sequence:
                 reason = "length"
                 break
         if accepted:
+            # min_tokens: a stop string must end in the text of a token past the first min_tokens
+            early = min(len(accepted), max(self.params.min_tokens - len(self.output_ids), 0))
             self.output_ids += accepted
             self.metrics.record(t, len(accepted), mode)
-            text, stopped = self._stops.feed(self._detok.add(accepted))
+            text, stopped = self._stops.feed(self._detok.add(accepted[:early]), armed=False) if early else ("", False)
+            if early < len(accepted):
+                more, stopped = self._stops.feed(self._detok.add(accepted[early:]))
+                text += more
             self.stream.put(TokenEvent(accepted, text, t))
             if stopped:
                 reason = "stop"
@@ -179,20 +196,24 @@ class StopStrings:
     def __init__(self, stops: tuple[str, ...]):
         self.stops = stops
         self.held = ""
+        self.unarmed = 0  # the first characters of `held` came before min_tokens: no stop string may end in them
         self.stopped = False
 
-    def feed(self, delta: str) -> tuple[str, bool]:
-        """(text that may be released now, whether a stop string was found)."""
+    def feed(self, delta: str, armed: bool = True) -> tuple[str, bool]:
+        """(text that may be released now, whether a stop string was found). Unarmed (the text of the first
+        min_tokens tokens), `delta` ends no stop string, though one that begins in it may end in later text."""
         if not self.stops or self.stopped:
             return ("" if self.stopped else delta), self.stopped
         text = self.held + delta
+        floor = self.unarmed if armed else len(text)  # a stop string counts only if it ends past this many characters
         # the stop string that ends first wins (the longer one on a tie), as if the text came a character at a time
-        hits = [(i + len(s), i) for s in self.stops if (i := text.find(s)) >= 0]
+        hits = [(i + len(s), i) for s in self.stops if (i := text.find(s, max(floor - len(s) + 1, 0))) >= 0]
         if hits:
-            self.held, self.stopped = "", True
+            self.held, self.unarmed, self.stopped = "", 0, True
             return text[: min(hits)[1]], True
         keep = max((n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
         self.held = text[len(text) - keep:] if keep else ""
+        self.unarmed = max(floor - (len(text) - keep), 0)
         return text[: len(text) - keep], False
 
     def flush(self, delta: str) -> str:

@@ -38,6 +38,7 @@ from starlette.routing import Route
 
 from engine.backend import Backend, Controls
 from engine.engine import ContextLengthError, OverloadedError
+from engine.metrics import SpecStats
 from engine.sampling import SamplingParams
 from engine.sequence import Request, Stream, TokenEvent
 from serve.prometheus import EngineMetrics
@@ -65,7 +66,7 @@ UNSUPPORTED_COMPLETIONS = {
     "presence_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
 }
 COMMON = frozenset({"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
-                    "ignore_eos", "n"})  # top_k and ignore_eos are vLLM's extensions
+                    "ignore_eos", "min_tokens", "n"})  # top_k, ignore_eos and min_tokens are vLLM's extensions
 KNOWN_CHAT = COMMON | {"messages", "max_completion_tokens", "response_format"} | IGNORED | set(UNSUPPORTED_CHAT)
 KNOWN_COMPLETIONS = COMMON | {"prompt", "best_of"} | IGNORED | set(UNSUPPORTED_COMPLETIONS)
 # Keys a chat message may carry besides role and content, each only at a value that means "not used" (a client that
@@ -262,8 +263,9 @@ class Reply:
                       "finish_reason": self.finish_reason()}
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": self.finish_reason()}
-        return {"id": self.id, "object": "chat.completion" if self.call.chat else "text_completion",
+        body = {"id": self.id, "object": "chat.completion" if self.call.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": [choice], "usage": self.usage()}
+        return body | self.metrics()
 
     async def sse(self, first: TokenEvent | None, events: AsyncIterator[TokenEvent]) -> AsyncIterator[str]:
         """The chunks; the stream is cancelled if the client goes (Starlette cancels this generator)."""
@@ -280,8 +282,8 @@ class Reply:
                 yield sse_data(engine_error(e).body())
                 return
             yield self.chunk({}, self.finish_reason())
-            if self.call.include_usage:
-                yield sse_data({**self.base(), "choices": [], "usage": self.usage()})
+            if self.call.include_usage:  # vLLM sends the request's metrics in this chunk, and only when it is sent
+                yield sse_data({**self.base(), "choices": [], "usage": self.usage()} | self.metrics())
             yield "data: [DONE]\n\n"
         finally:
             self.stream.cancel()
@@ -309,6 +311,23 @@ class Reply:
         return {"prompt_tokens": m.prompt_tokens, "completion_tokens": m.output_tokens,
                 "total_tokens": m.prompt_tokens + m.output_tokens,
                 "prompt_tokens_details": {"cached_tokens": m.cached_tokens}}
+
+    def metrics(self) -> dict:
+        """vLLM's per-request `metrics` (as with `--per-request-spec-decode-metrics summary`): speculation's counts
+        when the request ran with speculation on, else nothing (as vLLM, launched without a speculative config)."""
+        spec = self.stream.metrics.spec
+        return {"metrics": {"speculative_decoding": speculative_decoding(spec)}} if spec.max_drafts else {}
+
+
+def speculative_decoding(spec: SpecStats) -> dict:
+    """vLLM's SpeculativeDecodingMetrics of one request: its verify steps with drafts, counted by how many drafts
+    each accepted (`acceptance_histogram[j]`); the mean acceptance length counts the target's own token too."""
+    steps = spec.draft_steps
+    return {"mean_acceptance_length": 1.0 + spec.accepted / steps if steps else 1.0,
+            "draft_acceptance_rate": spec.accepted / spec.drafted if spec.drafted else 0.0,
+            "acceptance_histogram": list(spec.accepted_hist), "num_spec_steps": steps,
+            "num_accepted_draft_tokens": spec.accepted, "num_draft_tokens": spec.drafted,
+            "num_spec_tokens": spec.max_drafts}
 
 
 # ---- parsing --------------------------------------------------------------------------------------
@@ -368,12 +387,17 @@ def parse_sampling(body: dict, context: int) -> SamplingParams:
     seed = get(body, "seed", int, None)
     if seed is not None and not -(2**63) <= seed < 2**64:
         raise APIError(400, "seed must be a 64-bit integer", param="seed")
+    min_tokens = get(body, "min_tokens", int, 0)
+    if min_tokens < 0 or min_tokens > (max_tokens or context or min_tokens):
+        raise APIError(400, f"min_tokens must be in [0, max_tokens = {max_tokens or context}], got {min_tokens}",
+                       param="min_tokens")
     stop = body.get("stop")
     stops = (stop,) if isinstance(stop, str) else stop if stop is not None else ()
     if not isinstance(stops, (list, tuple)) or len(stops) > MAX_STOP or not all(isinstance(s, str) and s for s in stops):
         raise APIError(400, f"stop must be a non-empty string or a list of up to {MAX_STOP} of them", param="stop")
     return SamplingParams(max_tokens=max_tokens or context, temperature=temperature, top_p=top_p, top_k=max(top_k, 0),
-                          seed=seed, ignore_eos=get(body, "ignore_eos", bool, False), stop=tuple(stops))
+                          seed=seed, ignore_eos=get(body, "ignore_eos", bool, False), stop=tuple(stops),
+                          min_tokens=min_tokens)
 
 
 def parse_messages(messages: Any) -> list[dict]:

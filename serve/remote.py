@@ -10,8 +10,11 @@ the final usage; a chunk that carries several tokens (a speculative step) stays 
 Controls: a tradeoff server takes mode, speculation and batching policy itself (`/v1/tradeoff/control`), and its
 engine's state (running, waiting, KV use, speculation) is the snapshot's `state`. Any other server batches however
 it was configured, so "latency mode" is emulated here: one request in flight at a time, the rest waiting in FIFO
-order, exactly what latency mode means; "batched" admits up to `max_batch_size` at once. What such a server does
-not tell (its KV cache, speculation, chunked prefill) is None in the snapshot.
+order, exactly what latency mode means; "batched" admits up to `max_batch_size` at once. Such a server's engine
+state comes from its Prometheus `/metrics`, read in vLLM's names (serve/prometheus.py `read_vllm`) at each snapshot,
+so at the rate the dashboard samples: running is the server's (all its clients'), waiting the server's queue plus
+the requests held back here. What it does not tell (no `/metrics`, or no such series: its KV cache, speculation,
+chunked prefill) is None in the snapshot; running and waiting fall back to the requests of this client.
 HTTP runs on a private event loop in a background thread, so `submit` works from any thread or loop.
 """
 
@@ -37,6 +40,7 @@ from engine.snapshot import EngineState, Snapshot
 from engine.stats import RollingStats
 from engine.tokenizer import Tokenizer
 from serve.background import BackgroundLoop
+from serve.prometheus import VLLMState, read_vllm
 
 MODE = "remote"  # the emission mode recorded in request metrics
 SCHEMES = {"openai": "http", "openai+http": "http", "openai+https": "https", "http": "http", "https": "https"}
@@ -75,6 +79,7 @@ class RemoteEngine:
     def __init__(self, url: str, api_key: str | None = None, model: str | None = None, tokenizer: Tokenizer | None = None,
                  max_waiting: int = 64, policy: BatchPolicy | None = None, connect_timeout_s: float = 10.0):
         self.url = base_url(url)
+        self.metrics_url = self.url.removesuffix("/v1") + "/metrics"  # Prometheus's path is beside the API, not in it
         self.tokenizer = tokenizer
         self.max_waiting = max_waiting
         self.policy = policy or BatchPolicy()  # the emulated admission's batch size (a server that is not tradeoff)
@@ -143,12 +148,18 @@ class RemoteEngine:
     def snapshot(self, window_s: float | None = None) -> Snapshot:
         """The client-side numbers; the state is a tradeoff server's own (one round trip), else what is known here."""
         stats = self.stats.window(window_s)
-        server = self._server_snapshot() if self.tradeoff else None
-        if server is not None:
-            return Snapshot(stats, server.state)
-        return Snapshot(stats, EngineState(mode=self.mode, running=self._in_flight, waiting=len(self._admission),
+        if self.tradeoff:
+            server = self._server_snapshot()
+            if server is not None:
+                return Snapshot(stats, server.state)
+            vllm = VLLMState()  # it did not answer this time: what is known here
+        else:
+            vllm = self._vllm_state()
+        running = self._in_flight if vllm.running is None else vllm.running
+        waiting = len(self._admission) + (vllm.waiting or 0)
+        return Snapshot(stats, EngineState(mode=self.mode, running=running, waiting=waiting,
                                            max_batch_size=self.policy.max_batch_size, chunked_prefill=None,
-                                           can_speculate=False, speculation=None, kv=None, setup=None))
+                                           can_speculate=False, speculation=vllm.speculation, kv=vllm.kv, setup=None))
 
     def server_snapshot(self, window_s: float | None = None) -> Snapshot | None:
         """A tradeoff server's own snapshot (server-side TTFT/TBT over every client's requests); None for others."""
@@ -194,6 +205,18 @@ class RemoteEngine:
             return Snapshot.from_json(self._bg.run(self._get_json("/tradeoff/metrics" + query, timeout=2.0)))
         except (RemoteError, KeyError, TypeError, ValueError):
             return None
+
+    def _vllm_state(self) -> VLLMState:
+        """The server's engine state from its `/metrics` in vLLM's names; nothing known if it has none."""
+        async def scrape() -> str | None:
+            try:
+                r = await self._client.get(self.metrics_url, timeout=2.0)
+            except httpx.HTTPError:
+                return None
+            return r.text if r.status_code == 200 else None
+
+        text = self._bg.run(scrape())
+        return read_vllm(text, self.name) if text else VLLMState()
 
     def _control(self, controls: dict) -> None:
         async def post() -> None:
@@ -304,6 +327,8 @@ def request_body(request: Request, model: str) -> tuple[str, dict]:
         body["top_k"] = s.top_k  # vLLM's and tradeoff's extensions, sent only when asked for
     if s.ignore_eos:
         body["ignore_eos"] = True
+    if s.min_tokens:
+        body["min_tokens"] = s.min_tokens
     if request.messages is not None:
         return "/chat/completions", {**body, "messages": request.messages}
     return "/completions", {**body, "prompt": request.prompt if request.prompt is not None else request.prompt_ids}

@@ -176,6 +176,11 @@ class Controller:
         return Sample.from_snapshots(now - self.started, level, recent, self.users, now - level_start)
 
     @property
+    def foreign(self) -> bool:
+        """Is the LLM on a server that is not tradeoff? Its engine state is then what its /metrics tells, if anything."""
+        return isinstance(self.engine, RemoteEngine) and not self.engine.tradeoff
+
+    @property
     def where(self) -> str | None:
         """Where the LLM runs, when not in this process, and whose clock the numbers are from."""
         host = urlsplit(self.engine.url).netloc if isinstance(self.engine, RemoteEngine) else None

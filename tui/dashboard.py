@@ -47,6 +47,7 @@ from tui.widgets.turns import TurnBars
 
 SAMPLE_PERIOD_S = 1 / 3  # three readings a second for the headline numbers
 CHART_EVERY, CURVE_EVERY = 2, 3  # charts redraw every 2nd reading, the curve every 3rd: plotting is the UI's main cost
+UNTOLD = "(not in the server's /metrics)"
 TIME_CHARTS = {  # chart id -> (history series to plot, their SLO)
     "ttft-chart": (("ttft_p50",), "ttft"),
     "tbt-chart": (("tbt_p50", "tbt_p99"), "tbt"),
@@ -175,10 +176,13 @@ class DashboardScreen(Screen):
             for chart_id, (names, slo) in TIME_CHARTS.items():
                 self.query_one(f"#{chart_id}", TimeChart).set_data(
                     s.t, {name: self.history.series[name] for name in names}, slos[slo])
+            # a server that is not tradeoff may export no KV or speculation series: say so, rather than a bare "-"
+            untold = {"kv_used": s.kv_used is None, "acceptance": s.drafter is None} if self.controller.foreign else {}
             for name in ("batch", "queue", "kv_used", "acceptance"):
                 latest = self.history.last(name)
                 self.query_one(f"#{name}", Spark).set_data(s.t, self.history.series[name],
-                                                           "-" if latest is None else f"{latest:.0f}")
+                                                           "-" if latest is None else f"{latest:.0f}",
+                                                           UNTOLD if untold.get(name) else "")
         if self._readings % CURVE_EVERY == 0:
             self.query_one(TradeoffChart).set_curve(self.curve, s.slo_tok_s_per_user)
 

@@ -90,9 +90,11 @@ class Sample:
     recent_tok_s: float
     running: int
     waiting: int
-    kv_used: float | None  # fraction of batched mode's KV blocks in use (None before batched mode ran)
-    preemptions: int
-    drafted: int  # speculation counters since the engine started
+    # fraction of the KV cache's blocks in use, and preemptions since start: None before batched mode ran, or from a
+    # server that does not tell (no vLLM-named series in its /metrics)
+    kv_used: float | None
+    preemptions: int | None
+    drafted: int  # speculation counters since the engine started (0 where speculation is unknown)
     accepted: int
     slo_ttft_ms: float
     slo_tbt_ms: float
@@ -113,7 +115,7 @@ class Sample:
             recent_ttft_p50_ms=_ms(r.ttft_s.p50), recent_tbt_p50_ms=_ms(r.tbt_s.p50),
             recent_tbt_p99_ms=_ms(r.tbt_s.p99), recent_tok_s=r.output_tok_s,
             running=state.running, waiting=state.waiting,
-            kv_used=kv.used if kv else None, preemptions=kv.preemptions if kv else 0,
+            kv_used=kv.used if kv else None, preemptions=kv.preemptions if kv else None,
             drafted=spec.drafted if spec else 0, accepted=spec.accepted if spec else 0,
             slo_ttft_ms=level.stats.slo_ttft_s * 1000, slo_tbt_ms=level.stats.slo_tbt_s * 1000, setup=state.setup,
             can_speculate=state.can_speculate,

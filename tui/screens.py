@@ -70,6 +70,18 @@ TBT 80 ms, voice 800 ms, per-user rate 1/TBT), amber is within 1.5x of it, red b
 
 **Charts** show the last minute, each point over the last 5 s. **The curve** gets a point per load level
 once it has held 5 s and requests finished; the white `@` is where the engine is now.
+
+**The same numbers in other tools** (docs/metrics.md has them all, with who counts the tokens):
+
+| here | formula | vLLM | AIPerf | GuideLLM |
+|---|---|---|---|---|
+| TTFT | first token - arrival | `time_to_first_token_seconds` | TTFT | `time_to_first_token_ms` |
+| TBT | gap between two chunks (a speculative step is one chunk) | `inter_token_latency_seconds` | inter chunk latency | - |
+| TPOT (1 / tok/s per user) | (last - first token) / (tokens - 1) | `request_time_per_output_token_seconds` | ITL | ITL |
+| acceptance | accepted / drafted tokens | `spec_decode_num_accepted_tokens / ..._draft_tokens` | draft acceptance rate | - |
+
+With `--backend` at a server that is not tradeoff, the engine panels (running, queue, KV, acceptance) are what
+its Prometheus `/metrics` says in vLLM's names; a panel it says nothing for stays empty, with a note.
 """
 
 

@@ -14,6 +14,7 @@ class ReplayController:
     STAGES = 1
     engine = None
     where = None  # in this process
+    foreign = False  # the engine panels are the recording's own
     users = 0
     controls_sent = controls_applied = 0
 

@@ -65,7 +65,8 @@ class Spark(Vertical):
         yield Label(self.title)
         yield Sparkline([])
 
-    def set_data(self, end: float, points: Iterable[Point], latest: str) -> None:
-        self.query_one(Label).update(f"{self.title}  [b]{latest}[/b] {self.unit}")
+    def set_data(self, end: float, points: Iterable[Point], latest: str, note: str = "") -> None:
+        """note: said in place of the unit (why there is no value)."""
+        self.query_one(Label).update(f"{self.title}  [b]{latest}[/b] {note or self.unit}")
         spark = self.query_one(Sparkline)
         spark.data = [v for _, v in downsample(list(points), max(spark.size.width, 1), end, SPAN_S, "max")]

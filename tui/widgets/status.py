@@ -16,6 +16,6 @@ class StatusLine(Static):
         mode = "[b reverse] BATCHED [/]" if s.mode == "batched" else "[b reverse] LATENCY [/]"
         parts = ([where] if where else []) + [f"synthetic users [b]{s.users}[/]", f"speculation [b]{s.drafter or 'off'}[/]",
                  f"chunked prefill [b]{'on' if s.chunked_prefill else 'off'}[/]", f"caller [b]{'on' if caller else 'off'}[/]",
-                 f"running {s.running} · queued {s.waiting} · preempted {s.preemptions}",
+                 f"running {s.running} · queued {s.waiting} · preempted {'-' if s.preemptions is None else s.preemptions}",
                  f"measured over the last {s.window_s:.0f} s"] + ([f"runs {s.setup}"] if s.setup else [])
         self.update(f"{mode}  " + "  │  ".join(parts + ([note] if note else [])))
