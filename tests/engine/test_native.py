@@ -12,6 +12,7 @@ from engine.kv_cache import StaticKVCache
 from engine.model import Transformer
 from engine.quant import quantize
 from kernels import native
+from tests.engine.conftest import load_dequantized
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernel unavailable: {native.why_unavailable()}")
 
@@ -28,11 +29,7 @@ def int4_pair(default_model):
     assert fast is not None and not why, why
     ref = Transformer(default_model.config)
     ref.load_canonical(default_model.weights)
-    with torch.no_grad():
-        for block, q in zip(ref.layers, model.layers):
-            for name in ("qkv", "o", "gate_up", "down"):
-                getattr(block, name).weight.copy_(getattr(q, name).q4.dequantize())
-    return fast, ref
+    return fast, load_dequantized(ref, model)
 
 
 def test_q8_is_exact_on_the_default_models_embedding(default_model, default_gguf):

@@ -13,6 +13,7 @@ from engine.quant import quantize
 from engine.sampling import SamplingParams
 from engine.speculative import ModelDrafter
 from kernels import native
+from tests.engine.conftest import load_dequantized
 
 pytestmark = [pytest.mark.skipif(not native.available(), reason=f"native kernel unavailable: {native.why_unavailable()}"),
               pytest.mark.skipif(not DEFAULT_DRAFT_PATH.is_file(), reason="no committed draft")]
@@ -29,11 +30,7 @@ def drafts(default_model):
     fast, why = engine_native.build(draft, n_threads=2)
     assert fast is not None and not why, why
     ref = load_draft(target)
-    with torch.no_grad():
-        for block, q in zip(ref.layers, draft.layers):
-            for name in ("qkv", "o", "gate_up", "down"):
-                getattr(block, name).weight.copy_(getattr(q, name).q4.dequantize())
-    return fast, ref
+    return fast, load_dequantized(ref, draft)
 
 
 def test_logits_are_full_vocabulary_and_match_the_torch_draft(default_model, drafts):
