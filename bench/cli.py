@@ -14,6 +14,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "peers": ("bench.peers", "batched mode vs vLLM and llama.cpp's server: one sweep each, timed by tradeoff and by AIPerf"),
     "kernels": ("bench.kernels", "time each Triton kernel against its PyTorch equivalent (GPU)"),
     "sweep": ("bench.sweep", "throughput vs latency: one row per concurrency level, JSON and a PNG"),
+    "plan-check": ("bench.plan_check", "real Poisson load at 0.8x and 1.2x the planner's predicted rate: does the SLO hold?"),
     "interference": ("bench.interference", "batched mode: TBT of decoding users when a long prompt arrives, chunked off/on"),
     "keys": ("bench.dashboard_keys", "dashboard key latency at 160x60 while the engine is saturated"),
     "voice": ("bench.voice", "the voice loop end to end: E2E breakdown, barge-in, WER (simulated caller)"),

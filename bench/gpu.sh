@@ -94,7 +94,7 @@ if [ "$DRY" = 1 ]; then
     step decode 180 "$PY" -m tradeoff bench decode --device cpu --weights fp32 --cuda-graphs both --runs 1 --max-tokens 8 \
         --json "$OUT/decode.json"
     step spec 240 "$PY" -m tradeoff bench spec --drafters off,ngram --max-tokens 8 --json "$OUT/spec.json"
-    step sweep 180 "$PY" -m tradeoff bench sweep --device cpu --concurrency 1,2 --requests-per-user 3 --prompt-tokens 16 \
+    step sweep 180 "$PY" -m tradeoff bench sweep --device cpu --concurrency 1,2 --min-requests 4 --prompt-tokens 16 \
         --output-tokens 8 --no-latency-point --json "$OUT/sweep.json" --plot ""
 else
     # fp32 is covered by CI under the interpreter; on the GPU check the dtypes the engine runs in

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import shutil
@@ -350,7 +351,8 @@ def main(args: argparse.Namespace) -> int:
         prime(remote)
         for i, c in enumerate(levels):
             cpu_s, start = time.process_time(), time.monotonic()
-            row = {"server": server.name, **run_level(remote, c, args.requests_per_user, workload, slo, seed=i)}
+            measured = c * (args.requests_per_user - 1)
+            row = {"server": server.name, **run_level(remote, c, workload, slo, measured, math.inf, seed=i)}
             # this process is tradeoff's client: its users' loop and the HTTP streams, all in threads here
             row["client_cores"] = (time.process_time() - cpu_s) / (time.monotonic() - start)
             print(f"{progress(row)}; client {row['client_cores']:.2f} cores", flush=True)

@@ -1,10 +1,13 @@
 """`tradeoff bench sweep`: the throughput/latency trade-off, one row per load level (closed-loop concurrency).
 
-At each level, N synthetic users (serve/loadgen.py) send requests back to back. The first N completions
-are a warm-up; the row is measured from then until N x requests-per-user have completed: requests/s,
-output tokens/s in total and per user (mean of 1/TPOT), TTFT, TBT and E2E (mean, p50, p99), goodput
-against the SLOs, mean running batch size, preemptions, and where batched mode's step time went
-(scheduler = schedule + prepare inputs + bookkeeping after the step). The plot draws tokens/s per user
+At each level, N synthetic users (serve/loadgen.py) send requests back to back, with the lengths of a workload
+profile (serve/profiles.py; default chat) and judged by its SLO. The first N completions are a warm-up; the row is
+measured from then until enough requests have completed for the SLO's percentile (100 for p99), or until the
+level's time cap, which the row reports (capped): requests/s, output tokens/s in total and per user (mean of
+1/TPOT), TTFT, TBT and E2E (mean, p50, p99; the profile's percentile of TTFT with a 95% interval), goodput
+against the SLO, mean running batch size, preemptions, and where batched mode's step time went (scheduler =
+schedule + prepare inputs + bookkeeping after the step). Each row keeps every request's TTFT/TPOT/E2E and, in
+batched mode, every step's decode rows, prefill tokens and seconds: `tradeoff plan` reads them. The plot draws tokens/s per user
 against total tokens/s, with the SLO's per-user rate as a line, the knee of the curve marked, and
 latency mode's point at concurrency 1.
 
@@ -16,8 +19,9 @@ for other servers one request in flight at a time (serve/remote.py).
 from __future__ import annotations
 
 import argparse
+import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
@@ -29,6 +33,7 @@ from engine.scheduler import BatchPolicy
 from engine.stats import SLO, summarize
 from serve.cli import add_backend_args, remote_from
 from serve.loadgen import Lengths, LoadGenerator, Workload
+from serve.profiles import load_profile
 
 SCHEDULER_PHASES = ("schedule", "prepare", "update")
 
@@ -38,21 +43,46 @@ def preemptions(engine: Backend) -> int | None:
     return kv.preemptions if kv is not None else None
 
 
-def run_level(engine: Backend, concurrency: int, requests_per_user: int, workload: Workload, slo: SLO,
+def min_requests(slo: SLO | None) -> int:
+    """Completed requests a level needs before its percentile means something: 1 / (1 - q) for the SLO's
+    percentile q (100 for p99: the p99 is then more than a maximum), and at least 20."""
+    q = (slo.percentile if slo else 50) / 100
+    return max(20, math.ceil(1 / (1 - q) - 1e-9))
+
+
+def percentile_ci(values: list[float], q: float, z: float = 1.96) -> tuple[float, float] | None:
+    """A distribution-free 95% interval for the q-th percentile: the order statistics at ranks n*p -+ z*sqrt(n*p*(1-p))
+    (the binomial's normal approximation). None when the upper rank falls past the largest value: too few samples."""
+    n, p = len(values), q / 100
+    if n == 0:
+        return None
+    half = z * math.sqrt(n * p * (1 - p))
+    lo, hi = math.floor(n * p - half), math.ceil(n * p + half)
+    if hi >= n:
+        return None
+    ordered = sorted(values)
+    return ordered[max(lo, 0)], ordered[hi]
+
+
+def run_level(engine: Backend, concurrency: int, workload: Workload, slo: SLO, wanted: int, cap_s: float,
               seed: int) -> dict:
+    """One level: N users back to back; each user's first reply is warm-up; then measured until `wanted` requests
+    have completed or `cap_s` seconds have passed (the row says which)."""
     engine.clear_cache()  # no prefix hits carried over from the previous level
     lg = LoadGenerator(engine, workload, seed=seed)
     lg.start(concurrency)
     try:
-        wait_for(lambda: len(lg.completed) >= concurrency)
+        begun = time.monotonic()
+        wait_for(lambda: len(lg.completed) >= concurrency or time.monotonic() - begun > cap_s)
+        warm = len(lg.completed)
         start = time.monotonic()
         mode = engine.snapshot().state.mode
         # where batched mode's step time goes: only an engine in this process can say (its runner's profile)
         runner = engine.runner if isinstance(engine, Engine) and mode == "batched" else None
         preempted = preemptions(engine)
         if runner is not None:
-            runner.profile = StepProfile()
-        wait_for(lambda: len(lg.completed) >= concurrency * requests_per_user)
+            runner.profile = StepProfile(samples=[])
+        wait_for(lambda: len(lg.completed) - warm >= wanted or time.monotonic() - start > cap_s)
         end = time.monotonic()
         profile = runner.profile if runner is not None else None
         if preempted is not None:
@@ -60,15 +90,23 @@ def run_level(engine: Backend, concurrency: int, requests_per_user: int, workloa
     finally:
         lg.stop()
     s = summarize(lg.submitted, start, end, slo)
+    measured = [m for m in lg.submitted if m.finish_reason in ("stop", "length") and m.emissions
+                and start <= m.emissions[-1][0] <= end]
     row = {
         "mode": mode, "concurrency": concurrency, "requests": s.finished, "duration_s": end - start,
-        "req_s": s.req_s, "output_tok_s": s.output_tok_s, "tok_s_per_user": s.tok_s_per_user,
-        "goodput_req_s": s.goodput_req_s, "slo_attained": s.slo_attained, "rejected": lg.rejected,
-        "preemptions": preempted,
+        "capped": s.finished < wanted, "req_s": s.req_s, "output_tok_s": s.output_tok_s,
+        "tok_s_per_user": s.tok_s_per_user, "goodput_req_s": s.goodput_req_s, "slo_attained": s.slo_attained,
+        "rejected": lg.rejected, "preemptions": preempted,
     }
     for name in ("ttft", "tbt", "e2e"):
         for stat in ("mean", "p50", "p99"):
             row[f"{name}_{stat}_s"] = getattr(getattr(s, f"{name}_s"), stat)
+    ci = percentile_ci([m.ttft for m in measured], slo.percentile)
+    row[f"ttft_p{slo.percentile:g}_ci_s"] = list(ci) if ci else None
+    # every request measured, so that any percentile can be recomputed and a model checked against them
+    row["samples"] = [{"prompt_tokens": m.prompt_tokens, "cached_tokens": m.cached_tokens,
+                       "output_tokens": m.output_tokens, "ttft_s": m.ttft,
+                       "tpot_s": m.tpot, "e2e_s": m.e2e, "queue_s": m.queue_time} for m in measured]
     if profile is not None and profile.steps:
         total = sum(profile.seconds.values())
         row["batch_mean"] = profile.sequences / profile.steps
@@ -76,6 +114,7 @@ def run_level(engine: Backend, concurrency: int, requests_per_user: int, workloa
         row["step_ms"] = total / profile.steps * 1000
         row["phase_ms"] = {p: profile.seconds[p] / profile.steps * 1000 for p in PHASES}
         row["scheduler_pct"] = 100 * sum(profile.seconds[p] for p in SCHEDULER_PHASES) / total
+        row["steps"] = [list(x) for x in profile.samples]  # (decode rows, prefill tokens, seconds) per step
     return row
 
 
@@ -163,9 +202,18 @@ def configure(p: argparse.ArgumentParser) -> None:
     add_backend_args(p)
     p.add_argument("--mode", choices=("batched", "latency"), default="batched")
     p.add_argument("--concurrency", default="1,2,4,8,16,32,64", help="comma-separated user counts (default: %(default)s)")
-    p.add_argument("--requests-per-user", type=int, default=3, help="per level, the first is warm-up (default: %(default)s)")
-    p.add_argument("--prompt-tokens", type=int, default=128, help="mean prompt length; stdev is a quarter (default: %(default)s)")
-    p.add_argument("--output-tokens", type=int, default=64, help="mean output length; stdev is a quarter (default: %(default)s)")
+    p.add_argument("--profile", default="chat",
+                   help="workload profile: its lengths and SLO (chat, code, rag, voice, batch, or a .toml/.json file; "
+                        "default: %(default)s). Users go back to back: `tradeoff plan` adds the profile's think time")
+    p.add_argument("--min-requests", type=int, default=None,
+                   help="completed requests per level after warm-up (default: enough for the SLO's percentile, "
+                        "100 for p99)")
+    p.add_argument("--level-s", type=float, default=300.0,
+                   help="time cap per level; a level that hits it says so (capped) (default: %(default)s)")
+    p.add_argument("--prompt-tokens", type=int, default=None, help="mean prompt length instead of the profile's; "
+                   "stdev is a quarter")
+    p.add_argument("--output-tokens", type=int, default=None, help="mean output length instead of the profile's; "
+                   "stdev is a quarter")
     p.add_argument("--max-batch-size", type=int, default=None, help="batched mode's cap (default: the engine's)")
     p.add_argument("--token-budget", type=int, default=None, help="tokens per batched step (default: the engine's)")
     p.add_argument("--no-latency-point", action="store_true", help="skip latency mode's point at concurrency 1")
@@ -179,8 +227,14 @@ def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     levels = [int(c) for c in args.concurrency.split(",")]
-    slo = SLO()
-    workload = Workload(spread(args.prompt_tokens), spread(args.output_tokens), think_time_s=0.0)
+    profile = load_profile(args.profile)
+    workload = replace(profile.workload, think_time_s=0.0)
+    if args.prompt_tokens:
+        workload = replace(workload, prompt_tokens=spread(args.prompt_tokens))
+    if args.output_tokens:
+        workload = replace(workload, output_tokens=spread(args.output_tokens))
+    slo = profile.slo or SLO()  # batch has no target; its rows still report against the default one
+    wanted = args.min_requests or min_requests(profile.slo)
     defaults = BatchPolicy()
     budget = args.token_budget or defaults.token_budget
     policy = BatchPolicy(max_batch_size=args.max_batch_size or min(defaults.max_batch_size, budget - 1), token_budget=budget)
@@ -193,19 +247,26 @@ def main(args: argparse.Namespace) -> int:
     else:
         loaded = load(args.model)
         engine = Engine(loaded, device=args.device, mode=args.mode, policy=policy, max_waiting=max_waiting)
+    if engine.max_seq_len:
+        fitted, note = replace(profile, workload=workload).fitted(engine.max_seq_len)
+        workload = fitted.workload
+        if note:
+            print(note, flush=True)
     batched_dtype = getattr(engine, "batched_dtype", None)
     rows = []
     for i, c in enumerate(levels):
-        rows.append(run_level(engine, c, args.requests_per_user, workload, slo, seed=i))
+        rows.append(run_level(engine, c, workload, slo, wanted, args.level_s, seed=i))
         print(progress(rows[-1]), flush=True)
-    latency_row = None
+    latency_row, latency_settings = None, None
     if args.mode == "batched" and not args.no_latency_point:
         if args.backend:
             engine.control(Controls(mode="latency"))
         else:
             engine.close()
             engine = Engine(loaded, device=args.device, mode="latency")
-        latency_row = run_level(engine, 1, args.requests_per_user, workload, slo, seed=0)
+        latency_row = run_level(engine, 1, workload, slo, wanted, args.level_s, seed=0)
+        spec = engine.snapshot().state.speculation
+        latency_settings = {"drafter": spec.drafter if spec else None}
         print(progress(latency_row), flush=True)
     engine.close()
     knee_row = knee(rows)
@@ -215,8 +276,9 @@ def main(args: argparse.Namespace) -> int:
     if knee_row is not None:
         print(f"knee: N={knee_row['concurrency']} ({knee_row['output_tok_s']:.0f} tok/s total, "
               f"{knee_row['tok_s_per_user']:.1f} tok/s per user)")
-    settings = {"policy": asdict(policy), "workload": asdict(workload), "slo": asdict(slo), "batched_dtype": str(batched_dtype),
-                "backend": args.backend,
+    settings = {"model": args.model, "profile": profile.name, "policy": asdict(policy), "workload": asdict(workload),
+                "slo": asdict(slo), "min_requests": wanted, "batched_dtype": str(batched_dtype),
+                "latency": latency_settings, "backend": args.backend,
                 "knee_concurrency": knee_row["concurrency"] if knee_row else None}
     print(f"JSON: {write_json(args.json, 'sweep', all_rows, **settings)}")
     if args.plot:  # bench/gpu.sh passes "": the GPU machine may have no matplotlib

@@ -39,6 +39,9 @@ class StepProfile:
     sequences: int = 0  # summed batch sizes
     tokens: int = 0  # summed tokens per step (decodes + prefill chunks)
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    # if a list is given, one entry per step: (rows of one token, i.e. decodes; tokens in longer rows, i.e. prefill
+    # chunks; seconds): what a model of the step time is fitted to (serve/queueing.py). None: not kept (it would grow)
+    samples: list[tuple[int, int, float]] | None = None
 
 
 def cuda_dtype() -> torch.dtype:
@@ -110,6 +113,9 @@ class BatchedRunner:
         profile.steps += 1
         profile.sequences += len(batch)
         profile.tokens += sum(n for _, n in batch)
+        if profile.samples is not None:
+            singles = sum(n == 1 for _, n in batch)
+            profile.samples.append((singles, sum(n for _, n in batch if n > 1), time.perf_counter() - t0))
 
     # ---- internals --------------------------------------------------------------------------
 

@@ -22,12 +22,22 @@ from engine.snapshot import USER_CLASSES, ClassStats, Distribution, WindowStats
 
 @dataclass(frozen=True)
 class SLO:
+    """Latency targets: each request's TTFT, its TPOT (TBT judged per token) and, if set, its E2E. A load level meets
+    the SLO when the `percentile` of each of them does (SLAs use p99); one request meets it when each of its own does."""
+
     ttft_s: float = 0.5
     tbt_s: float = 0.08
+    percentile: float = 99.0
+    e2e_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.ttft_s > 0 and self.tbt_s > 0 and 0 < self.percentile < 100 and (self.e2e_s is None or self.e2e_s > 0)):
+            raise ValueError(f"an SLO needs positive targets and a percentile in (0, 100), got {self}")
 
     def met_by(self, m: RequestMetrics) -> bool:
         tpot = m.tpot
-        return m.ttft is not None and m.ttft <= self.ttft_s and (tpot is None or tpot <= self.tbt_s)
+        return (m.ttft is not None and m.ttft <= self.ttft_s and (tpot is None or tpot <= self.tbt_s)
+                and (self.e2e_s is None or (m.e2e is not None and m.e2e <= self.e2e_s)))
 
 
 def distribution(values: list[float]) -> Distribution:

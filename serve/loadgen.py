@@ -1,7 +1,8 @@
 """Synthetic users: the load that shares batched mode with the real user, and drives the sweep.
 
 Closed loop: N concurrent users, each sending a request, reading its stream to the end, thinking for an
-exponentially distributed pause, and going again. Prompt and output lengths are drawn from normal
+exponentially distributed pause, and going again. Open loop (`start_rate`): requests arrive as a Poisson
+stream. Prompt and output lengths are drawn from normal
 distributions clipped to a range (the shape GuideLLM's synthetic data uses); a prompt of a drawn length is
 one of the built-in questions after enough sentences of a built-in passage, in the model's chat template.
 Users run as tasks on a private asyncio loop in a background thread, so `start`, `resize` and `stop`
@@ -125,6 +126,16 @@ class LoadGenerator:
         self._bg = BackgroundLoop("loadgen")
         self.resize(users)
 
+    def start_rate(self, rate: float) -> None:
+        """Open loop: requests arrive as a Poisson stream of `rate` per second, however many are in flight (what a
+        deployment sees; bench/plan_check.py checks the planner's rates with it)."""
+        if not rate > 0:
+            raise ValueError(f"the request rate must be > 0, got {rate}")
+        if self._bg is not None:
+            raise RuntimeError("the load generator is already running; stop it first")
+        self._bg = BackgroundLoop("loadgen")
+        self._bg.loop.call_soon_threadsafe(lambda: self._tasks.append(self._bg.loop.create_task(self._arrivals(rate))))
+
     def resize(self, users: int) -> None:
         """A new number of users; leaving users cancel their request. Returns at once (the loop applies it)."""
         if users < 0:
@@ -163,6 +174,19 @@ class LoadGenerator:
             await self._request()
             if self.workload.think_time_s:
                 await asyncio.sleep(self.rng.expovariate(1 / self.workload.think_time_s))
+
+    async def _arrivals(self, rate: float) -> None:
+        in_flight: set[asyncio.Task] = set()
+        try:
+            while True:
+                await asyncio.sleep(self.rng.expovariate(rate))
+                task = asyncio.get_running_loop().create_task(self._request())
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+        finally:  # stopped: the requests in flight are cancelled with it
+            for task in in_flight:
+                task.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)
 
     async def _request(self) -> None:
         w = self.workload

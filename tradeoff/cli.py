@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fetch": ("serve.cli", "download the default model into the user cache (make setup runs this)"),
     "setup": ("serve.cli", "how the engine runs the model on this CPU, as measured (make setup measures it once)"),
     "bench": ("bench.cli", "benchmarks: print a table and write JSON"),
+    "plan": ("bench.plan", "where to operate and what it costs: replicas, $/month and $ per 1M tokens, from a sweep"),
     "distill": ("engine.distill", "train the default model's draft by self-distillation (about an hour on 2 cores)"),
 }
 
