@@ -104,7 +104,7 @@ else
     step decode 45 "$PY" -m tradeoff bench decode --device cuda --weights bf16 --cuda-graphs both --runs 3 --max-tokens 128 \
         --json "$OUT/decode.json"
     step spec 40 "$PY" -m tradeoff bench spec --drafters off,ngram,auto --max-tokens 64 --json "$OUT/spec.json"
-    step sweep 35 "$PY" -m tradeoff bench sweep --device cuda --concurrency 1,4,16 --requests-per-user 2 --prompt-tokens 64 \
+    step sweep 35 "$PY" -m tradeoff bench sweep --device cuda --concurrency 1,4,16 --min-requests 8 --level-s 10 --prompt-tokens 64 \
         --output-tokens 32 --no-latency-point --json "$OUT/sweep.json" --plot ""
 fi
 

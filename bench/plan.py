@@ -94,7 +94,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"sweep: {path}, model {data.get('model') or '?'}, prompts ~{w.get('prompt_tokens', {}).get('mean', '?')} tokens, "
           f"replies ~{w.get('output_tokens', {}).get('mean', '?')}, measured on {describe_machine(data.get('machine') or {})}")
     mine = profile.workload
-    if w and (w["prompt_tokens"]["mean"], w["output_tokens"]["mean"]) != (mine.prompt_tokens.mean, mine.output_tokens.mean):
+    measured = (w.get("prompt_tokens", {}).get("mean"), w.get("output_tokens", {}).get("mean"))
+    if None not in measured and measured != (mine.prompt_tokens.mean, mine.output_tokens.mean):
         print(f"note: profile {profile.name}'s traffic is ~{mine.prompt_tokens.mean}-token prompts and "
               f"~{mine.output_tokens.mean}-token replies; this plan is for the sweep's lengths, judged by the profile's "
               f"SLO (sweep with --profile {args.profile} for its own)")

@@ -5,7 +5,8 @@ and fail at the second.
 Per configuration in the sweep that has a model (batched mode at the sweep's policy, latency mode), per factor: the
 rate, the model's percentiles at that rate, and the measured ones (the profile's percentile of TTFT and TPOT over
 `--requests` requests after a warm-up of a tenth as many), and whether the SLO held. Run the sweep on this machine
-first (`tradeoff bench sweep`); the engine here is built with the sweep's policy and mode.
+just before (`tradeoff bench sweep`): a VM's speed drifts, so each configuration first runs one user as the sweep
+did and prints how far its time per token moved (over 15%: re-sweep). The engine is built with the sweep's policy.
 """
 
 from __future__ import annotations
@@ -15,30 +16,48 @@ import time
 from dataclasses import asdict
 
 from bench.report import table, write_json
+from bench.sweep import run_level
 from engine import Engine
 from engine.loader import load
 from engine.metrics import percentile
 from engine.scheduler import BatchPolicy
+from engine.stats import SLO
 from serve.loadgen import LoadGenerator, Workload
 from serve.planner import configurations, max_rate, read_sweep, workload_of
 from serve.profiles import load_profile
-from serve.queueing import Traffic, percentiles, simulate
+from serve.queueing import Percentiles, Traffic, percentiles, simulate
 
 
 def measure(engine: Engine, workload: Workload, rate: float, requests: int, cap_s: float, seed: int) -> dict:
-    """Poisson arrivals at `rate` until `requests` past the warm-up have finished (or `cap_s`): their TTFT/TPOT."""
-    lg = LoadGenerator(engine, workload, seed=seed)
+    """Poisson arrivals at `rate`: a warm-up of a tenth as many, then `requests` more; every one of them runs to
+    its end (or `cap_s` passes), so the slowest are not left out. The measured requests' TTFT/TPOT/E2E."""
+    engine.clear_cache()  # each run starts from the same cache as the last
     warm = max(1, requests // 10)
-    lg.start_rate(rate)
-    start = time.monotonic()
+    lg = LoadGenerator(engine, workload, seed=seed)
+    lg.start_rate(rate, requests=warm + requests)
+    deadline = time.monotonic() + cap_s
     try:
-        while len(lg.completed) < warm + requests and time.monotonic() - start < cap_s:
+        while len(lg.completed) + lg.rejected + lg.failed < warm + requests and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
         lg.stop()
-    done = sorted(lg.completed, key=lambda m: m.arrival)[warm:]
+    done = [m for m in lg.submitted[warm:] if m.finish_reason in ("stop", "length")]
     return {"ttfts": [m.ttft for m in done], "tpots": [m.tpot for m in done if m.tpot is not None],
-            "finished": len(done), "rejected": lg.rejected, "capped": len(done) < requests}
+            "e2es": [m.e2e for m in done], "finished": len(done), "rejected": lg.rejected,
+            "capped": len(done) < requests}
+
+
+def speed_drift(engine: Engine, sweep: dict, mode: str, workload: Workload, slo: SLO) -> float:
+    """One user back to back, as the sweep's first level of `mode`: its TPOT p50 now / then - 1. A VM's speed drifts
+    (a neighbour, the clock): a check against a sweep taken at another speed would test the machine, not the model."""
+    then = next(r for r in sorted(sweep["rows"], key=lambda r: r["concurrency"]) if r["mode"] == mode)
+    now = run_level(engine, 1, workload, slo, 20, 120.0, seed=99)
+    tpot = lambda row: percentile([x["tpot_s"] for x in row["samples"] if x["tpot_s"] is not None], 50)  # noqa: E731
+    return tpot(now) / tpot(then) - 1
+
+
+def fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -62,8 +81,6 @@ def main(args: argparse.Namespace) -> int:
     slo = profile.slo
     if slo is None:
         raise ValueError(f"profile {profile.name} has no SLO to check")
-    prompts, outputs = workload_of(data)
-    workload = Workload(prompts, outputs, think_time_s=0.0)
     loaded = load(args.model)
     policy = BatchPolicy(**data["policy"])
     modes = args.modes.split(",")
@@ -76,22 +93,30 @@ def main(args: argparse.Namespace) -> int:
         if predicted is None:
             print(f"{config.name}: the model meets the SLO at no rate; nothing to check")
             continue
+        prompts, outputs = workload_of(data, config.mode)  # what the model ran: tokens prefilled
+        sent, _ = workload_of(data, config.mode, prefilled=False)  # what the real load sends: whole prompts
         engine = Engine(loaded, mode=config.mode, policy=policy, max_waiting=10_000)
         try:
+            drift = speed_drift(engine, data, config.mode, Workload(sent, outputs, think_time_s=0.0), slo)
+            print(f"{config.name}: one user's TPOT p50 is {drift:+.0%} against the sweep's"
+                  + ("; the machine runs at another speed than when the sweep was taken: re-sweep" if abs(drift) > 0.15
+                     else ""), flush=True)
             for i, f in enumerate(float(x) for x in args.factors.split(",")):
                 rate = f * predicted
                 sim = percentiles(simulate(config.model, Traffic(prompts, outputs, rate=rate), requests=1500), q)
-                got = measure(engine, workload, rate, args.requests, args.run_s, seed=i)
-                ttft, tpot = percentile(got["ttfts"], q), percentile(got["tpots"], q)
-                held = ttft is not None and ttft <= slo.ttft_s and (tpot is None or tpot <= slo.tbt_s)
-                rows.append({"configuration": config.name, "factor": f, "rate": rate, "model_ttft_s": sim.ttft_s,
+                got = measure(engine, Workload(sent, outputs, think_time_s=0.0), rate, args.requests, args.run_s, seed=i)
+                ttft, tpot, e2e = (percentile(got[k], q) for k in ("ttfts", "tpots", "e2es"))
+                held = ttft is not None and Percentiles(ttft, tpot, e2e, 0.0).meet(slo)
+                rows.append({"configuration": config.name, "factor": f, "rate": rate, "speed_drift": drift,
+                             "model_ttft_s": sim.ttft_s,
                              "ttft_s": ttft, "model_tpot_s": sim.tpot_s, "tpot_s": tpot, "slo_held": held,
                              "finished": got["finished"], "capped": got["capped"], "rejected": got["rejected"]})
-                print(f"{config.name} at {f:g}x = {rate:.2f} req/s: p{q:g} TTFT {ttft:.3f} s (model {sim.ttft_s:.3f}), "
-                      f"TPOT {tpot if tpot is None else round(tpot, 4)} s, SLO {'held' if held else 'missed'}", flush=True)
+                print(f"{config.name} at {f:g}x = {rate:.2f} req/s: p{q:g} TTFT {fmt(ttft, '.3f')} s (model "
+                      f"{sim.ttft_s:.3f}), TPOT {fmt(tpot, '.4f')} s, SLO {'held' if held else 'missed'}", flush=True)
         finally:
             engine.close()
     columns = [("configuration", "configuration", ""), ("factor", "x", ".1f"), ("rate", "req/s", ".2f"),
+               ("speed_drift", "drift", "+.0%"),
                ("model_ttft_s", f"model p{q:g} TTFT", ".3f"), ("ttft_s", "measured", ".3f"),
                ("model_tpot_s", f"model p{q:g} TPOT", ".4f"), ("tpot_s", "measured", ".4f"),
                ("slo_held", "SLO held", ""), ("finished", "requests", "d"), ("capped", "capped", "")]

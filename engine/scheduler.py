@@ -108,6 +108,8 @@ class Scheduler:
 
     def _chunk(self, s: PagedSeq, policy: BatchPolicy, budget: int, prefilling: bool) -> int:
         """How many of s's pending tokens run this step (0: none)."""
+        if budget <= 0:  # an unsplit prompt overran it: nothing more this step
+            return 0
         pending = s.num_tokens - s.num_computed
         if policy.chunked_prefill or pending == 1:
             return min(pending, budget)

@@ -68,9 +68,27 @@ class Lengths:
 
 
 @dataclass(frozen=True)
+class Measured:
+    """Lengths drawn from measured values, uniformly with replacement (the same interface as Lengths)."""
+
+    values: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not self.values or min(self.values) < 0:
+            raise ValueError("measured lengths need at least one value, none negative")
+
+    @property
+    def mean(self) -> float:
+        return sum(self.values) / len(self.values)
+
+    def sample(self, rng: random.Random) -> int:
+        return self.values[rng.randrange(len(self.values))]
+
+
+@dataclass(frozen=True)
 class Workload:
-    prompt_tokens: Lengths = field(default_factory=lambda: Lengths(128, 48, 24, 512))
-    output_tokens: Lengths = field(default_factory=lambda: Lengths(64, 24, 8, 256))
+    prompt_tokens: Lengths | Measured = field(default_factory=lambda: Lengths(128, 48, 24, 512))
+    output_tokens: Lengths | Measured = field(default_factory=lambda: Lengths(64, 24, 8, 256))
     think_time_s: float = 1.0  # closed loop: mean pause between a user's requests (exponential; 0 = none)
 
 
@@ -114,6 +132,7 @@ class LoadGenerator:
         self.rejected = 0  # refused as overloaded (then retried after a pause)
         self.failed = 0
         self.users = 0  # wanted now; the users' tasks follow on the loop
+        self.rate: float | None = None  # open loop (start_rate): requests/s; None while closed-loop or stopped
         self._tasks: list[asyncio.Task] = []
         self._bg: BackgroundLoop | None = None
 
@@ -126,15 +145,17 @@ class LoadGenerator:
         self._bg = BackgroundLoop("loadgen")
         self.resize(users)
 
-    def start_rate(self, rate: float) -> None:
+    def start_rate(self, rate: float, requests: int | None = None) -> None:
         """Open loop: requests arrive as a Poisson stream of `rate` per second, however many are in flight (what a
-        deployment sees; bench/plan_check.py checks the planner's rates with it)."""
+        deployment sees; bench/plan_check.py checks the planner's rates with it). With `requests`, arrivals stop
+        after that many and the last ones run to their end."""
         if not rate > 0:
             raise ValueError(f"the request rate must be > 0, got {rate}")
         if self._bg is not None:
             raise RuntimeError("the load generator is already running; stop it first")
         self._bg = BackgroundLoop("loadgen")
-        self._bg.loop.call_soon_threadsafe(lambda: self._tasks.append(self._bg.loop.create_task(self._arrivals(rate))))
+        self.rate = rate
+        self._bg.loop.call_soon_threadsafe(lambda: self._tasks.append(self._bg.loop.create_task(self._arrivals(rate, requests))))
 
     def resize(self, users: int) -> None:
         """A new number of users; leaving users cancel their request. Returns at once (the loop applies it)."""
@@ -142,6 +163,8 @@ class LoadGenerator:
             raise ValueError(f"the number of synthetic users must be >= 0, got {users}")
         if self._bg is None:
             raise RuntimeError("the load generator is not running; start it first")
+        if self.rate is not None:
+            raise RuntimeError("the load is an open-loop rate (start_rate): it has no users to resize; stop it first")
         self.users = users
         self._bg.loop.call_soon_threadsafe(self._follow)
 
@@ -152,6 +175,7 @@ class LoadGenerator:
         self._bg.run(self._cancel_all())
         self._bg.stop()
         self._bg = None
+        self.rate = None
 
     # ---- on the private loop -----------------------------------------------------------------
 
@@ -175,14 +199,17 @@ class LoadGenerator:
             if self.workload.think_time_s:
                 await asyncio.sleep(self.rng.expovariate(1 / self.workload.think_time_s))
 
-    async def _arrivals(self, rate: float) -> None:
+    async def _arrivals(self, rate: float, requests: int | None) -> None:
         in_flight: set[asyncio.Task] = set()
         try:
-            while True:
+            arrived = 0
+            while requests is None or arrived < requests:
                 await asyncio.sleep(self.rng.expovariate(rate))
                 task = asyncio.get_running_loop().create_task(self._request())
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
+                arrived += 1
+            await asyncio.gather(*in_flight)  # all arrived: the last ones run to their end
         finally:  # stopped: the requests in flight are cancelled with it
             for task in in_flight:
                 task.cancel()

@@ -28,9 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.metrics import percentile
+from engine.scheduler import BatchPolicy
 from engine.stats import SLO
+from serve.loadgen import Measured
 from serve.profiles import Profile
-from serve.queueing import EngineModel, Measured, Percentiles, StepModel, Traffic, highest, percentiles, simulate
+from serve.queueing import EngineModel, Percentiles, StepModel, Traffic, highest, percentiles, simulate
 
 HOURS_PER_MONTH = 730
 MAX_USERS = 10**9
@@ -68,8 +70,7 @@ class Configuration:
 
 @dataclass(frozen=True)
 class ModelCheck:
-    """The model against measurement at one level: simulated / measured - 1, for the p50 and p99 of TTFT and TPOT.
-    (The model's steps take their mean time, with none of a machine's jitter, so its p99s come out low.)"""
+    """The model against measurement at one level: simulated / measured - 1, for the p50 and p99 of TTFT and TPOT."""
 
     concurrency: int
     ttft_p50_error: float
@@ -90,9 +91,10 @@ class PlanRow:
     cost_per_hour: float | None
     cost_per_month: float | None
     cost_per_mtok_at_slo: float | None
-    cost_per_mtok_max: float  # at the highest measured throughput, no SLO
+    cost_per_mtok_max: float | None  # at the highest measured throughput, no SLO (None: it measured none)
     max_tok_s: float
     limit: str
+    unmet: str | None = None  # why there is no replica count (None: there is one)
     checks: tuple[ModelCheck, ...] = ()
 
 
@@ -135,7 +137,38 @@ def read_sweep(path: str | Path, model: str | None = None) -> dict:
         raise PlanError(f"{path} has no per-request samples (an older or empty sweep): run `tradeoff bench sweep` again")
     if model is not None and data.get("model") not in (None, model):
         raise PlanError(f"{path} measured model {data['model']!r}, not {model!r}")
+    for i, row in enumerate(data["rows"]):
+        if (why := row_problem(row)) is not None:
+            raise PlanError(f"{path}: row {i} ({row.get('mode')} N={row.get('concurrency')}) {why}")
     return data
+
+
+def _number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def row_problem(row: dict) -> str | None:
+    """What a sweep row lacks that the planner reads (None: nothing)."""
+    if row.get("mode") not in ("batched", "latency"):
+        return f"has mode {row.get('mode')!r}, not batched or latency"
+    if not isinstance(row.get("concurrency"), int) or row["concurrency"] < 1:
+        return "has no positive integer concurrency"
+    for key in ("req_s", "output_tok_s"):
+        if not _number(row.get(key)):
+            return f"has no number {key}"
+    samples = row["samples"]
+    if not isinstance(samples, list) or not all(isinstance(x, dict) for x in samples):
+        return "has samples that are not a list of requests"
+    for j, x in enumerate(samples):
+        if not all(isinstance(x.get(k), int) for k in ("prompt_tokens", "output_tokens")) or not all(
+                _number(x.get(k)) for k in ("ttft_s", "e2e_s")) or not all(
+                x.get(k) is None or _number(x[k]) for k in ("tpot_s", "queue_s", "cached_tokens")):
+            return f"sample {j} lacks integer prompt/output tokens or numeric TTFT/E2E: {x}"
+    steps = row.get("steps", [])
+    if not isinstance(steps, list) or not all(
+            isinstance(t, list) and len(t) == 3 and all(_number(v) for v in t) for t in steps):
+        return "has steps that are not (decode rows, prefill tokens, seconds) triples"
+    return None
 
 
 def level_from(row: dict, slo: SLO, where: str) -> Level:
@@ -174,6 +207,10 @@ def configurations(sweep: dict, slo: SLO, where: str) -> list[Configuration]:
         levels = tuple(level_from(r, slo, where) for r in rows)
         if mode == "batched":
             steps = [tuple(s) for r in rows for s in r.get("steps", [])]
+            try:
+                BatchPolicy(**policy)
+            except (TypeError, ValueError) as e:
+                raise PlanError(f"{where}: the sweep's batched policy {policy} is not one the engine runs: {e}") from None
             budget, batch = policy.get("token_budget"), policy.get("max_batch_size")
             chunked = policy.get("chunked_prefill", True)
             name = f"batched (max batch {batch}, budget {budget}{'' if chunked else ', unchunked'})"
@@ -184,7 +221,8 @@ def configurations(sweep: dict, slo: SLO, where: str) -> list[Configuration]:
         else:
             drafter = (sweep.get("latency") or {}).get("drafter")
             name = f"latency (batch 1, speculation {drafter or 'off'})"
-            s = rows[0]["samples"]
+            # its model from requests that ran one at a time (at N > 1 their TTFT holds waits behind others)
+            s = rows[0]["samples"] if rows[0]["concurrency"] == 1 else []
             tpots = [x["tpot_s"] for x in s if x.get("tpot_s") is not None]
             model = None
             if tpots and not sweep.get("backend"):
@@ -195,11 +233,12 @@ def configurations(sweep: dict, slo: SLO, where: str) -> list[Configuration]:
     return configs
 
 
-def workload_of(sweep: dict, mode: str | None = None) -> tuple[Measured, Measured]:
-    """The lengths the sweep's requests had (of `mode`'s rows, or all): tokens prefilled (the prompt less what the
-    prefix cache held, where the sweep recorded it) and tokens out."""
+def workload_of(sweep: dict, mode: str | None = None, prefilled: bool = True) -> tuple[Measured, Measured]:
+    """The lengths the sweep's requests had (of `mode`'s rows, or all): prompt tokens, less what the prefix cache
+    held where the sweep recorded it (`prefilled`, what the model runs; else the prompts as sent), and tokens out."""
     samples = [s for r in sweep["rows"] if mode in (None, r.get("mode")) for s in r["samples"]]
-    return (Measured(tuple(s["prompt_tokens"] - (s.get("cached_tokens") or 0) for s in samples)),
+    cached = [(s.get("cached_tokens") or 0) if prefilled else 0 for s in samples]
+    return (Measured(tuple(s["prompt_tokens"] - c for s, c in zip(samples, cached))),
             Measured(tuple(s["output_tokens"] for s in samples)))
 
 
@@ -289,6 +328,11 @@ def limit_of(config: Configuration, best: Level | None, slo: SLO | None) -> str:
     return f"at N={failing.concurrency}: {', '.join(why)}" + (f"; {'; '.join(cause)}" if cause else "")
 
 
+def replicas_for(target: float, per_replica: float, headroom: float) -> int:
+    """ceil(target x (1 + headroom) / per replica), rounded first so that 50 x 1.1 / 11 is 5, not 6."""
+    return math.ceil(round(target * (1 + headroom) / per_replica, 9))
+
+
 def plan(sweep: dict, profile: Profile, target: Target, where: str = "sweep") -> list[PlanRow]:
     """One row per configuration in `sweep`, cheapest first."""
     slo = profile.slo
@@ -298,39 +342,45 @@ def plan(sweep: dict, profile: Profile, target: Target, where: str = "sweep") ->
     for config in configurations(sweep, judge, where):
         top = max(config.levels, key=lambda lv: lv.output_tok_s)
         max_tok_s = top.output_tok_s
-        per_mtok_max = target.price_per_hour / (max_tok_s * 3600) * 1e6 if max_tok_s > 0 else math.inf
+        per_mtok_max = target.price_per_hour / (max_tok_s * 3600) * 1e6 if max_tok_s > 0 else None
         if slo is None:  # throughput decides: the replica runs at its highest measured throughput
             best = top
         else:
             meeting = [lv for lv in config.levels if lv.at.meet(slo)]
             best = max(meeting, key=lambda lv: lv.concurrency) if meeting else None
-        if slo is not None and best is None:  # the model has no step-time jitter: it never overrules a measured miss
+        if slo is not None and best is None:  # the model never overrules a measured miss
             users = rate = None
         elif slo is not None and config.model is not None:
             users, rate = max_users(config, sweep, slo, think), max_rate(config, sweep, slo)
         else:  # no model (or no SLO): the best measured level, its users thinking as the profile says
-            users = math.floor(best.concurrency * (best.e2e_mean_s + think) / best.e2e_mean_s) if best else None
-            rate = best.req_s if best and slo is None else None
-        tok_s = None
-        replicas = None
-        if target.users is not None and users:
-            tok_s = best.output_tok_s if config.model is None or slo is None else users_tok_s(config, sweep, users, think)
-            replicas = math.ceil(target.users * (1 + target.headroom) / users)
-        elif target.rate is not None and rate:
-            mean_out = sum(s["output_tokens"] for r in sweep["rows"] for s in r["samples"]) / sum(
-                len(r["samples"]) for r in sweep["rows"])
-            tok_s = rate * mean_out
-            replicas = math.ceil(target.rate * (1 + target.headroom) / rate)
+            users = math.floor(best.concurrency * (best.e2e_mean_s + think) / best.e2e_mean_s)
+            rate = best.req_s if slo is None else None
+        tok_s = replicas = unmet = None
+        if best is None:
+            unmet = "meets the SLO at no measured level"
+        elif target.users is not None:
+            if users:
+                tok_s = best.output_tok_s if config.model is None or slo is None else users_tok_s(config, sweep, users, think)
+                replicas = replicas_for(target.users, users, target.headroom)
+            else:
+                unmet = "by the model, misses the SLO even with one user"
+        elif rate:
+            tok_s = rate * workload_of(sweep, config.mode)[1].mean
+            replicas = replicas_for(target.rate, rate, target.headroom)
+        else:
+            unmet = ("has no rate: the sweep has no step times to model Poisson arrivals with (a sweep taken with "
+                     "--backend); plan it with --users" if config.model is None else
+                     "by the model, misses the SLO at any rate")
         per_hour = replicas * target.price_per_hour if replicas else None
         rows.append(PlanRow(
             configuration=config.name, mode=config.mode, best_level=best.concurrency if best else None,
             users_per_replica=users, rate_per_replica=rate, tok_s_per_replica=tok_s, replicas=replicas,
             cost_per_hour=per_hour, cost_per_month=per_hour * HOURS_PER_MONTH if per_hour else None,
             cost_per_mtok_at_slo=target.price_per_hour / (tok_s * 3600) * 1e6 if tok_s else None,
-            cost_per_mtok_max=per_mtok_max, max_tok_s=max_tok_s, limit=limit_of(config, best, slo),
+            cost_per_mtok_max=per_mtok_max, max_tok_s=max_tok_s, limit=limit_of(config, best, slo), unmet=unmet,
             checks=check_model(config, sweep, judge),
         ))
-    return sorted(rows, key=lambda r: (r.cost_per_hour is None, r.cost_per_hour or 0, r.cost_per_mtok_max))
+    return sorted(rows, key=lambda r: (r.cost_per_hour is None, r.cost_per_hour or 0, r.cost_per_mtok_max or math.inf))
 
 
 def answer(rows: list[PlanRow], profile: Profile, target: Target) -> str:
@@ -338,11 +388,10 @@ def answer(rows: list[PlanRow], profile: Profile, target: Target) -> str:
     who = f"{target.users:,} users" if target.users is not None else f"{target.rate:g} requests/s"
     meeting = [r for r in rows if r.replicas]
     if not meeting:
-        return (f"no measured configuration meets profile {profile.name}'s SLO even for one user: "
-                f"see each row's limit")
+        return f"profile {profile.name}, {who}: no plan; " + "; ".join(f"{r.configuration} {r.unmet}" for r in rows)
     best = meeting[0]
     line = (f"profile {profile.name}, {who}: {best.configuration}, {best.replicas} replica{'s' * (best.replicas != 1)}, "
             f"{target.unit}{best.cost_per_month:,.0f}/month, {target.unit}{best.cost_per_mtok_at_slo:.2f} per 1M output tokens")
     others = [f"{r.configuration} costs {r.cost_per_hour / best.cost_per_hour:.1f}x" for r in meeting[1:]]
-    missing = [f"{r.configuration} meets it at no measured level" for r in rows if not r.replicas]
+    missing = [f"{r.configuration} {r.unmet}" for r in rows if not r.replicas]
     return "; ".join([line, *others, *missing])

@@ -4,11 +4,11 @@ A sweep measures N users back to back. A deployment sees Poisson arrivals, users
 k replicas behind a balancer; queueing then sets the tail of TTFT. This module replays such traffic through a model
 of the engine: one step at a time, scheduled as engine/scheduler.py does (running sequences first, one token
 each; then waiting prompts admitted into what is left of the token budget, cut into chunks or whole), each step
-lasting what `StepModel` (fitted to the sweep's measured steps) says. Requests arriving during a step wait for the
-next, as in the engine. Prefix-cache hits enter as measured: the prompt lengths given are the tokens that were
-prefilled. Not modelled: KV-cache exhaustion and preemption, speculation's variance (latency mode's tokens come at
-its measured mean time per token). Pure Python, no engine: the planner and
-its tests run it anywhere.
+lasting what `StepModel` (fitted to the sweep's measured steps) says, times the measured steps' own variation
+replayed in order. Requests arriving during a step wait for the next, as in the engine. Prefix-cache hits enter as
+measured: the prompt lengths given are the tokens that were prefilled. Not modelled: KV-cache exhaustion and
+preemption; latency mode's variation (its tokens come at its measured mean time per token, so its p99 TPOT comes
+out low). Pure Python, no engine: the planner and its tests run it anywhere.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import heapq
 import math
 import random
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from engine.metrics import percentile
 from engine.stats import SLO
-from serve.loadgen import Lengths
+from serve.loadgen import Lengths, Measured
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,9 @@ class StepModel:
     prefill_s: float = 0.0
     mixed_s: float = 0.0
     per_prefill_token_s: float = 0.0
+    # measured / modelled seconds of every measured step, in the order they ran: a replica replays them from a
+    # random point, so a machine's slow spells (which set the p99s) come in runs, as they came (empty: none)
+    jitter: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.decode or [d for d, _ in self.decode] != sorted({d for d, _ in self.decode}) or self.decode[0][0] < 1:
@@ -78,7 +81,7 @@ class StepModel:
         decode_only = cls(tuple(points))
         prefill = [(d, p, sec - decode_only.decode_seconds(max(d, 1))) for d, p, sec in samples if p > 0]
         if not prefill:
-            return decode_only
+            return decode_only.with_jitter(samples)
         x = np.array([[0.0 if d else 1.0, 1.0 if d else 0.0, float(p)] for d, p, _ in prefill])
         y = np.array([r for _, _, r in prefill])
         keep = [i for i in range(3) if x[:, i].any()]
@@ -89,7 +92,11 @@ class StepModel:
                 break
             keep.pop(int(np.argmin(coef)))
         terms = dict.fromkeys(range(3), 0.0) | dict(zip(keep, coef.tolist()))
-        return cls(tuple(points), terms[0], terms[1], terms[2])
+        return cls(tuple(points), terms[0], terms[1], terms[2]).with_jitter(samples)
+
+    def with_jitter(self, samples: list[tuple[int, int, float]]) -> StepModel:
+        """This model with the measured steps' ratios to it, in their order."""
+        return replace(self, jitter=tuple(sec / self.seconds(d, p) for d, p, sec in samples if self.seconds(d, p) > 0))
 
     @classmethod
     def batch_one(cls, prompt_tokens: list[int], ttfts: list[float], tpot_s: float) -> StepModel:
@@ -148,6 +155,7 @@ class Replica:
     running: list[SimRequest] = field(default_factory=list)
     batch: list[tuple[SimRequest, int]] = field(default_factory=list)
     busy_until: float = math.inf  # when the step in progress ends (inf: idle)
+    jitter_at: int = 0  # where this replica is in the step model's measured jitter
 
     @property
     def outstanding(self) -> int:
@@ -177,9 +185,19 @@ class Replica:
             prefilling |= n > 1
         self.batch = batch
         decodes = sum(n == 1 for _, n in batch)
-        self.busy_until = now + m.step.seconds(decodes, sum(n for _, n in batch if n > 1)) if batch else math.inf
+        if not batch:
+            self.busy_until = math.inf
+            return
+        seconds = m.step.seconds(decodes, sum(n for _, n in batch if n > 1))
+        if m.step.jitter:
+            seconds *= m.step.jitter[self.jitter_at % len(m.step.jitter)]
+            self.jitter_at += 1
+        self.busy_until = now + seconds
 
     def _chunk(self, r: SimRequest, budget: float, prefilling: bool) -> int:
+        """As engine/scheduler.py's `_chunk`."""
+        if budget <= 0:
+            return 0
         pending = r.prompt_tokens - r.computed if r.computed < r.prompt_tokens else 1
         if self.model.chunked_prefill or pending == 1:
             return int(min(pending, budget))
@@ -206,24 +224,6 @@ class Replica:
 
 
 @dataclass(frozen=True)
-class Measured:
-    """Lengths drawn from measured values, uniformly with replacement (the same interface as Lengths)."""
-
-    values: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        if not self.values or min(self.values) < 0:
-            raise ValueError("measured lengths need at least one value, none negative")
-
-    @property
-    def mean(self) -> float:
-        return sum(self.values) / len(self.values)
-
-    def sample(self, rng: random.Random) -> int:
-        return self.values[rng.randrange(len(self.values))]
-
-
-@dataclass(frozen=True)
 class Traffic:
     """What arrives: lengths, and either a Poisson `rate` (requests/s) or `users` in a closed loop who think for
     an exponential `think_time_s` (mean) between a reply's end and their next request. `prompt_tokens` counts
@@ -240,6 +240,8 @@ class Traffic:
             raise ValueError("traffic is either a Poisson rate or a number of closed-loop users")
         if (self.rate is not None and not self.rate > 0) or (self.users is not None and self.users < 1):
             raise ValueError(f"the rate and the users must be positive, got {self}")
+        if not self.think_time_s >= 0:
+            raise ValueError(f"the think time must be >= 0 s, got {self.think_time_s}")
 
 
 def simulate(model: EngineModel, traffic: Traffic, requests: int = 2000, replicas: int = 1, seed: int = 0,
@@ -252,7 +254,7 @@ def simulate(model: EngineModel, traffic: Traffic, requests: int = 2000, replica
                for _ in range(requests)]
     gaps = [rng.expovariate(1.0) for _ in range(requests)]
     think_rng = random.Random(seed + 1)
-    pool = [Replica(model) for _ in range(replicas)]
+    pool = [Replica(model, jitter_at=rng.randrange(max(1, len(model.step.jitter)))) for _ in range(replicas)]
     arrivals: list[tuple[float, int, int]] = []  # heap of (time, order, user)
     drawn = 0
 
@@ -313,8 +315,12 @@ class Percentiles:
 
 
 def percentiles(done: list[SimRequest], q: float) -> Percentiles:
+    if not done:
+        raise ValueError("no simulated request finished: simulate more requests (the first tenth are warm-up)")
     tpots = [r.tpot for r in done if r.tpot is not None]
     span = max(r.last for r in done) - min(r.arrival for r in done)
+    if span <= 0:
+        raise ValueError("the simulated requests took no time: a step model of zero seconds")
     return Percentiles(percentile([r.ttft for r in done], q), percentile(tpots, q) if tpots else None,
                        percentile([r.e2e for r in done], q), sum(r.output_tokens for r in done) / span)
 

@@ -133,3 +133,21 @@ def test_a_sequence_the_cache_can_never_hold_fails_with_a_clear_error(tokenizer)
     assert not sched.has_work()
     with pytest.raises(EngineError, match="needs 8 KV blocks; the cache has 4"):
         list(seq.stream)
+
+
+def test_a_cached_prompt_waits_when_an_unsplit_prompt_took_the_budget(tokenizer):
+    """A prompt whose every token but one is in the prefix cache has one pending token; when an unsplit prompt has
+    already overrun the step's budget it must wait (it once got a negative count, which moved its cache backwards)."""
+    sched = Scheduler(BlockManager(64, 4), 1024, BatchPolicy(max_batch_size=8, token_budget=10, chunked_prefill=False))
+    first = make_seq(tokenizer, 8, 40, first=2000)
+    sched.add(first)
+    step(sched)  # its two full blocks are in the prefix cache now
+    long = make_seq(tokenizer, 30, 5, first=5000)
+    ids = list(range(2000, 2009))  # first's 8 tokens and one more
+    cached = Sequence(Stream(Request(prompt_ids=ids, sampling=SamplingParams(max_tokens=5, ignore_eos=True)), None),
+                      ids, tokenizer)
+    sched.add(long)
+    sched.add(cached)
+    assert step(sched) == [(first, 1), (long, 30)]
+    assert step(sched) == [(first, 1), (long, 1), (cached, 1)]
+    check_blocks(sched)

@@ -81,3 +81,24 @@ def test_overload_is_counted_and_the_users_keep_going(tiny_loaded):
     assert lg.failed == 0
     with pytest.raises(RuntimeError, match="not running"):
         lg.resize(2)
+
+
+def test_open_loop_arrivals_stop_after_their_count_and_stop_cancels_the_rest(tiny_engine):
+    workload = Workload(Lengths(40, 10, 20, 60), Lengths(20, 5, 10, 30), think_time_s=0.0)
+    lg = LoadGenerator(tiny_engine, workload, seed=2)
+    lg.start_rate(500.0, requests=25)
+    try:
+        with pytest.raises(RuntimeError, match="open-loop rate"):
+            lg.resize(3)
+        wait_until(lambda: len(lg.completed) + lg.rejected + lg.failed >= 25 and in_flight(lg) == 0)
+        assert len(lg.submitted) == 25 and lg.failed == 0  # no 26th: the arrivals stopped at their count
+    finally:
+        lg.stop()
+    endless = LoadGenerator(tiny_engine, Workload(Lengths(40), Lengths(200), think_time_s=0.0), seed=3)
+    endless.start_rate(200.0)
+    try:
+        wait_until(lambda: in_flight(endless) >= 2)  # arrivals do not wait for replies
+    finally:
+        endless.stop()
+    wait_until(lambda: in_flight(endless) == 0)  # stop cancels whatever was in flight
+    assert endless.rate is None and any(m.finish_reason == "cancelled" for m in endless.submitted)

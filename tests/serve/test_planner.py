@@ -3,13 +3,14 @@
 import copy
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 
 from engine.stats import SLO
 from serve.loadgen import Lengths, Workload
-from serve.planner import HOURS_PER_MONTH, PlanError, Target, answer, check_model, configurations, plan, read_sweep
+from serve.planner import HOURS_PER_MONTH, PlanError, Target, answer, check_model, configurations, plan, read_sweep, replicas_for
 from serve.profiles import Profile
 from tradeoff.cli import main
 
@@ -74,7 +75,21 @@ def test_nothing_meets_the_slo():
     rows = [level(1, 0.6, 0.03, 2.0, 30)]
     ranked = plan(sweep(rows), profile(), Target(users=5, price_per_hour=1.0))
     assert ranked[0].replicas is None and ranked[0].best_level is None
-    assert answer(ranked, profile(), Target(users=5, price_per_hour=1.0)).startswith("no measured configuration meets")
+    assert answer(ranked, profile(), Target(users=5, price_per_hour=1.0)) == (
+        "profile t, 5 users: no plan; batched (max batch 32, budget 64) meets the SLO at no measured level")
+
+
+def test_a_rate_needs_step_times_and_the_answer_says_so():
+    target = Target(rate=3.0, price_per_hour=1.0)
+    (row,) = plan(sweep(LEVELS), profile(), target)  # a --backend sweep: levels meet the SLO, but no model
+    assert row.best_level == 4 and row.replicas is None and "plan it with --users" in row.unmet
+    assert answer([row], profile(), target).startswith("profile t, 3 requests/s: no plan; batched (max batch 32, "
+                                                        "budget 64) has no rate: the sweep has no step times")
+
+
+def test_replicas_are_not_inflated_by_rounding():
+    assert replicas_for(50, 11, 0.1) == 5  # 50 x 1.1 is 55.000000000000007 in floating point
+    assert replicas_for(56, 11, 0.0) == 6 and replicas_for(500, 4, 0.2) == 150
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -104,6 +119,24 @@ def test_bad_sweep_files(tmp_path):
     (tmp_path / "old.json").write_text(json.dumps(old))
     with pytest.raises(PlanError, match="no per-request samples"):
         read_sweep(tmp_path / "old.json")
+    for i, (mutate, why) in enumerate([
+            (lambda r: r.pop("req_s"), "row 0 (batched N=1) has no number req_s"),
+            (lambda r: r.update(output_tok_s=None), "has no number output_tok_s"),
+            (lambda r: r.update(mode="turbo"), "has mode 'turbo'"),
+            (lambda r: r.update(samples={"a": 1}), "samples that are not a list"),
+            (lambda r: r["samples"][3].pop("prompt_tokens"), "sample 3 lacks integer prompt/output tokens"),
+            (lambda r: r["samples"][0].update(ttft_s=None), "sample 0 lacks"),
+            (lambda r: r.update(steps=[[1, 0, None]]), "steps that are not"),
+    ]):
+        broken = copy.deepcopy(sweep(LEVELS))
+        mutate(broken["rows"][0])
+        (tmp_path / f"broken{i}.json").write_text(json.dumps(broken))
+        with pytest.raises(PlanError, match=re.escape(why)):
+            read_sweep(tmp_path / f"broken{i}.json")
+    odd_policy = copy.deepcopy(sweep(LEVELS))
+    odd_policy["policy"]["token_budget"] = -3
+    with pytest.raises(PlanError, match="not one the engine runs"):
+        plan(odd_policy, profile(), Target(users=5, price_per_hour=1.0))
     (tmp_path / "ok.json").write_text(json.dumps(sweep(LEVELS)))
     with pytest.raises(PlanError, match="measured model 'smollm2-135m', not 'qwen'"):
         read_sweep(tmp_path / "ok.json", model="qwen")

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from serve.loadgen import Lengths
-from serve.queueing import EngineModel, StepModel, Traffic, highest, percentiles, simulate
+from serve.queueing import EngineModel, Replica, SimRequest, StepModel, Traffic, highest, percentiles, simulate
 
 
 @pytest.mark.parametrize("rho", [0.5, 0.7])
@@ -107,3 +107,23 @@ def test_percentiles_and_throughput_of_a_run():
     assert p.tpot_s == pytest.approx(0.05) and p.ttft_s == pytest.approx(0.05)
     assert math.isclose(p.e2e_s, 0.5)  # the prompt's step with the first token, 9 more steps
     assert p.output_tok_s == pytest.approx(4 / 0.05, rel=0.02)  # four users, a token each per step
+
+
+def test_nothing_more_runs_once_an_unsplit_prompt_overran_the_budget():
+    """As the engine's scheduler: a one-token prompt waits behind an unsplit prompt that took the whole budget."""
+    replica = Replica(EngineModel(StepModel(((1, 1.0),)), max_batch_size=4, token_budget=8, chunked_prefill=False))
+    long, short = SimRequest(0.0, 20, 2), SimRequest(0.0, 1, 2)
+    replica.waiting.extend([long, short])
+    replica.start_step(0.0)
+    assert replica.batch == [(long, 20)] and list(replica.waiting) == [short]
+
+
+def test_steps_replay_the_measured_jitter_in_order():
+    """Each step's time is the model's times the next measured ratio (from a random point, cyclically), so slow
+    spells come in runs as measured: here every step is twice, then three times, the model's second."""
+    model = EngineModel(StepModel(((1, 1.0),), jitter=(2.0, 2.0, 3.0, 3.0)), max_batch_size=4, token_budget=8)
+    (r,) = simulate(model, Traffic(Lengths(4), Lengths(4), users=1), requests=1, warmup=0.0, seed=0)
+    assert r.e2e == pytest.approx(10.0)  # four consecutive steps, whatever the offset: 2+2+3+3 in some rotation
+    fit = StepModel.fit([(1, 0, 0.1), (1, 0, 0.3), (2, 0, 0.2), (2, 0, 0.2), (1, 0, 0.2), (2, 0, 0.2)])
+    assert fit.decode == ((1, pytest.approx(0.2)), (2, pytest.approx(0.2)))
+    assert fit.jitter == pytest.approx((0.5, 1.5, 1.0, 1.0, 1.0, 1.0))  # measured / modelled, in the order run
