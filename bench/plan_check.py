@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict
 
 from bench.report import table, write_json
-from bench.sweep import run_level
+from bench.sweep import run_level, wait_for
 from engine import Engine
 from engine.loader import load
 from engine.metrics import percentile
@@ -37,8 +37,7 @@ def measure(engine: Engine, workload: Workload, rate: float, requests: int, cap_
     lg.start_rate(rate, requests=warm + requests)
     deadline = time.monotonic() + cap_s
     try:
-        while len(lg.completed) + lg.rejected + lg.failed < warm + requests and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: len(lg.completed) + lg.rejected + lg.failed >= warm + requests or time.monotonic() > deadline)
     finally:
         lg.stop()
     done = [m for m in lg.submitted[warm:] if m.finish_reason in ("stop", "length")]

@@ -47,6 +47,16 @@ class PagedSeq:
         return len(self.seq.prompt_ids) + len(self.seq.output_ids)
 
 
+def chunk(pending: int, budget: float, chunked_prefill: bool, prefilling: bool) -> int:
+    """How many of a sequence's `pending` tokens run in a step with `budget` tokens left (0: none); `prefilling`: a
+    prompt (or part of one) is in the step already. The one rule, for the scheduler and for serve/queueing.py's model."""
+    if budget <= 0:  # an unsplit prompt overran it: nothing more this step
+        return 0
+    if chunked_prefill or pending == 1:
+        return int(min(pending, budget))
+    return pending if pending <= budget or not prefilling else 0  # an unsplit prompt may overrun the budget alone
+
+
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_seq_len: int, policy: BatchPolicy):
         self.blocks = blocks
@@ -107,13 +117,7 @@ class Scheduler:
         return batch
 
     def _chunk(self, s: PagedSeq, policy: BatchPolicy, budget: int, prefilling: bool) -> int:
-        """How many of s's pending tokens run this step (0: none)."""
-        if budget <= 0:  # an unsplit prompt overran it: nothing more this step
-            return 0
-        pending = s.num_tokens - s.num_computed
-        if policy.chunked_prefill or pending == 1:
-            return min(pending, budget)
-        return pending if pending <= budget or not prefilling else 0  # an unsplit prompt may overrun the budget alone
+        return chunk(s.num_tokens - s.num_computed, budget, policy.chunked_prefill, prefilling)
 
     def _grow_or_preempt(self, s: PagedSeq, n: int) -> bool:
         """Make room for s's next n tokens, preempting the newest running sequences if needed; False if s itself was."""

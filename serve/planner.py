@@ -32,7 +32,7 @@ from engine.scheduler import BatchPolicy
 from engine.stats import SLO
 from serve.loadgen import Measured
 from serve.profiles import Profile
-from serve.queueing import EngineModel, Percentiles, StepModel, Traffic, highest, percentiles, simulate
+from serve.queueing import EngineModel, Percentiles, SimRequest, StepModel, Traffic, highest, percentiles, simulate
 
 HOURS_PER_MONTH = 730
 MAX_USERS = 10**9
@@ -242,14 +242,20 @@ def workload_of(sweep: dict, mode: str | None = None, prefilled: bool = True) ->
             Measured(tuple(s["output_tokens"] for s in samples)))
 
 
+def replay(config: Configuration, sweep: dict, requests: int, **traffic: float) -> list[SimRequest]:
+    """The configuration's model run on the sweep's own lengths, with this traffic (rate=, or users= and
+    think_time_s=)."""
+    prompts, outputs = workload_of(sweep, config.mode)
+    return simulate(config.model, Traffic(prompts, outputs, **traffic), requests=requests)
+
+
 def check_model(config: Configuration, sweep: dict, slo: SLO, requests: int = 600) -> tuple[ModelCheck, ...]:
     """The model replaying each measured level (N users back to back) against what was measured."""
     if config.model is None:
         return ()
-    prompts, outputs = workload_of(sweep, config.mode)
     checks = []
     for row in sorted((r for r in sweep["rows"] if r.get("mode") == config.mode), key=lambda r: r["concurrency"]):
-        done = simulate(config.model, Traffic(prompts, outputs, users=int(row["concurrency"])), requests=requests)
+        done = replay(config, sweep, requests, users=int(row["concurrency"]))
         ttfts = [s["ttft_s"] for s in row["samples"]]
         tpots = [s["tpot_s"] for s in row["samples"] if s.get("tpot_s") is not None]
         errors = []
@@ -265,21 +271,16 @@ def max_rate(config: Configuration, sweep: dict, slo: SLO, requests: int = 1500)
     """The highest Poisson rate (requests/s) one replica serves within the SLO, by the model."""
     if config.model is None:
         return None
-    prompts, outputs = workload_of(sweep, config.mode)
 
     def meets(rate: float) -> bool:
-        return percentiles(simulate(config.model, Traffic(prompts, outputs, rate=rate), requests=requests),
-                           slo.percentile).meet(slo)
+        return percentiles(replay(config, sweep, requests, rate=rate), slo.percentile).meet(slo)
 
-    guess = max(level.req_s for level in config.levels)
-    return highest(meets, guess)
+    return highest(meets, max(level.req_s for level in config.levels))
 
 
-def users_tok_s(config: Configuration, sweep: dict, users: int, think_s: float) -> float:
-    """Output tokens/s of one replica serving `users` who think `think_s`, by the model."""
-    prompts, outputs = workload_of(sweep, config.mode)
-    traffic = Traffic(prompts, outputs, users=users, think_time_s=think_s)
-    return percentiles(simulate(config.model, traffic, requests=max(1500, 20 * users)), 50).output_tok_s
+def users_replay(config: Configuration, sweep: dict, users: int, think_s: float) -> list[SimRequest]:
+    """The model serving `users` who think `think_s` on average between requests (enough requests for each)."""
+    return replay(config, sweep, max(1500, 20 * users), users=users, think_time_s=think_s)
 
 
 def max_users(config: Configuration, sweep: dict, slo: SLO, think_s: float) -> int | None:
@@ -287,11 +288,9 @@ def max_users(config: Configuration, sweep: dict, slo: SLO, think_s: float) -> i
     SLO, by the model (users who think collide: more queueing than the same load back to back)."""
     if config.model is None:
         return None
-    prompts, outputs = workload_of(sweep, config.mode)
 
     def meets(users: int) -> bool:
-        traffic = Traffic(prompts, outputs, users=users, think_time_s=think_s)
-        return percentiles(simulate(config.model, traffic, requests=max(1500, 20 * users)), slo.percentile).meet(slo)
+        return percentiles(users_replay(config, sweep, users, think_s), slo.percentile).meet(slo)
 
     return highest(meets, max(level.concurrency for level in config.levels), integer=True)
 
@@ -360,7 +359,8 @@ def plan(sweep: dict, profile: Profile, target: Target, where: str = "sweep") ->
             unmet = "meets the SLO at no measured level"
         elif target.users is not None:
             if users:
-                tok_s = best.output_tok_s if config.model is None or slo is None else users_tok_s(config, sweep, users, think)
+                tok_s = (best.output_tok_s if config.model is None or slo is None
+                         else percentiles(users_replay(config, sweep, users, think), 50).output_tok_s)
                 replicas = replicas_for(target.users, users, target.headroom)
             else:
                 unmet = "by the model, misses the SLO even with one user"

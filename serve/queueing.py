@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from engine.metrics import percentile
+from engine.scheduler import chunk
 from engine.stats import SLO
 from serve.loadgen import Lengths, Measured
 
@@ -195,13 +196,8 @@ class Replica:
         self.busy_until = now + seconds
 
     def _chunk(self, r: SimRequest, budget: float, prefilling: bool) -> int:
-        """As engine/scheduler.py's `_chunk`."""
-        if budget <= 0:
-            return 0
         pending = r.prompt_tokens - r.computed if r.computed < r.prompt_tokens else 1
-        if self.model.chunked_prefill or pending == 1:
-            return int(min(pending, budget))
-        return pending if pending <= budget or not prefilling else 0
+        return chunk(pending, budget, self.model.chunked_prefill, prefilling)
 
     def finish_step(self) -> list[SimRequest]:
         """End the step in progress at `busy_until`: tokens out; returns the requests that finished."""
@@ -272,6 +268,7 @@ def simulate(model: EngineModel, traffic: Traffic, requests: int = 2000, replica
     else:
         for u in range(traffic.users):
             arrive(0.0, u)
+
     def admit(until: float, scheduling: Replica | None = None) -> None:
         """Hand the arrivals up to `until` to the replica with the fewest outstanding requests; one that is idle
         starts a step (except `scheduling`, whose next step the caller starts once they are in)."""
