@@ -20,7 +20,6 @@ for other servers one request in flight at a time (serve/remote.py).
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from dataclasses import asdict, replace
 
@@ -28,11 +27,12 @@ import torch
 
 from bench.report import table, write_json
 from engine import Backend, Controls, Engine
-from engine.batched import PHASES, StepProfile
+from engine.batched import PHASES
 from engine.loader import load
 from engine.scheduler import BatchPolicy
-from engine.stats import SLO, summarize
+from engine.stats import SLO
 from serve.cli import add_backend_args, remote_from
+from serve.levels import level_row, min_requests
 from serve.loadgen import Lengths, LoadGenerator, Workload
 from serve.profiles import load_profile
 
@@ -42,27 +42,6 @@ SCHEDULER_PHASES = ("schedule", "prepare", "update")
 def preemptions(engine: Backend) -> int | None:
     kv = engine.snapshot().state.kv
     return kv.preemptions if kv is not None else None
-
-
-def min_requests(slo: SLO | None) -> int:
-    """Completed requests a level needs before its percentile means something: 1 / (1 - q) for the SLO's
-    percentile q (100 for p99: the p99 is then more than a maximum), and at least 20."""
-    q = (slo.percentile if slo else 50) / 100
-    return max(20, math.ceil(1 / (1 - q) - 1e-9))
-
-
-def percentile_ci(values: list[float], q: float, z: float = 1.96) -> tuple[float, float] | None:
-    """A distribution-free 95% interval for the q-th percentile: the order statistics at ranks n*p -+ z*sqrt(n*p*(1-p))
-    (the binomial's normal approximation). None when the upper rank falls past the largest value: too few samples."""
-    n, p = len(values), q / 100
-    if n == 0:
-        return None
-    half = z * math.sqrt(n * p * (1 - p))
-    lo, hi = math.floor(n * p - half), math.ceil(n * p + half)
-    if hi >= n:
-        return None
-    ordered = sorted(values)
-    return ordered[max(lo, 0)], ordered[hi]
 
 
 def run_level(engine: Backend, concurrency: int, workload: Workload, slo: SLO, wanted: int, cap_s: float,
@@ -78,44 +57,23 @@ def run_level(engine: Backend, concurrency: int, workload: Workload, slo: SLO, w
         warm = len(lg.completed)
         start = time.monotonic()
         mode = engine.snapshot().state.mode
-        # where batched mode's step time goes: only an engine in this process can say (its runner's profile)
-        runner = engine.runner if isinstance(engine, Engine) and mode == "batched" else None
+        # where batched mode's step time goes: only an engine in this process can say
+        profile = engine.record_steps() if isinstance(engine, Engine) and mode == "batched" else None
         preempted = preemptions(engine)
-        if runner is not None:
-            runner.profile = StepProfile(samples=[])
         wait_for(lambda: len(lg.completed) - warm >= wanted or time.monotonic() > deadline)
         end = time.monotonic()
-        profile = runner.profile if runner is not None else None
         if preempted is not None:
             preempted = preemptions(engine) - preempted
     finally:
         lg.stop()
-    s = summarize(lg.submitted, start, end, slo)
-    measured = [m for m in lg.submitted if m.finish_reason in ("stop", "length") and m.emissions
-                and start <= m.emissions[-1][0] <= end]
-    row = {
-        "mode": mode, "concurrency": concurrency, "requests": s.finished, "duration_s": end - start,
-        "capped": s.finished < wanted, "req_s": s.req_s, "output_tok_s": s.output_tok_s,
-        "tok_s_per_user": s.tok_s_per_user, "goodput_req_s": s.goodput_req_s, "slo_attained": s.slo_attained,
-        "rejected": lg.rejected, "preemptions": preempted,
-    }
-    for name in ("ttft", "tbt", "e2e"):
-        for stat in ("mean", "p50", "p99"):
-            row[f"{name}_{stat}_s"] = getattr(getattr(s, f"{name}_s"), stat)
-    ci = percentile_ci([m.ttft for m in measured], slo.percentile)
-    row[f"ttft_p{slo.percentile:g}_ci_s"] = list(ci) if ci else None
-    # every request measured, so that any percentile can be recomputed and a model checked against them
-    row["samples"] = [{"prompt_tokens": m.prompt_tokens, "cached_tokens": m.cached_tokens,
-                       "output_tokens": m.output_tokens, "ttft_s": m.ttft,
-                       "tpot_s": m.tpot, "e2e_s": m.e2e, "queue_s": m.queue_time} for m in measured]
+    row = level_row(mode, concurrency, lg.submitted, start, end, slo, wanted,
+                    steps=profile.samples if profile is not None else None, preemptions=preempted, rejected=lg.rejected)
     if profile is not None and profile.steps:
         total = sum(profile.seconds.values())
         row["batch_mean"] = profile.sequences / profile.steps
         row["tokens_per_step"] = profile.tokens / profile.steps
-        row["step_ms"] = total / profile.steps * 1000
         row["phase_ms"] = {p: profile.seconds[p] / profile.steps * 1000 for p in PHASES}
         row["scheduler_pct"] = 100 * sum(profile.seconds[p] for p in SCHEDULER_PHASES) / total
-        row["steps"] = [list(x) for x in profile.samples]  # (decode rows, prefill tokens, seconds) per step
     return row
 
 

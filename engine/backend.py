@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from typing import Protocol
 
 from engine.metrics import RequestMetrics
+from engine.scheduler import BatchPolicy
 from engine.sequence import Request, Stream
 from engine.snapshot import Snapshot
 from engine.tokenizer import Tokenizer
@@ -71,6 +72,7 @@ class Backend(Protocol):
     name: str  # the model's name, as /v1/models lists it
     max_seq_len: int | None  # the context in tokens; None when the server does not say
     tokenizer: Tokenizer | None  # None for a remote server given no local tokenizer
+    policy: BatchPolicy  # batched mode's scheduling (a server that is not tradeoff: the admission emulated here)
     # called with a request's final metrics as it ends, on the backend's own thread
     finish_listeners: list[Callable[[RequestMetrics], None]]
 

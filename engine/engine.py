@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from engine.backend import ControlError, Controls, check_mode
-from engine.batched import BatchedRunner, batched_model, cuda_dtype
+from engine.batched import BatchedRunner, StepProfile, batched_model, cuda_dtype
 from engine.latency import LatencyRunner
 from engine.loader import LoadedModel, load
 from engine.machine import cpu
@@ -111,6 +111,7 @@ class Engine:
         self._cuda_graphs = cuda_graphs  # for the batched runner, built later
         self._batched_model = batched_model(loaded, self.model, self.quant, self.batched_dtype)
         self._batched: BatchedRunner | None = None  # built on first use: its KV pool is large
+        self._step_profile = StepProfile()  # where batched mode's steps are timed (`record_steps` restarts it)
         self.runner: LatencyRunner | BatchedRunner = self._latency
         self.mode = "latency"  # the mode the worker runs now (worker-owned; read it through `snapshot`)
         self._switch(check_mode(mode))
@@ -183,6 +184,15 @@ class Engine:
     def clear_cache(self) -> None:
         """Drop cached k/v so the next request prefills from scratch (benchmarks use it)."""
         self._inbox.put("clear_cache")
+
+    def record_steps(self) -> StepProfile:
+        """Restart the timing of batched mode's steps, keeping each step's (decode rows, prefill tokens, seconds),
+        and return the record, which fills as batched mode runs (now, or once a control switches to it). What a
+        model of the step time is fitted to: the sweep and the dashboard call it as a load level begins."""
+        profile = self._step_profile = StepProfile(samples=[])
+        if self._batched is not None:
+            self._batched.profile = profile  # the worker reads it as each step begins
+        return profile
 
     def control(self, controls: Controls) -> None:
         """Change mode, speculation and batched mode's policy, all or nothing: every part is checked first
@@ -280,6 +290,7 @@ class Engine:
         if mode == "batched" and self._batched is None:
             self._batched = BatchedRunner(self._batched_model, self.max_seq_len, self.policy, self.kv_cache_tokens,
                                           cuda_graphs=self._cuda_graphs)
+            self._batched.profile = self._step_profile
         target = self._batched if mode == "batched" else self._latency
         for seq in self.runner.take_all():
             target.add(seq)

@@ -32,7 +32,17 @@ from engine.scheduler import BatchPolicy
 from engine.stats import SLO
 from serve.loadgen import Measured
 from serve.profiles import Profile
-from serve.queueing import EngineModel, Percentiles, SimRequest, StepModel, Traffic, highest, percentiles, simulate
+from serve.queueing import (
+    EngineModel,
+    Percentiles,
+    SimRequest,
+    StepModel,
+    Traffic,
+    highest,
+    keeps_up,
+    percentiles,
+    simulate,
+)
 
 HOURS_PER_MONTH = 730
 MAX_USERS = 10**9
@@ -273,7 +283,10 @@ def max_rate(config: Configuration, sweep: dict, slo: SLO, requests: int = 1500)
         return None
 
     def meets(rate: float) -> bool:
-        return percentiles(replay(config, sweep, requests, rate=rate), slo.percentile).meet(slo)
+        done = replay(config, sweep, requests, rate=rate)
+        # and it keeps up: past its capacity the queue grows without end, and a finite run's percentiles (bounded by
+        # its length) could still pass a loose SLO
+        return percentiles(done, slo.percentile).meet(slo) and keeps_up(done)
 
     return highest(meets, max(level.req_s for level in config.levels))
 
@@ -332,8 +345,9 @@ def replicas_for(target: float, per_replica: float, headroom: float) -> int:
     return math.ceil(round(target * (1 + headroom) / per_replica, 9))
 
 
-def plan(sweep: dict, profile: Profile, target: Target, where: str = "sweep") -> list[PlanRow]:
-    """One row per configuration in `sweep`, cheapest first."""
+def plan(sweep: dict, profile: Profile, target: Target, where: str = "sweep", checks: bool = True) -> list[PlanRow]:
+    """One row per configuration in `sweep`, cheapest first; with `checks`, each carries the model's replay of the
+    measured levels against them (the dashboard, re-planning as levels fill in, skips it)."""
     slo = profile.slo
     judge = slo or SLO()
     think = profile.workload.think_time_s
@@ -378,7 +392,7 @@ def plan(sweep: dict, profile: Profile, target: Target, where: str = "sweep") ->
             cost_per_hour=per_hour, cost_per_month=per_hour * HOURS_PER_MONTH if per_hour else None,
             cost_per_mtok_at_slo=target.price_per_hour / (tok_s * 3600) * 1e6 if tok_s else None,
             cost_per_mtok_max=per_mtok_max, max_tok_s=max_tok_s, limit=limit_of(config, best, slo), unmet=unmet,
-            checks=check_model(config, sweep, judge),
+            checks=check_model(config, sweep, judge) if checks else (),
         ))
     return sorted(rows, key=lambda r: (r.cost_per_hour is None, r.cost_per_hour or 0, r.cost_per_mtok_max or math.inf))
 

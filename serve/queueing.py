@@ -322,6 +322,14 @@ def percentiles(done: list[SimRequest], q: float) -> Percentiles:
                        percentile([r.e2e for r in done], q), sum(r.output_tokens for r in done) / span)
 
 
+def keeps_up(done: list[SimRequest], share: float = 0.99) -> bool:
+    """Did the replica keep up with the arrivals? Then the last request ends soon after the last arrival, and the
+    arrivals span nearly all the run. Past capacity (load rho > 1) the backlog stretches the run to rho x the arrivals'
+    span: this fails from rho ~ 1.01, and, conservatively, for stable queues whose waits reach 1% of the run."""
+    first = min(r.arrival for r in done)
+    return max(r.arrival for r in done) - first >= share * (max(r.last for r in done) - first)
+
+
 def highest(meets, guess: float, integer: bool = False, steps: int = 14) -> float | None:
     """The largest x > 0 for which `meets(x)` holds, assuming it holds below some point and fails above: from
     `guess`, doubled or halved (up to 2^10 x) to bracket the point, then bisected. None: it fails even at guess/2^10

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
 from engine import Backend, Controls, Engine
@@ -23,9 +23,11 @@ from engine.gguf_convert import converted_folder
 from engine.loader import load_tokenizer
 from engine.registry import DEFAULT_MODEL, REGISTRY, cache_dir, local_file
 from engine.setup import DTYPES
-from serve.loadgen import LoadGenerator
+from serve.loadgen import LoadGenerator, Workload
+from serve.profiles import PROFILES, Profile
 from serve.remote import RemoteEngine
 from tui.model import RECENT_S, USER_LEVELS, Sample
+from tui.planning import LevelReading
 
 Progress = Callable[[int, int, str], None]  # (stage, stages, line of output)
 
@@ -48,6 +50,11 @@ class Options:
     backend: str | None = None  # an OpenAI-compatible server to run the LLM on (openai://HOST:PORT/v1)
     api_key_env: str = "OPENAI_API_KEY"  # where the backend's key is
     backend_model: str | None = None
+    profile: Profile = field(default_factory=lambda: PROFILES["chat"])  # the synthetic users' lengths and the SLO
+    plan_users: int = 500  # the planner panel's target
+    price_per_hour: float | None = None  # of one replica; None: the panel gives replicas, not costs
+    sweep_users: tuple[int, ...] = (1, 2, 4, 8, 16)  # the auto-sweep's batched ladder (after latency mode at 1)
+    level_s: float = 300.0  # the auto-sweep's time cap per level
 
 
 def needs_fetch(model: str) -> bool:
@@ -79,8 +86,11 @@ class Controller:
         self.engine = engine
         self._owns_engine = engine is None
         self.loadgen: LoadGenerator | None = None
+        self.profile = options.profile  # the active workload profile (`set_profile` changes it)
         self.started = time.monotonic()
         self.level_start = self.started  # the last change of mode or load: the headline numbers start here
+        self._level_first = 0  # the first of the load generator's requests sent in this level
+        self._steps = None  # this level's record of batched steps (an engine in this process)
         # controls apply in order on one thread: a remote engine's take a network round trip, which must not
         # hold the UI; a failure goes to `on_error` (the dashboard shows it)
         self._controls = ThreadPoolExecutor(max_workers=1, thread_name_prefix="controls")
@@ -118,9 +128,9 @@ class Controller:
         progress(3, self.STAGES, "starting synthetic users ...")
         if not o.connect:  # attached to a server, the dashboard takes the mode it is in
             engine.control(Controls(mode=o.mode))
-        self.loadgen = LoadGenerator(engine)
+        self.loadgen = LoadGenerator(engine, self.workload())
         self.loadgen.start(o.users)
-        self.level_start = time.monotonic()
+        self._changed()
 
     def _fetch_model(self, progress: Progress) -> None:
         """`tradeoff fetch MODEL` in a child process, its output (pip, tqdm) shown line by line, so the
@@ -173,7 +183,24 @@ class Controller:
         else:
             level = engine.snapshot(now - level_start)
             recent = engine.snapshot(RECENT_S)
-        return Sample.from_snapshots(now - self.started, level, recent, self.users, now - level_start)
+        return Sample.from_snapshots(now - self.started, level, recent, self.users, now - level_start,
+                                     self.profile.name, self.profile.slo)
+
+    def level(self) -> LevelReading | None:
+        """The level that holds now, for the planner; None before the synthetic users exist."""
+        loadgen = self.loadgen
+        if loadgen is None:
+            return None
+        steps = self._steps
+        return LevelReading(self.level_start, loadgen.submitted[self._level_first:], None if steps is None else steps.samples)
+
+    def workload(self) -> Workload:
+        """The active profile's lengths, fitted to the model's context; the users go back to back, as in the sweep
+        (the planner adds the profile's think time)."""
+        profile = self.profile
+        if self.engine is not None and self.engine.max_seq_len:
+            profile, _ = profile.fitted(self.engine.max_seq_len)
+        return replace(profile.workload, think_time_s=0.0)
 
     @property
     def foreign(self) -> bool:
@@ -210,5 +237,15 @@ class Controller:
         self.loadgen.resize(users)
         self._changed()
 
+    def set_profile(self, profile: Profile) -> None:
+        """The synthetic users' next requests take `profile`'s lengths; the SLO follows it."""
+        self.profile = profile
+        if self.loadgen is not None:
+            self.loadgen.workload = self.workload()
+        self._changed()
+
     def _changed(self) -> None:
         self.level_start = time.monotonic()
+        self._level_first = len(self.loadgen.submitted) if self.loadgen is not None else 0
+        if isinstance(self.engine, Engine):  # the level's own steps: what the planner's model of the engine is fitted to
+            self._steps = self.engine.record_steps()

@@ -1,9 +1,12 @@
-"""The main screen: headline numbers, live charts, the trade-off curve, the voice turns and the transcript,
-and the keys that change the engine's mode, the load, speculation, chunked prefill and the caller.
+"""The main screen: headline numbers, live charts, the trade-off curve, the planner panel, the voice turns and the
+transcript, and the keys that change the engine's mode, the load, speculation, chunked prefill, the caller, the
+workload profile and the planner's target.
 
 Data arrives only as messages: a sampler worker thread reads the engine a few times a second and posts
 `MetricsUpdated`; the voice link posts what happens in the conversation. The handlers fold them into the
-dashboard's state (tui/model.py) and hand the widgets what they show.
+dashboard's state (tui/model.py) and hand the widgets what they show. Once a second the level that holds is
+measured as a sweep row (tui/planning.py); when a level has enough requests for the profile's percentile, the
+planner runs on the profile's levels in a worker thread and posts `Planned`.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import contextlib
 import threading
 import time
+from dataclasses import asdict
 
 from textual import work
 from textual.app import ComposeResult
@@ -22,9 +26,11 @@ from textual.widgets import Footer
 from textual.worker import Worker, WorkerError
 
 from engine import Controls
-from tui.messages import AgentSaid, MetricsUpdated, TurnMeasured, UserSaid, VoiceStatus
+from serve.levels import min_requests
+from serve.planner import PlanError, Target
+from serve.profiles import PROFILES
+from tui.messages import AgentSaid, MetricsUpdated, Planned, TurnMeasured, UserSaid, VoiceStatus
 from tui.model import (
-    SWEEP,
     VOICE_E2E_SLO_MS,
     History,
     Sample,
@@ -33,14 +39,24 @@ from tui.model import (
     format_ms,
     format_rate,
     grade,
-    level_measured,
     step_users,
 )
-from tui.screens import MessagePrompt
+from tui.planning import (
+    LevelBook,
+    PanelPlan,
+    PlanProcess,
+    measure,
+    measured_text,
+    parse_target,
+    plan_lines,
+    slo_text,
+)
+from tui.screens import LinePrompt
 from tui.voice_link import VoiceLink
 from tui.widgets.charts import Spark, TimeChart
 from tui.widgets.curve import TradeoffChart
 from tui.widgets.headline import Headline
+from tui.widgets.planner import PlannerPanel
 from tui.widgets.status import StatusLine
 from tui.widgets.transcript import Transcript
 from tui.widgets.turns import TurnBars
@@ -66,6 +82,8 @@ class DashboardScreen(Screen):
         Binding("space", "talk", "talk"),
         Binding("slash", "type_message", "type", key_display="/"),
         Binding("r", "sweep", "sweep"),
+        Binding("p", "profile", "profile"),
+        Binding("t", "target", "plan target"),
         Binding("question_mark", "app.help", "help", key_display="?"),
         Binding("q", "app.quit", "quit"),
     ]
@@ -74,8 +92,23 @@ class DashboardScreen(Screen):
         super().__init__()
         self.controller, self.link = controller, link
         self.history = History()
-        self.curve = TradeoffCurve()
+        self.curves: dict[str, TradeoffCurve] = {}  # per profile: its levels have its lengths
         self.voice = VoiceStats()
+        options = controller.options
+        # the profiles `p` cycles: the shipped ones, and the user's own file's
+        self.profiles = {**PROFILES, options.profile.name: options.profile}
+        self.book = LevelBook()
+        self.plan_users, self.price_per_hour = options.plan_users, options.price_per_hour
+        self.plan: PanelPlan | None = None
+        self.plan_error: str | None = None
+        self.holding: tuple[str, int, int, int] | None = None  # the level being measured: mode, users, done, wanted
+        self._level_start: float | None = None  # the level the book is filling
+        self._level_preemptions: int | None = None
+        self._completed_level: float | None = None  # the start of the last level that reached its requests
+        self._plan_generation = self._planned = 0  # plans asked for, and the latest answered
+        self._planner: PlanProcess | None = None  # the latest plan's process
+        self._planner_lock = threading.Lock()
+        self._sweep_step: tuple[int, int] | None = None  # (level, levels) while the auto-sweep runs
         self.sample: Sample | None = None  # the latest reading: what the engine is doing (mode, speculation, ...)
         # what keys asked for that no reading shows yet (a reading taken once every control was applied clears it),
         # so a second press toggles from the first press's result, not from the stale reading
@@ -107,6 +140,7 @@ class DashboardScreen(Screen):
                 yield Spark("queue", "waiting", id="queue")
                 yield Spark("KV cache (batched)", "% used", id="kv_used")
                 yield Spark("speculative acceptance", "%", id="acceptance")
+        yield PlannerPanel(id="planner")
         with Horizontal(id="voice"):
             yield TurnBars(id="turns")
             yield Transcript(id="transcript")
@@ -116,6 +150,7 @@ class DashboardScreen(Screen):
         self.query_one("#turns").border_title = "voice turns: speech end -> first reply audio"
         self.query_one("#transcript").border_title = "conversation (/ to type)"
         self._show_status()
+        self._show_plan()
 
     # ---- background work ----------------------------------------------------------------------
 
@@ -143,15 +178,22 @@ class DashboardScreen(Screen):
         self.link.stop()
         if self._sweep is not None:
             self._sweep.cancel()
+        self._stop_planner()
         if self._sampler is not None:
             with contextlib.suppress(WorkerError):  # one that crashed has ended too: quit anyway
                 await self._sampler.wait()
         await asyncio.to_thread(self.link.join)
 
     def on_unmount(self) -> None:
-        """However the app ends, the sampler's and the voice loop's threads must end with it."""
+        """However the app ends, the sampler's and the voice loop's threads, and the planner's process, end with it."""
         self._stop_sampling.set()
         self.link.stop()
+        self._stop_planner()
+
+    def _stop_planner(self) -> None:
+        with self._planner_lock:
+            if self._planner is not None:
+                self._planner.kill()  # a plan in progress is not worth waiting for
 
     # ---- engine readings ------------------------------------------------------------------------
 
@@ -161,6 +203,8 @@ class DashboardScreen(Screen):
             self._asked.clear()
         self.history.add(s)
         self.curve.update(s)
+        if self._readings % CURVE_EVERY == 0:
+            self._measure_level(s)
         self._show_latency("#ttft", s.ttft_p50_ms, s.slo_ttft_ms)
         self._show_latency("#tbt-p50", s.tbt_p50_ms, s.slo_tbt_ms)
         self._show_latency("#tbt-p99", s.tbt_p99_ms, s.slo_tbt_ms)
@@ -184,16 +228,105 @@ class DashboardScreen(Screen):
                                                            "-" if latest is None else f"{latest:.0f}",
                                                            UNTOLD if untold.get(name) else "")
         if self._readings % CURVE_EVERY == 0:
-            self.query_one(TradeoffChart).set_curve(self.curve, s.slo_tok_s_per_user)
+            self.query_one(TradeoffChart).set_curve(self.curve, s.slo_tok_s_per_user,
+                                                    self.plan if self.plan and self.plan.profile == s.profile else None)
+
+    @property
+    def curve(self) -> TradeoffCurve:
+        """The active profile's curve."""
+        return self.curves.setdefault(self.controller.profile.name, TradeoffCurve())
+
+    # ---- the planner ------------------------------------------------------------------------------
+
+    def _measure_level(self, s: Sample) -> None:
+        """The level that holds, as a sweep row; once it has its requests it joins the book and the planner runs."""
+        reading = self.controller.level()
+        if reading is None or self._asked:  # a control not yet applied: the reading's mode may be the old one
+            return
+        if reading.start != self._level_start:  # a new level
+            self._level_start, self._level_preemptions = reading.start, s.preemptions
+        profile = self.controller.profile
+        wanted = min_requests(profile.slo)
+        preempted = (s.preemptions - self._level_preemptions
+                     if s.preemptions is not None and self._level_preemptions is not None else None)
+        row = measure(reading, s.mode, s.users, profile.slo, wanted, time.monotonic(), preempted)
+        self.holding = (s.mode, s.users, row["requests"] if row else 0, wanted) if s.users else None
+        if row is not None and row["requests"] >= wanted:
+            self._take(row, s.drafter)
+        self._show_plan()
+
+    def _take(self, row: dict, drafter: str | None) -> None:
+        """Put a level's row in the book (a later, longer reading of the same level replaces it); plan on it when it
+        is first complete."""
+        self.book.record(self.controller.profile.name, row, drafter)
+        if self._completed_level != self._level_start:
+            self._completed_level = self._level_start
+            self.replan()
+
+    def replan(self) -> None:
+        """Plan the active profile's levels for the target, in the planner's process (it simulates the engine)."""
+        self._plan_generation += 1
+        profile, engine = self.controller.profile, self.controller.engine
+        options = self.controller.options
+        sweep = (self.book.sweep(profile.name, engine.name, asdict(engine.policy), options.backend or options.connect)
+                 if engine is not None else None)
+        if sweep is None:
+            self.plan, self._planned = None, self._plan_generation
+            self._show_plan()
+            return
+        target = Target(users=self.plan_users, price_per_hour=self.price_per_hour or 1.0)
+        self._plan_worker(self._plan_generation, sweep, profile, target)
+
+    @work(thread=True, exclusive=True, group="plan", exit_on_error=False)
+    def _plan_worker(self, generation: int, sweep: dict, profile, target: Target) -> None:
+        with self._planner_lock:  # one plan at a time: the newest; none once the screen has stopped
+            if self._planner is not None:
+                self._planner.kill()
+            if self._stop_sampling.is_set():
+                return
+            self._planner = planner = PlanProcess(sweep, profile, target, self.price_per_hour is not None)
+        try:
+            result = planner.result()
+        except Exception as e:  # a sweep the planner refuses (PlanError), or a failure: shown on the panel either way
+            self.post_message(Planned(generation, None, str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"))
+            return
+        self.post_message(Planned(generation, result))
+
+    @property
+    def planned(self) -> bool:
+        """Has the latest plan asked for been answered?"""
+        return self._planned == self._plan_generation
+
+    def on_planned(self, message: Planned) -> None:
+        if message.generation != self._plan_generation:
+            return  # an answer for an older target or profile
+        self.plan, self.plan_error, self._planned = message.plan, message.error, message.generation
+        self._show_plan()
+
+    def _show_plan(self) -> None:
+        profile = self.controller.profile
+        price = f"${self.price_per_hour:g}/replica-hour" if self.price_per_hour is not None else "no price (t sets one)"
+        title = f"planner: {self.plan_users:,} users, {price}{'' if self.planned else ' · planning ...'}"
+        measured = measured_text(profile.name, self.book, self.holding)
+        if self.plan_error is not None:
+            lines = [f"no plan: {self.plan_error}"]
+        elif self.plan is not None and self.plan.profile == profile.name:
+            lines = plan_lines(self.plan, profile)
+        else:
+            lines = ["no plan yet: a level counts once it has the requests its percentile needs"]
+        self.query_one(PlannerPanel).show(title, f"{slo_text(profile)} · {measured}", lines)
 
     def _show_latency(self, selector: str, ms: float | None, slo_ms: float) -> None:
         digits, unit = format_ms(ms)
         self.query_one(selector, Headline).show(digits, grade(ms, slo_ms), unit)
 
     def _show_status(self, note: str = "") -> None:
-        sweeping = self._sweep is not None and self._sweep.is_running
-        self.query_one(StatusLine).show(self.sample, self.link.caller_on, note or ("sweeping (r stops)" if sweeping else ""),
-                                        self.controller.where)
+        sweeping = self._sweep is not None and self._sweep.is_running and self._sweep_step is not None
+        if sweeping and not note:
+            done, levels = self._sweep_step
+            got = f", {self.holding[2]}/{self.holding[3]} requests" if self.holding else ""
+            note = f"sweep {done}/{levels}{got} (r stops)"
+        self.query_one(StatusLine).show(self.sample, self.link.caller_on, note, self.controller.where)
 
     # ---- the conversation -----------------------------------------------------------------------
 
@@ -273,7 +406,33 @@ class DashboardScreen(Screen):
             if text:
                 self.link.say(text)
 
-        self.app.push_screen(MessagePrompt(), send)
+        self.app.push_screen(LinePrompt(), send)
+
+    def action_profile(self) -> None:
+        """The next workload profile: the synthetic users take its lengths, the colours and the planner its SLO."""
+        if self._reading() is None:
+            return
+        names = list(self.profiles)
+        profile = self.profiles[names[(names.index(self.controller.profile.name) + 1) % len(names)]]
+        self.controller.set_profile(profile)
+        self.notify(slo_text(profile))
+        self.plan_error = None
+        self.replan()
+
+    def action_target(self) -> None:
+        def apply(text: str | None) -> None:
+            if not text:
+                return
+            try:
+                self.plan_users, self.price_per_hour = parse_target(text, self.price_per_hour)
+            except PlanError as e:
+                self.notify(str(e), severity="error")
+                return
+            self.plan_error = None
+            self.replan()
+
+        self.app.push_screen(LinePrompt("Users to plan for, and a price per replica-hour (Enter sets, Escape cancels):",
+                                        f"{self.plan_users} {self.price_per_hour or 2.5:g}"), apply)
 
     def action_sweep(self) -> None:
         if self._reading() is None:
@@ -285,17 +444,45 @@ class DashboardScreen(Screen):
         self._sweep = self.run_worker(self._run_sweep(), exclusive=True, group="sweep")
 
     async def _run_sweep(self) -> None:
-        """Hold each level of SWEEP until it is measured, then go back to where the user was."""
+        """Hold latency mode with 1 user, then batched mode at each level of the ladder, each until it has the requests
+        the profile's percentile needs (or its time cap: then it counts as capped), then go back to where the user was."""
         restore = (self._now("mode", self.sample.mode), self.controller.users)
+        options = self.controller.options
+        ladder = [("latency", 1), *(("batched", n) for n in options.sweep_users)]
         try:
-            for mode, users in SWEEP:
-                self.notify(f"sweep: {mode} mode, {users} synthetic users")
+            for i, (mode, users) in enumerate(ladder, 1):
+                self._sweep_step = (i, len(ladder))
                 self._go_to(mode, users)
-                while self.sample is None or not level_measured(self.sample, mode, users):
+                started = time.monotonic()
+                while not self._measured(mode, users):
+                    if time.monotonic() - started > options.level_s:
+                        self._take_capped(mode, users)
+                        break
                     await asyncio.sleep(0.25)
             self.notify("sweep done")
         finally:
+            self._sweep_step = None
             self._go_to(*restore)
+
+    def _measured(self, mode: str, users: int) -> bool:
+        """Has the level that holds now, at (mode, users), reached its requests?"""
+        s = self.sample
+        return self._completed_level == self.controller.level_start and s.mode == mode and s.users == users
+
+    def _take_capped(self, mode: str, users: int) -> None:
+        """A level that ran out of time: what it measured joins the book, marked capped (or, if not even its
+        warm-up ended, nothing does)."""
+        reading, s = self.controller.level(), self.sample
+        profile = self.controller.profile
+        row = (measure(reading, mode, users, profile.slo, min_requests(profile.slo), time.monotonic())
+               if reading is not None and s.mode == mode and s.users == users else None)
+        if row is not None and row["requests"] > 0:
+            self._take(row, s.drafter)
+            self.notify(f"sweep: {mode} N={users} capped after {self.controller.options.level_s:g} s "
+                        f"with {row['requests']} requests", severity="warning")
+        else:
+            self.notify(f"sweep: {mode} N={users} finished no measured request in "
+                        f"{self.controller.options.level_s:g} s", severity="warning")
 
     def _go_to(self, mode: str, users: int) -> None:
         if mode != self._now("mode", self.sample.mode):

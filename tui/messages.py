@@ -10,6 +10,7 @@ from __future__ import annotations
 from textual.message import Message
 
 from tui.model import Sample, VoiceTurn
+from tui.planning import PanelPlan
 
 
 class MetricsUpdated(Message):
@@ -71,3 +72,12 @@ class VoiceStatus(Message):
     def __init__(self, text: str, error: bool = False) -> None:
         super().__init__()
         self.text, self.error = text, error
+
+
+class Planned(Message):
+    """The planner's answer for the measured levels (`error`: why it has none); `generation` says which request of
+    the dashboard it answers, so a slow plan for an older target or profile is dropped."""
+
+    def __init__(self, generation: int, plan: PanelPlan | None, error: str | None = None) -> None:
+        super().__init__()
+        self.generation, self.plan, self.error = generation, plan, error

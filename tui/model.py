@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field, fields
 
 from engine.snapshot import Snapshot
+from engine.stats import SLO
 
 USER_LEVELS = (0, 1, 2, 4, 8, 16, 32, 64)  # the synthetic-user ladder that + and - walk
 RECENT_S = 5.0  # the charts plot each number over the last few seconds, so spikes show
@@ -96,14 +97,17 @@ class Sample:
     preemptions: int | None
     drafted: int  # speculation counters since the engine started (0 where speculation is unknown)
     accepted: int
-    slo_ttft_ms: float
-    slo_tbt_ms: float
+    slo_ttft_ms: float | None  # the active profile's SLO; None: it has none (batch)
+    slo_tbt_ms: float | None
     setup: str | None = None  # how the engine runs the model (weights, kernels), as it chose
     can_speculate: bool = False  # can speculation be turned on (a drafter exists)?
+    profile: str = "chat"  # the active workload profile
 
     @classmethod
-    def from_snapshots(cls, t: float, level: Snapshot, recent: Snapshot, users: int, level_age_s: float) -> Sample:
-        """From two snapshots of the backend: `level` since the last change, `recent` over RECENT_S."""
+    def from_snapshots(cls, t: float, level: Snapshot, recent: Snapshot, users: int, level_age_s: float,
+                       profile: str = "chat", slo: SLO | None = None) -> Sample:
+        """From two snapshots of the backend: `level` since the last change, `recent` over RECENT_S; graded by the
+        active profile's `slo`."""
         a, r, state = level.stats.all, recent.stats.all, level.state
         spec, kv = state.speculation, state.kv
         return cls(
@@ -117,8 +121,8 @@ class Sample:
             running=state.running, waiting=state.waiting,
             kv_used=kv.used if kv else None, preemptions=kv.preemptions if kv else None,
             drafted=spec.drafted if spec else 0, accepted=spec.accepted if spec else 0,
-            slo_ttft_ms=level.stats.slo_ttft_s * 1000, slo_tbt_ms=level.stats.slo_tbt_s * 1000, setup=state.setup,
-            can_speculate=state.can_speculate,
+            slo_ttft_ms=_ms(slo.ttft_s) if slo else None, slo_tbt_ms=_ms(slo.tbt_s) if slo else None, setup=state.setup,
+            can_speculate=state.can_speculate, profile=profile,
         )
 
     def to_dict(self) -> dict:
@@ -130,9 +134,9 @@ class Sample:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     @property
-    def slo_tok_s_per_user(self) -> float:
-        """A user streams fast enough when tokens arrive within the TBT SLO: 1 / TBT SLO."""
-        return 1000 / self.slo_tbt_ms
+    def slo_tok_s_per_user(self) -> float | None:
+        """A user streams fast enough when tokens arrive within the TBT SLO: 1 / TBT SLO (None without one)."""
+        return 1000 / self.slo_tbt_ms if self.slo_tbt_ms else None
 
 
 Point = tuple[float, float]  # (t, value)

@@ -9,6 +9,8 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Input, Label, Log, Markdown, ProgressBar, Static
 
+from serve.profiles import PROFILES
+
 
 class LoadingScreen(Screen):
     """Covers start-up (model fetch and conversion on first run, model load, speech recognizer, voice loop)
@@ -59,17 +61,31 @@ HELP = """\
 | `m` | the simulated caller on/off (it speaks questions through the real audio path) |
 | `space` | push-to-talk on/off, when there is a microphone |
 | `/` | type a message: same engine path, no ASR or TTS |
-| `r` | quick sweep: latency mode with 1 user, then batched mode with 1 to 16, to fill in the curve |
+| `r` | auto-sweep: latency mode at 1 user, batched at 1-16, each until its percentile is measured (p99: 100 requests) |
+| `p` | next workload profile: the synthetic users' lengths, the colours and the planner's SLO (below) |
+| `t` | the planner's target: users, and a price per replica-hour (`500 2.50`) |
 | `?` | this help |
 | `q` | quit |
 
 **Headline numbers** cover the time since the last change of mode or load (at most the engine's 30 s window):
 TTFT and TBT over every request, voice end-to-end latency (speech end to first reply audio at the client),
-output tokens/s of the whole engine and per user (mean of 1/TPOT). Green meets the SLO (TTFT 500 ms,
-TBT 80 ms, voice 800 ms, per-user rate 1/TBT), amber is within 1.5x of it, red beyond.
+output tokens/s of the whole engine and per user (mean of 1/TPOT). Green meets the active profile's SLO (TTFT,
+TBT; voice 800 ms; per-user rate 1/TBT), amber is within 1.5x of it, red beyond.
 
 **Charts** show the last minute, each point over the last 5 s. **The curve** gets a point per load level
-once it has held 5 s and requests finished; the white `@` is where the engine is now.
+once it has held 5 s and requests finished; the shaded band is where a user's stream meets the TBT target, `o`
+rings the levels whose percentiles meet the whole SLO, `knee` names each mode's largest one, and the white `@`
+is where the engine is now.
+
+**The planner** (the same as `tradeoff plan`) reads the levels measured under the active profile, once each has
+the requests its percentile needs: per configuration, the users (thinking the profile's think time) and the
+Poisson rate one replica sustains at the SLO, by a model of the engine fitted to the level's own steps (an
+engine in this process; with `--backend` or `--connect` the users come from the response-time law, and there is
+no rate), the replicas the target needs with 20% headroom, and their cost.
+
+**Profiles** (`--profile NAME`, or a TOML/JSON file with the fields of serve/profiles.py `example_file()`):
+
+{profiles}
 
 **The same numbers in other tools** (docs/metrics.md has them all, with who counts the tokens):
 
@@ -85,6 +101,15 @@ its Prometheus `/metrics` says in vLLM's names; a panel it says nothing for stay
 """
 
 
+def profiles_table() -> str:
+    rows = ["| profile | what it is | SLO |", "|---|---|---|"]
+    for p in PROFILES.values():
+        slo = (f"p{p.slo.percentile:g} TTFT ≤ {p.slo.ttft_s * 1000:.0f} ms, TBT ≤ {p.slo.tbt_s * 1000:.0f} ms"
+               if p.slo else "none: cost per token decides")
+        rows.append(f"| `{p.name}` | {p.description} | {slo} |")
+    return "\n".join(rows)
+
+
 class HelpScreen(Screen):
     """A full screen rather than a modal one: nothing behind it has to be drawn dimmed, so it opens at once."""
 
@@ -92,19 +117,24 @@ class HelpScreen(Screen):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="help-box"):
-            yield Markdown(HELP)
+            yield Markdown(HELP.format(profiles=profiles_table()))
         yield Footer()
 
 
-class MessagePrompt(ModalScreen[str | None]):
-    """One line of text for the agent; Enter sends it, Escape cancels."""
+class LinePrompt(ModalScreen[str | None]):
+    """One line of text: a message for the agent, or the planner's target; Enter gives it, Escape cancels."""
 
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
 
+    def __init__(self, label: str = "Message to the agent (Enter sends, Escape cancels):",
+                 placeholder: str = "What is the capital of France?") -> None:
+        super().__init__()
+        self.label, self.placeholder = label, placeholder
+
     def compose(self) -> ComposeResult:
         with Vertical(id="prompt-box"):
-            yield Label("Message to the agent (Enter sends, Escape cancels):")
-            yield Input(placeholder="What is the capital of France?")
+            yield Label(self.label)
+            yield Input(placeholder=self.placeholder)
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         self.dismiss(event.value.strip() or None)

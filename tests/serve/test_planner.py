@@ -10,7 +10,18 @@ import pytest
 
 from engine.stats import SLO
 from serve.loadgen import Lengths, Workload
-from serve.planner import HOURS_PER_MONTH, PlanError, Target, answer, check_model, configurations, plan, read_sweep, replicas_for
+from serve.planner import (
+    HOURS_PER_MONTH,
+    PlanError,
+    Target,
+    answer,
+    check_model,
+    configurations,
+    max_rate,
+    plan,
+    read_sweep,
+    replicas_for,
+)
 from serve.profiles import Profile
 from tradeoff.cli import main
 
@@ -85,6 +96,20 @@ def test_a_rate_needs_step_times_and_the_answer_says_so():
     assert row.best_level == 4 and row.replicas is None and "plan it with --users" in row.unmet
     assert answer([row], profile(), target).startswith("profile t, 3 requests/s: no plan; batched (max batch 32, "
                                                         "budget 64) has no rate: the sweep has no step times")
+
+
+def test_a_rate_past_the_replicas_capacity_is_never_planned_however_loose_the_slo():
+    """Past its capacity a queue grows without end; a finite simulation's percentiles would still pass a loose
+    enough SLO. Batch 1, each request 0.1 s of TTFT plus 49 tokens at 20 ms: 1.08 s, so at most 1 / 1.08 req/s."""
+    latency = {**level(1, 0.10, 0.02, 1.08, 45, mode="latency"), "req_s": 0.9}
+    for s in latency["samples"]:
+        s["ttft_s"], s["cached_tokens"] = 0.10, 0
+    local = {**sweep([latency]), "backend": None}
+    loose = SLO(ttft_s=1000.0, tbt_s=1.0, percentile=50)
+    (config,) = configurations(local, loose, "test")
+    capacity = 1 / (0.10 + 49 * 0.02)
+    # within the noise of 1,500 simulated Poisson arrivals (~3%) of the capacity, and never past it by more
+    assert 0.8 * capacity <= max_rate(config, local, loose) <= 1.05 * capacity
 
 
 def test_replicas_are_not_inflated_by_rounding():

@@ -3,17 +3,21 @@ simulated caller, numbers that update, the keys (checked on the engine and the l
 labels), a typed message and its reply, a clean quit, and attaching to a running server (--connect)."""
 
 import asyncio
+import math
 import os
 import threading
+from dataclasses import replace
 from pathlib import Path
 
+from serve.profiles import PROFILES, load_profile
 from serve.remote import RemoteEngine
 from tests.tui.conftest import wait_for
 from tui.app import TradeoffApp
 from tui.controller import Controller, Options
 from tui.model import format_ms
-from tui.screens import MessagePrompt
+from tui.screens import LinePrompt
 from tui.widgets.headline import Headline
+from tui.widgets.planner import PlannerPanel
 from tui.widgets.transcript import Transcript
 
 SIZE = (160, 60)
@@ -119,13 +123,87 @@ async def test_plus_and_minus_change_the_synthetic_users(engine):
         await pilot.press("q")
 
 
+QUICK = """
+description = "short requests, so that a sweep fits in a test"
+think_time_s = 0.5
+prompt_tokens = { mean = 40, stdev = 8, lo = 24, hi = 64 }
+output_tokens = { mean = 6, stdev = 1, lo = 4, hi = 8 }
+slo = { ttft_s = 3.0, tbt_s = 1.0, percentile = 50 }
+"""
+
+
+def panel_text(app) -> str:
+    return str(app.dashboard.query_one(PlannerPanel).render())
+
+
+async def test_the_auto_sweep_fills_the_planner_which_follows_the_target_and_the_profile(engine, tmp_path):
+    (tmp_path / "quick.toml").write_text(QUICK)
+    quick = load_profile(str(tmp_path / "quick.toml"))
+    app = app_on(engine, profile=quick, sweep_users=(1, 2), plan_users=40, price_per_hour=2.0)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.ready, 60, "start-up")
+        await wait_for(pilot, lambda: app.dashboard.sample is not None, 10, "a first reading")
+        dash, loadgen = app.dashboard, app.controller.loadgen
+        assert loadgen.workload == replace(quick.workload, think_time_s=0.0)  # the profile's lengths, back to back
+        assert dash.sample.slo_ttft_ms == 3000.0 and dash.plan is None
+        await pilot.press("r")
+        # latency mode at 1 user, then batched at 1 and 2, each until 20 requests (a p50's) completed after warm-up
+        await wait_for(pilot, lambda: dash._sweep is not None and not dash._sweep.is_running and dash.planned
+                       and dash.plan is not None, 240, "the sweep and its plan")
+        rows = dash.book.rows["quick"]
+        assert sorted(rows) == [("batched", 1), ("batched", 2), ("latency", 1)]
+        assert all(r["requests"] >= 20 and not r["capped"] for r in rows.values())
+        # batched mode's steps, timed in this process, with as many decode rows as it had users
+        assert {n for n, _, _ in rows[("batched", 1)]["steps"]} <= {0, 1} and "steps" not in rows[("latency", 1)]
+        assert max(n for n, _, _ in rows[("batched", 2)]["steps"]) == 2
+        # the sweep went back to where the user was: latency mode, no synthetic users
+        await wait_for(pilot, lambda: dash.sample.mode == "latency" and loadgen.users == 0, 10, "the user's level")
+        # a target this loose is met at every level: replicas = ceil(users x 1.2 / users per replica)
+        plan = dash.plan
+        assert plan.feasible == set(rows) and plan.knees == {"batched": 2, "latency": 1}
+        for row in plan.rows:
+            assert row.users_per_replica >= 1 and row.replicas == math.ceil(40 * 1.2 / row.users_per_replica - 1e-9)
+            assert row.cost_per_hour == row.replicas * 2.0
+            assert f"{row.users_per_replica} users" in panel_text(app)
+        # a new target through the input line: the same levels, re-planned
+        await pilot.press("t")
+        await wait_for(pilot, lambda: isinstance(app.screen, LinePrompt), 5, "the target prompt")
+        app.screen.query_one("Input").value = ""
+        await pilot.press(*"4000", "space", *"3", "enter")
+        await wait_for(pilot, lambda: dash.planned and dash.plan.target.users == 4000, 60, "the new plan")
+        for row in dash.plan.rows:
+            assert row.replicas == math.ceil(4000 * 1.2 / row.users_per_replica - 1e-9)
+            assert row.cost_per_hour == row.replicas * 3.0
+        assert "4,000 users" in panel_text(app)
+        # a bad target is refused with a message and changes nothing
+        await pilot.press("t")
+        await wait_for(pilot, lambda: isinstance(app.screen, LinePrompt), 5, "the target prompt")
+        app.screen.query_one("Input").value = ""
+        await pilot.press(*"-3", "enter")
+        await wait_for(pilot, lambda: not isinstance(app.screen, LinePrompt), 5, "the prompt to close")
+        assert dash.plan_users == 4000 and dash.price_per_hour == 3.0
+        # the next profile: its lengths, its SLO in the colours, its own (empty) levels
+        await pilot.press("p")
+        chat = PROFILES["chat"]
+        await wait_for(pilot, lambda: dash.sample.profile == "chat", 10, "a reading under the chat profile")
+        assert app.controller.profile == chat and loadgen.workload.prompt_tokens == chat.workload.prompt_tokens
+        assert dash.sample.slo_ttft_ms == chat.slo.ttft_s * 1000
+        await wait_for(pilot, lambda: dash.plan is None, 10, "no plan for chat's lengths yet")
+        assert "profile chat: p99 TTFT ≤ 500 ms" in panel_text(app) and "no plan yet" in panel_text(app)
+        # and back (through code, rag, voice, batch): quick's levels and plan again
+        await pilot.press(*"ppppp")
+        await wait_for(pilot, lambda: dash.planned and dash.plan is not None and dash.plan.profile == "quick", 60,
+                       "quick's plan again")
+        await pilot.press("q")
+
+
 async def test_a_typed_message_gets_a_reply(engine):
     app = app_on(engine)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.ready, 60, "start-up")
         finished = engine.snapshot().stats.user.finished
         await pilot.press("slash")
-        await wait_for(pilot, lambda: isinstance(app.screen, MessagePrompt), 5, "the message prompt")
+        await wait_for(pilot, lambda: isinstance(app.screen, LinePrompt), 5, "the message prompt")
         await pilot.press(*"Hi", "space", *"quick", "space", *"question!", "enter")  # q and space are text here
         transcript = app.dashboard.query_one(Transcript)
         await wait_for(pilot, lambda: any(e.role == "bot" and e.status == "completed" for e in transcript.entries), 60,
@@ -151,7 +229,7 @@ async def toggle_the_servers_mode_and_say_hello(pilot, app: TradeoffApp, engine)
     await pilot.press("b")
     await wait_for(pilot, lambda: state(engine).mode == mode, 10, "the server's mode to change back")
     await pilot.press("slash")
-    await wait_for(pilot, lambda: isinstance(app.screen, MessagePrompt), 5, "the message prompt")
+    await wait_for(pilot, lambda: isinstance(app.screen, LinePrompt), 5, "the message prompt")
     await pilot.press(*"Hello", "enter")
     transcript = app.dashboard.query_one(Transcript)
     await wait_for(pilot, lambda: any(e.role == "bot" and e.status == "completed" for e in transcript.entries),

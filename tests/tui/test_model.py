@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from engine.metrics import RequestMetrics
 from engine.snapshot import EngineState, KVCache, Snapshot, Speculation
 from engine.stats import RollingStats
+from serve.profiles import PROFILES
 from tui.model import (
     BAD,
     GOOD,
@@ -89,7 +90,7 @@ def test_sample_from_the_engines_snapshots_and_window():
     now = t0 + 14.0
     level = engine_like_snapshot(stats, now, 4.0, KVCache(blocks_used=25, blocks_free=75, preemptions=3, prefix_cached_tokens=0))
     recent = engine_like_snapshot(stats, now, 5.0)
-    s = Sample.from_snapshots(4.0, level, recent, users=1, level_age_s=4.0)
+    s = Sample.from_snapshots(4.0, level, recent, users=1, level_age_s=4.0, profile="voice", slo=PROFILES["voice"].slo)
     assert s.window_s == pytest.approx(4.0)
     # TTFTs after the change: 200 and 400 ms (the 900 ms one before it is out); p50 interpolates
     assert s.ttft_p50_ms == pytest.approx(300.0)
@@ -100,7 +101,11 @@ def test_sample_from_the_engines_snapshots_and_window():
     assert s.finished == 1
     assert s.kv_used == pytest.approx(0.25) and s.preemptions == 3
     assert (s.drafter, s.drafted, s.accepted, s.running, s.waiting) == ("ngram", 10, 4, 1, 2)
-    assert s.slo_tok_s_per_user == pytest.approx(1000 / s.slo_tbt_ms)
+    # graded by the profile's SLO, not the engine's
+    assert (s.profile, s.slo_ttft_ms, s.slo_tbt_ms) == ("voice", pytest.approx(150.0), pytest.approx(80.0))
+    assert s.slo_tok_s_per_user == pytest.approx(1000 / 80)
+    unjudged = Sample.from_snapshots(4.0, level, recent, users=1, level_age_s=4.0, profile="batch", slo=None)
+    assert unjudged.slo_ttft_ms is None and unjudged.slo_tok_s_per_user is None
     assert Sample.from_dict(s.to_dict()) == s
     # without a window the whole of the engine's counts, the old request too
     whole = Sample.from_snapshots(14.0, engine_like_snapshot(stats, now, None), recent, users=1, level_age_s=14.0)

@@ -20,8 +20,12 @@ class ReplayController:
 
     def __init__(self) -> None:
         self.options = Options(caller=False)
+        self.profile = self.options.profile
 
     def sample(self) -> None:
+        return None
+
+    def level(self) -> None:  # no synthetic users: no level for the planner
         return None
 
     def close(self) -> None:

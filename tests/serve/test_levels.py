@@ -1,9 +1,9 @@
-"""The sweep's rule for when a level has measured enough, and its interval for a percentile."""
+"""A measured level: the rule for when it has measured enough, its interval for a percentile, and its row."""
 
 import random
 
-from bench.sweep import min_requests, percentile_ci
 from engine.stats import SLO
+from serve.levels import min_requests, percentile_ci
 
 
 def test_a_level_needs_enough_requests_for_its_percentile():
