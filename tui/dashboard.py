@@ -6,7 +6,8 @@ Data arrives only as messages: a sampler worker thread reads the engine a few ti
 `MetricsUpdated`; the voice link posts what happens in the conversation. The handlers fold them into the
 dashboard's state (tui/model.py) and hand the widgets what they show. Once a second the level that holds is
 measured as a sweep row (tui/planning.py); when a level has enough requests for the profile's percentile, the
-planner runs on the profile's levels in a worker thread and posts `Planned`.
+planner runs on the profile's levels in a process of its own (tui/planning.py `PlanProcess`, waited on by a worker
+thread) and posts `Planned`.
 """
 
 from __future__ import annotations

@@ -233,18 +233,6 @@ class TradeoffCurve:
         return sorted((p for p in self.points.values() if p.mode == mode), key=lambda p: p.users)
 
 
-SWEEP = (("latency", 1), ("batched", 1), ("batched", 2), ("batched", 4), ("batched", 8), ("batched", 16))
-SWEEP_MAX_S = 45.0  # give up on a level that finishes no requests in this long
-
-
-def level_measured(s: Sample, mode: str, users: int) -> bool:
-    """Has the sweep's level (mode, users) held long enough to give its curve point?"""
-    if s.mode != mode or s.users != users:
-        return False
-    enough = s.level_age_s >= MIN_LEVEL_S and s.tok_s_per_user is not None and s.finished >= max(2, users)
-    return enough or s.level_age_s >= SWEEP_MAX_S
-
-
 # ---- voice turns -----------------------------------------------------------------------------
 
 TRANSPORT = "transport"

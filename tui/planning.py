@@ -56,15 +56,10 @@ class LevelBook:
     rows: dict[str, dict[tuple[str, int], dict]] = field(default_factory=dict)
     drafters: dict[str, str | None] = field(default_factory=dict)
 
-    def record(self, profile: str, row: dict, drafter: str | None = None) -> bool:
-        """Keep `row`; True if its level is new to this profile's sweep."""
-        levels = self.rows.setdefault(profile, {})
-        key = (row["mode"], row["concurrency"])
-        new = key not in levels
-        levels[key] = row
+    def record(self, profile: str, row: dict, drafter: str | None = None) -> None:
+        self.rows.setdefault(profile, {})[(row["mode"], row["concurrency"])] = row
         if row["mode"] == "latency":
             self.drafters[profile] = drafter
-        return new
 
     def sweep(self, profile: str, model: str, policy: dict, backend: str | None) -> dict | None:
         """This profile's levels as a sweep (the JSON `tradeoff bench sweep` writes); None before any."""

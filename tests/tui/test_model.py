@@ -16,7 +16,6 @@ from tui.model import (
     BAD,
     GOOD,
     NONE,
-    SWEEP_MAX_S,
     USER_LEVELS,
     WARN,
     History,
@@ -27,7 +26,6 @@ from tui.model import (
     downsample,
     format_ms,
     grade,
-    level_measured,
     stack,
     step_users,
 )
@@ -160,14 +158,6 @@ def test_curve_takes_a_point_per_level_once_measured_and_the_latest_wins():
     assert [(p.users, p.total_tok_s) for p in curve.of_mode("batched")] == [(2, 24.0), (4, 30.0)]
     assert [p.users for p in curve.of_mode("latency")] == [0]
     assert curve.current == curve.points[("batched", 2)]
-
-
-def test_a_sweep_level_is_measured_when_it_held_and_requests_finished_or_timed_out():
-    assert not level_measured(sample(9.0, level_age_s=9.0, tok_s_per_user=5.0, finished=4, users=4), "batched", 4)
-    ok = dict(mode="batched", users=4, tok_s_per_user=5.0)
-    assert not level_measured(sample(9.0, level_age_s=9.0, finished=3, **ok), "batched", 4)  # fewer than the users
-    assert level_measured(sample(9.0, level_age_s=9.0, finished=4, **ok), "batched", 4)
-    assert level_measured(sample(99.0, mode="batched", users=4, level_age_s=SWEEP_MAX_S, finished=0), "batched", 4)
 
 
 METRICS_EVENT = {

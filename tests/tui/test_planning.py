@@ -44,9 +44,9 @@ def test_a_levels_row_starts_after_each_users_first_reply_and_counts_only_what_f
 def test_the_book_keeps_a_sweep_per_profile_that_the_planner_reads(tmp_path):
     book = LevelBook()
     latency = {"mode": "latency", "concurrency": 1, "capped": False}
-    assert book.record("chat", {**latency, "n": 1}, drafter="ngram")
-    assert not book.record("chat", {**latency, "n": 2}, drafter="ngram")  # measured again: replaced
-    assert book.record("chat", {"mode": "batched", "concurrency": 4, "capped": True})
+    book.record("chat", {**latency, "n": 1}, drafter="ngram")
+    book.record("chat", {**latency, "n": 2}, drafter="ngram")  # measured again: replaced
+    book.record("chat", {"mode": "batched", "concurrency": 4, "capped": True})
     assert book.sweep("voice", "m", {}, None) is None
     sweep = book.sweep("chat", "smollm2-135m", {"max_batch_size": 8, "token_budget": 64}, "openai://x/v1")
     assert [(r["mode"], r["concurrency"]) for r in sweep["rows"]] == [("batched", 4), ("latency", 1)]
