@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench gpu-wheels clean
 
 setup: $(STAMP)
 	@$(VENV)/bin/tradeoff fetch
@@ -31,6 +31,13 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/tradeoff bench decode
+
+# What bench/gpu.sh needs on a GPU machine that has torch and Triton but maybe not pytest: pure-Python wheels in .whl/
+# (ignored by git; carry it with the working tree), the versions this venv tests with.
+GPU_WHEELS := pytest pluggy iniconfig packaging
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: -d .whl \
+		$$($(PY) -c "import importlib.metadata as m; print(*(f'{n}=={m.version(n)}' for n in '$(GPU_WHEELS)'.split()))")
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -28,11 +28,14 @@ from engine.setup import resolve
 
 # decode format -> (bytes per layer weight, bytes per head weight) a decode step reads.
 # native: Q4_1 groups (half a byte, fp32 d and m per 32) and a Q8_0 head (a byte, an fp32 scale per 32);
-# torch int4: half a byte plus a bf16 scale and zero per 32; int8: one byte plus a scale per row (negligible).
-BYTES = {"native": (0.5 + 8 / 32, 1 + 4 / 32), "int4": (0.5 + 4 / 32, 0.5 + 4 / 32), "int8": (1.0, 1.0),
-         "bf16": (2.0, 2.0), "fp32": (4.0, 4.0)}
+# torch int4: half a byte plus a bf16 scale and zero per 32, and an int8 head (engine/quant.py); int8: one byte plus
+# a scale per row (negligible); w4a16 (int4 on CUDA): half a byte plus an fp16 scale and zero per 32, a dense head.
+BYTES = {"native": (0.5 + 8 / 32, 1 + 4 / 32), "int4": (0.5 + 4 / 32, 1.0), "int8": (1.0, 1.0),
+         "bf16": (2.0, 2.0), "fp32": (4.0, 4.0), "w4a16": (0.5 + 4 / 32, 2.0)}
 CPU_FORMATS = ("native", "int4", "int8", "bf16", "fp32")
-CUDA_FORMATS = {"bf16": torch.bfloat16, "fp32": torch.float32}  # on CUDA: dense weights, with and without graphs
+# on CUDA, with and without graphs: row name -> (dtype, quant, BYTES key)
+CUDA_FORMATS = {"bf16": (torch.bfloat16, "none", "bf16"), "fp32": (torch.float32, "none", "fp32"),
+                "int4": (torch.bfloat16, "int4", "w4a16")}
 
 
 def weight_bytes(cfg, fmt: str) -> float:
@@ -103,7 +106,8 @@ def measure(engine: Engine, max_tokens: int, runs: int) -> dict:
 def engines(loaded, formats: list[str], device: torch.device, graph_settings: tuple[bool, ...]):
     """(row name, format, CUDA graphs, engine keyword arguments) of each row to measure."""
     if device.type == "cuda":
-        return [(f, f, graphs, {"dtype": CUDA_FORMATS[f], "quant": "none", "cuda_graphs": graphs})
+        return [(f, CUDA_FORMATS[f][2], graphs, {"dtype": CUDA_FORMATS[f][0], "quant": CUDA_FORMATS[f][1],
+                                                  "cuda_path": "graphs" if graphs else "eager"})
                 for f in formats for graphs in graph_settings]
     chosen = resolve(loaded)
     rows = [("chosen", chosen.decode, False, {"setup": chosen})]
@@ -163,7 +167,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=5, help="runs per format; figures are medians (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per run (default: %(default)s)")
     p.add_argument("--cuda-graphs", choices=sorted(GRAPH_SETTINGS), default=None,
-                   help="latency mode's CUDA graphs: on, off, or both for an eager vs graph comparison "
+                   help="latency mode's CUDA graphs over the fused Triton kernels (on) or plain eager ops (off), or both "
                         "(default: both on CUDA, off elsewhere, where they do not apply)")
     p.add_argument("--json", default="bench/out/decode.json", help="where to write the JSON (default: %(default)s)")
     p.set_defaults(func=main)

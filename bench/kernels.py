@@ -127,7 +127,8 @@ def build_cases(device: torch.device, dtype: torch.dtype, tiny: bool) -> tuple[l
     gemms = [(1, 64, 128, 32), (4, 72, 96, 32)] if tiny else [
         (1, 4096, 4096, 128), (1, 4096, 4096, 32), (1, 11008, 4096, 128), (1, 4096, 11008, 128), (16, 4096, 4096, 128)]
     for M, N, K, group in gemms:
-        qweight, scales, zeros = reference.pack_w4(r(N, K), group)
+        q, scales, zeros = reference.quantize_w4(r(N, K), group)
+        qweight = reference.pack_w4(q)
         dense = reference.dequantize_w4(qweight, scales, zeros, group).to(dtype)
         x = r(M, K)
         int4 = torch_int4mm(x, qweight, scales, zeros, group) if device.type == "cuda" else "needs CUDA"

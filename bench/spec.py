@@ -74,7 +74,8 @@ def run_engine(loaded, spec: str, max_tokens: int, quant: str | None, copy_bw: f
                 rates.append(r)
                 kinds.setdefault(kind, []).append(r)
         ttft = statistics.median(follow_up_ttft(engine) for _ in range(3))
-        fmt = engine.setup.decode if engine.setup is not None else {torch.float32: "fp32"}.get(engine.dtype, "bf16")
+        fmt = (engine.setup.decode if engine.setup is not None else "w4a16" if engine.quant == "int4"
+               else {torch.float32: "fp32"}.get(engine.dtype, "bf16"))
         tok_s, summary = statistics.median(rates), totals.summary()
         forwards_s = tok_s / summary["tokens_per_target_forward"]
         return {"drafter": spec, "quant": engine.setup_summary(), "decode_tok_s": tok_s,

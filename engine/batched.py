@@ -51,12 +51,13 @@ def cuda_dtype() -> torch.dtype:
 
 def batched_model(loaded: LoadedModel, latency_model: Transformer, latency_quant: str, dtype: torch.dtype) -> Transformer:
     """Batched mode's model: the latency model itself when it computes in `dtype` on full weights (no second copy),
-    else the weights loaded again in `dtype`. Batched mode keeps full weights: int4, latency mode's default on a
-    CPU, runs batch 1 2.6x faster than bf16 but only ties at batch 16 and reaches half of bf16's throughput at batch
-    64 (AVX512_BF16 CPU, 1 thread, forward + logits: 218 vs 245 and 250 vs 488 tok/s)."""
+    else the weights loaded again in `dtype`, on the same ops (the fused kernels where latency mode has them). Batched
+    mode keeps full weights: int4, latency mode's default on a CPU, runs batch 1 2.6x faster than bf16 but only ties
+    at batch 16 and reaches half of bf16's throughput at batch 64 (AVX512_BF16 CPU, 1 thread, forward + logits: 218
+    vs 245 and 250 vs 488 tok/s)."""
     if latency_quant == "none" and latency_model.dtype == dtype:
         return latency_model
-    model = Transformer(loaded.config, dtype=dtype, device=latency_model.device)
+    model = Transformer(loaded.config, dtype=dtype, device=latency_model.device, kernels=latency_model.kernels)
     model.load_canonical(loaded.weights)
     return model
 

@@ -29,6 +29,7 @@ from torch import Tensor
 import kernels
 from engine.kv_cache import PagedKVCache, StaticKVCache
 from engine.model import Transformer
+from kernels import Kernels
 
 MIN_WINDOW = 256  # keys attended by the smallest window; small enough that short chats read little padding
 
@@ -71,6 +72,32 @@ class GraphAttention:
         return out.view(H, T, D).transpose(0, 1).reshape(T, H * D)
 
 
+class KernelAttention:
+    """Attention over a `StaticKVCache`'s storage through the fused kernels (`model.kernels`): each layer's
+    [n_kv_heads, max_seq_len, D] storage seen as one page of max_seq_len slots, so the paged KV write and the paged
+    flash-decoding kernel serve the static cache. The kernel reads only the keys up to each row's position, and its
+    split count comes from the page's fixed size, so one graph per row count serves every context length."""
+
+    def __init__(self, cache: StaticKVCache, ops: Kernels):
+        self.cache = cache
+        self.ops = ops
+        self._table = torch.zeros(1, 1, dtype=torch.int32, device=cache.k.device)
+        self._lens: Tensor | None = None
+        self._slots: Tensor | None = None
+
+    def set_positions(self, positions: Tensor) -> None:
+        """positions [T], consecutive: where the step's tokens go; token i sees keys 0..positions[i]."""
+        self._slots = positions
+        self._lens = (positions[-1:] + 1).to(torch.int32)
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        T, H, D = q.shape
+        k_cache = self.cache.k[layer, 0].transpose(0, 1).unsqueeze(0)  # [1 page, max_seq_len slots, KV, D]
+        v_cache = self.cache.v[layer, 0].transpose(0, 1).unsqueeze(0)
+        self.ops.write_kv_cache(k, v, k_cache, v_cache, self._slots)
+        return self.ops.paged_decode_attention(q.unsqueeze(0), k_cache, v_cache, self._table, self._lens).reshape(T, H * D)
+
+
 class StaticStep:
     """The target step for `rows` tokens, reading its inputs from `inputs` = [first position, token ids...]."""
 
@@ -78,7 +105,7 @@ class StaticStep:
         self.model = model
         self.inputs = inputs
         self.rows = rows
-        self.attention = GraphAttention(cache, window)
+        self.attention = GraphAttention(cache, window) if model.kernels is None else KernelAttention(cache, model.kernels)
         self._offsets = torch.arange(rows, device=inputs.device)
 
     @torch.inference_mode()
@@ -93,17 +120,21 @@ class DecodeGraphs:
     """Latency mode's decode/verify steps of up to `max_rows` tokens, replayed from CUDA graphs.
 
     The cache's prefill stays eager (`StaticKVCache.attend`) and writes the same storage the graphs read.
-    capture=False runs the same static step eagerly (the CPU tests check it against the eager path).
+    capture=False runs the same static step eagerly (the CPU tests check it against the eager path). compile_mode
+    ("reduce-overhead", "max-autotune") hands each step to torch.compile instead of capturing it here: the gpt-fast
+    way, which the GPU benchmark (bench/gpu_decode.py) times against our graphs over the fused kernels.
     """
 
-    def __init__(self, model: Transformer, cache: StaticKVCache, max_rows: int, capture: bool = True):
+    def __init__(self, model: Transformer, cache: StaticKVCache, max_rows: int, capture: bool = True,
+                 compile_mode: str | None = None):
         self.model = model
         self.cache = cache
         self.max_rows = bucket(max_rows)
-        self.capture = capture
+        self.capture = capture and compile_mode is None
+        self.compile_mode = compile_mode
         self.inputs = torch.zeros(1 + self.max_rows, dtype=torch.long, device=cache.k.device)
         self._steps: dict[tuple[int, int], Callable[[], StepOutput]] = {}
-        self._pool = torch.cuda.graph_pool_handle() if capture else None  # one memory pool shared by every graph
+        self._pool = torch.cuda.graph_pool_handle() if self.capture else None  # one memory pool shared by every graph
 
     def fits(self, n: int) -> bool:
         """Can a step of `n` tokens run here (else the caller runs it eagerly)?"""
@@ -126,14 +157,20 @@ class DecodeGraphs:
         return logits[:n], best[:n]
 
     def _shape(self, n: int) -> tuple[int, int]:
-        """(rows, window) of the graph for `n` tokens after the cached ones."""
+        """(rows, window) of the graph for `n` tokens after the cached ones (the fused kernels need no window)."""
         rows = bucket(n)
+        if self.model.kernels is not None:
+            return rows, self.cache.max_seq_len
         return rows, min(max(MIN_WINDOW, bucket(self.cache.length + rows)), self.cache.max_seq_len)
 
     def _build(self, rows: int, window: int) -> Callable[[], StepOutput]:
-        step = StaticStep(self.model, self.cache, self.inputs, rows, window)
-        self._steps[rows, window] = capture_graph(step, self._pool) if self.capture else step
-        return self._steps[rows, window]
+        step: Callable[[], StepOutput] = StaticStep(self.model, self.cache, self.inputs, rows, window)
+        if self.compile_mode is not None:  # torch.compile's own graphs ("reduce-overhead") instead of ours
+            step = torch.compile(step, mode=self.compile_mode)
+        elif self.capture:
+            step = capture_graph(step, self._pool)
+        self._steps[rows, window] = step
+        return step
 
 
 def capture_graph(step: Callable[[], StepOutput], pool: tuple) -> Callable[[], StepOutput]:

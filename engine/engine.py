@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+import kernels
 from engine.backend import ControlError, Controls, check_mode
 from engine.batched import BatchedRunner, StepProfile, batched_model, cuda_dtype
 from engine.latency import LatencyRunner
@@ -40,6 +41,10 @@ from engine.speculative import build_drafter
 from engine.stats import RollingStats
 
 __all__ = ["Completion", "ContextLengthError", "Engine", "EngineError", "OverloadedError", "Request", "Stream", "TokenEvent"]
+
+# How decode steps run on CUDA. "graphs" is the default until a GPU run of bench/gpu_decode.py measures "compile"
+# faster: no GPU has been lent to this project yet.
+CUDA_PATHS = ("graphs", "compile", "eager")
 
 
 class ContextLengthError(ValueError):
@@ -64,13 +69,15 @@ class Completion:
 class Engine:
     """How the model runs: on a CPU, the setup measured and cached for this machine (engine/setup.py), with `quant`
     (latency mode's weight format) and `dtype` (dense weights: prompt chunks and batched mode) imposed when given,
-    or `setup` itself; `progress` hears about a first measurement. On CUDA, bf16 (or `dtype`) weights, and both modes
-    replay their decode steps from CUDA graphs unless `cuda_graphs` is False (eager, for comparison)."""
+    or `setup` itself; `progress` hears about a first measurement. On CUDA, bf16 (or `dtype`) weights (int4 runs the
+    Triton W4A16 kernel), and `cuda_path` (CUDA_PATHS): "graphs", the fused Triton kernels (kernels/) with both modes'
+    decode steps replayed from CUDA graphs; "compile", plain PyTorch ops with latency mode's decode steps compiled by
+    torch.compile (mode "reduce-overhead"), batched mode's captured; "eager", plain ops, no graphs (for comparison)."""
 
     def __init__(self, model: str | LoadedModel = "smollm2-135m", device: str | None = None,
                  dtype: torch.dtype | None = None, max_seq_len: int | None = None, max_waiting: int = 64,
                  mode: str = "latency", policy: BatchPolicy | None = None, kv_cache_tokens: int = 16384,
-                 quant: str | None = None, spec: str = "auto", draft: str | None = None, cuda_graphs: bool = True,
+                 quant: str | None = None, spec: str = "auto", draft: str | None = None, cuda_path: str = "graphs",
                  setup: Setup | None = None, progress: Callable[[str], None] | None = None):
         loaded = load(model) if isinstance(model, str) else model
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -92,7 +99,10 @@ class Engine:
             self.setup = None
             self.quant, self.dtype = quant or "none", dtype or torch.bfloat16
             self.batched_dtype = dtype or cuda_dtype()
-            self.model = Transformer(loaded.config, dtype=self.dtype, device=self.device)
+            if cuda_path not in CUDA_PATHS:
+                raise ValueError(f"unknown CUDA path {cuda_path!r} (choose from {', '.join(CUDA_PATHS)})")
+            ops = kernels.triton_kernels() if cuda_path == "graphs" else None
+            self.model = Transformer(loaded.config, dtype=self.dtype, device=self.device, kernels=ops)
             self.model.load_canonical(loaded.weights)
             quantize(self.model, self.quant)
         self.max_seq_len = min(max_seq_len or loaded.config.max_seq_len, loaded.config.max_seq_len)
@@ -105,10 +115,11 @@ class Engine:
         native_threads = self.setup.threads if native is not None else None  # drafts too run natively where the target does
         drafter = build_drafter(spec, self.model, self.name, draft, self.max_seq_len, self.quant, native_threads)
         self._drafter = drafter  # kept so speculation can be turned back on
-        self._latency = LatencyRunner(self.model, self.max_seq_len, drafter, cuda_graphs=cuda_graphs, native=native,
+        self._latency = LatencyRunner(self.model, self.max_seq_len, drafter, cuda_path=cuda_path, native=native,
                                       native_prefill=self.setup is not None and self.setup.prefill == "native",
                                       prefill_rows=NATIVE_PREFILL_ROWS)
-        self._cuda_graphs = cuda_graphs  # for the batched runner, built later
+        self._cuda_path = cuda_path
+        self._cuda_graphs = cuda_path != "eager"  # for the batched runner, built later
         self._batched_model = batched_model(loaded, self.model, self.quant, self.batched_dtype)
         self._batched: BatchedRunner | None = None  # built on first use: its KV pool is large
         self._step_profile = StepProfile()  # where batched mode's steps are timed (`record_steps` restarts it)
@@ -282,7 +293,7 @@ class Engine:
         """How the model runs, in a few words (the status line and `describe` show it)."""
         if self.setup is not None:
             return self.setup.describe()
-        return f"{self.quant} weights, {str(self.dtype).removeprefix('torch.')}"
+        return f"{self.quant} weights, {str(self.dtype).removeprefix('torch.')}, {self._cuda_path}"
 
     def _switch(self, mode: str) -> None:
         if mode == self.mode:

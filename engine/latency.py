@@ -33,10 +33,10 @@ MODE = "latency"
 
 class LatencyRunner:
     """native: the native step for decode and verify rows; native_prefill: for prompt chunks too (in chunks of
-    `prefill_rows`)."""
+    `prefill_rows`). cuda_path (on CUDA): one of engine.engine.CUDA_PATHS."""
 
     def __init__(self, model: Transformer, max_seq_len: int, drafter: Drafter | None = None, k_max: int = 6,
-                 cuda_graphs: bool = True, native: NativeModel | None = None, native_prefill: bool = False,
+                 cuda_path: str = "graphs", native: NativeModel | None = None, native_prefill: bool = False,
                  prefill_rows: int = 16):
         self.model = model
         self.native = native
@@ -44,8 +44,9 @@ class LatencyRunner:
         self.prefill_rows = prefill_rows
         self.max_seq_len = max_seq_len
         self.cache = StaticKVCache(model.cfg, max_seq_len, model.dtype, model.device)
-        cuda = model.device.type == "cuda"
-        self.graphs = DecodeGraphs(model, self.cache, k_max + 1) if cuda_graphs and cuda else None  # decode steps
+        graphs = model.device.type == "cuda" and cuda_path != "eager"
+        compile_mode = "reduce-overhead" if cuda_path == "compile" else None  # torch.compile's graphs, not ours
+        self.graphs = DecodeGraphs(model, self.cache, k_max + 1, compile_mode=compile_mode) if graphs else None
         self.queue: deque[Sequence] = deque()
         self.drafter = drafter
         self.adaptive = AdaptiveK(k_max=k_max)

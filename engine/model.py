@@ -1,9 +1,14 @@
 """One Llama-family transformer (Llama, Mistral, Qwen2, SmolLM) for inference.
 
 Weights use the Hugging Face layout (Q/K rows in rotate-half order); the GGUF loader un-permutes
-llama.cpp's interleaved rows into it, so there is exactly one RoPE path. Tokens are a flat 1-D
+llama.cpp's interleaved rows into it, so there is exactly one RoPE layout. Tokens are a flat 1-D
 sequence with explicit positions, and attention is delegated to a KV-cache object, so the same
 module serves batch-1 decode, prefill and speculative verification.
+
+Two ways through a layer, the same maths: plain PyTorch ops, shaped for a CPU (RoPE as one batched matmul,
+since per-op overhead dominates there), and, when the model is given `kernels` (the Triton kernels on CUDA),
+the fused path: RMSNorm fused with the residual add, rotary applied in place on the q/k views of the fused QKV
+output, and SwiGLU in one kernel, as vLLM and gpt-fast's kernels do.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from kernels import Kernels
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
@@ -76,14 +83,16 @@ class Transformer(nn.Module):
     """Decoder-only transformer. Fused QKV and gate/up projections: fewer, larger GEMVs per layer."""
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 act_dtype: torch.dtype | None = None):
+                 act_dtype: torch.dtype | None = None, kernels: Kernels | None = None):
         """dtype: the weights'. act_dtype: the residual stream's, norms' and KV cache's (default: dtype).
+        kernels: run the fused path with these ops (default: plain PyTorch ops).
 
         On a CPU without native bf16, bf16 weights with fp32 activations is the fast mix: the matmuls read
         half the bytes, and the norms, RoPE and attention run in fp32 kernels instead of upcasting inside each op.
         """
         super().__init__()
         self.cfg = cfg
+        self.kernels = kernels
         act_dtype = act_dtype or dtype
         kw = {"dtype": dtype, "device": device}
         act_kw = {"dtype": act_dtype, "device": device}
@@ -115,10 +124,23 @@ class Transformer(nn.Module):
     def forward(self, tokens: Tensor, positions: Tensor, cache: Attention) -> Tensor:
         """tokens, positions: [T] -> final hidden states [T, dim] (call `logits` on the rows you need)."""
         x = F.embedding(tokens, self.embed).to(self.dtype)
+        if self.kernels is not None:
+            return self._forward_fused(x, positions, cache, self.kernels)
         rope = rotation_matrices(self.rope_cos[positions], self.rope_sin[positions])
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, cache, i)
         return F.rms_norm(x, (self.cfg.dim,), self.norm, self.cfg.norm_eps)
+
+    def _forward_fused(self, x: Tensor, positions: Tensor, cache: Attention, ops: Kernels) -> Tensor:
+        """The fused path: each norm also adds the previous sublayer's output into the residual stream."""
+        eps = self.cfg.norm_eps
+        residual = x
+        h = ops.rms_norm(x, self.layers[0].attn_norm, eps)
+        for i, layer in enumerate(self.layers):
+            h, residual = layer.forward_fused(h, residual, positions, self.rope_cos, self.rope_sin, cache, i, ops)
+            if i + 1 < len(self.layers):
+                h, residual = ops.rms_norm(h, self.layers[i + 1].attn_norm, eps, residual)
+        return ops.rms_norm(h, self.norm, eps, residual)[0]
 
     @torch.inference_mode()
     def logits(self, hidden: Tensor) -> Tensor:
@@ -203,3 +225,18 @@ class Block(nn.Module):
         x = x + self.o(cache.attend(layer, q, k, v))
         gate, up = self.gate_up(F.rms_norm(x, (cfg.dim,), self.ffn_norm, cfg.norm_eps)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
+
+    def forward_fused(self, h: Tensor, residual: Tensor, positions: Tensor, cos: Tensor, sin: Tensor, cache: Attention,
+                      layer: int, ops: Kernels) -> tuple[Tensor, Tensor]:
+        """h: this layer's normed input; residual: the stream before it -> (the MLP's output, the stream before it):
+        the next norm adds the two."""
+        cfg = self.cfg
+        T = h.shape[0]
+        qkv = self.qkv(h).to(h.dtype)
+        q = qkv[:, : cfg.q_size].view(T, cfg.n_heads, cfg.head_dim)
+        k = qkv[:, cfg.q_size : cfg.q_size + cfg.kv_size].view(T, cfg.n_kv_heads, cfg.head_dim)
+        v = qkv[:, cfg.q_size + cfg.kv_size :].view(T, cfg.n_kv_heads, cfg.head_dim)
+        ops.rotary_embedding(q, k, positions, cos, sin)
+        h, residual = ops.rms_norm(self.o(cache.attend(layer, q, k, v)).to(h.dtype), self.ffn_norm, cfg.norm_eps, residual)
+        gate, up = self.gate_up(h).to(h.dtype).chunk(2, dim=-1)
+        return self.down(ops.swiglu(gate, up)).to(h.dtype), residual

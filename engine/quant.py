@@ -1,9 +1,11 @@
 """Weight-only quantization for batch-1 decode, which is memory-bound: fewer bytes per weight, faster steps.
 
 - int8: one scale per output channel, `torch.ops.aten._weight_int8pack_mm` (fused on CPU).
-- int4: group-wise scale and zero (group 32, the block size of GGUF Q4_0/Q4_1, so the default model's
-  Q4_1 blocks map onto it almost exactly), `torch.ops.aten._weight_int4pack_mm_for_cpu` on the CPU.
-  Torch's formula is w = (q - 8) * scale + zero_t, so zero_t = group min + 8 * scale.
+- int4: group-wise scale and zero (group 32, GGUF Q4_1's block, with its fp16 scale and minimum, so the default
+  model's Q4_1 blocks are recovered exactly), from one quantization step (`kernels.quantize_w4`) packed for the
+  device: on the CPU for `torch.ops.aten._weight_int4pack_mm_for_cpu` (`Int4Linear`; torch's formula is
+  w = (q - 8) * scale + zero_t, so zero_t = group min + 8 * scale) and the native kernel, on the fused (Triton)
+  path for the W4A16 kernel (`W4A16Linear`).
 
 Torch's int4 kernel is fast only with bf16 activations, so Int4Linear feeds it bf16 whatever the model's dtype;
 its dense copy (for prompt chunks) is in `dense_dtype`. Quantize from fp32 weights: the default GGUF's Q4_1 groups
@@ -13,10 +15,13 @@ Quantization happens once at load: it takes well under a second for the default 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import kernels
 from engine.model import Linear, Transformer
 from kernels.native import pack_q4
 
@@ -43,14 +48,11 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def int4_quantize(weight: Tensor, group: int = INT4_GROUP) -> tuple[Tensor, Tensor, Tensor]:
-    """Round-to-nearest asymmetric int4 per group along the input dim -> (q int32 [N, K], scale, group_min [N, K/g])."""
-    N, K = weight.shape
-    w = weight.float().reshape(N, K // group, group)
-    lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-    scale = ((hi - lo) / 15).clamp(min=1e-8)
-    q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
-    return q.reshape(N, K), scale, lo
+def int4_quantize(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The int4 codes of a weight: (q uint8 [N, K] in 0..15, scale, group_min fp16 [N, K/32]); w = q * scale + min."""
+    if weight.shape[1] % INT4_GROUP:
+        raise ValueError(f"int4 needs the input dim ({weight.shape[1]}) to be a multiple of the group size {INT4_GROUP}")
+    return kernels.quantize_w4(weight, INT4_GROUP)
 
 
 class Int4Linear(nn.Module):
@@ -63,16 +65,15 @@ class Int4Linear(nn.Module):
 
     DENSE_ROWS = 8
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, dtype: torch.dtype, group: int = INT4_GROUP):
+    def __init__(self, weight: Tensor, bias: Tensor | None, dtype: torch.dtype):
         super().__init__()
         if weight.device.type != "cpu":
-            raise NotImplementedError("int4 weights run on the CPU kernel only; on a GPU use the Triton W4A16 path")
-        if weight.shape[1] % group:
-            raise ValueError(f"int4 needs the input dim ({weight.shape[1]}) to be a multiple of the group size {group}")
-        q, scale, lo = int4_quantize(weight, group)
-        self.group = group
+            raise NotImplementedError("Int4Linear runs torch's CPU int4 kernel; on a GPU int4 runs W4A16Linear")
+        q, scale, lo = int4_quantize(weight)
+        scale, lo = scale.float(), lo.float()
+        self.group = INT4_GROUP
         self.out_features = weight.shape[0]
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1))
         # [K/g, N, 2]: (scale, zero) pairs, the layout the kernel reads
         self.register_buffer("scales_zeros",
                              torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16))
@@ -90,6 +91,31 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class W4A16Linear(nn.Module):
+    """int4 for the Triton W4A16 kernel (`w4a16`: the model's fused kernels, or the dispatching function): the codes
+    of `int4_quantize` two per byte, with its fp16 scales and minima, for decode and verification rows (up to the
+    kernel's 16); longer prompt chunks use the dense weight, as `Int4Linear` does."""
+
+    MAX_ROWS = 16
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, dtype: torch.dtype,
+                 w4a16: Callable[..., Tensor] = kernels.w4a16_linear):
+        super().__init__()
+        q, scales, zeros = int4_quantize(weight)
+        self.register_buffer("qweight", kernels.pack_w4(q))
+        self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)
+        self.dense = weight.to(dtype)
+        self.bias = bias
+        self.w4a16 = w4a16
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.numel() > self.MAX_ROWS * x.shape[-1]:
+            return F.linear(x.to(self.dense.dtype), self.dense, self.bias)
+        y = self.w4a16(x.to(self.dense.dtype), self.qweight, self.scales, self.zeros, INT4_GROUP)
+        return y if self.bias is None else y + self.bias
+
+
 def quantize(model: Transformer, mode: str, dense_dtype: torch.dtype | None = None) -> Transformer:
     """Replace every layer projection and the output head with its quantized form, in place. dense_dtype: the
     dtype of int4's dense copies (default: the model's weights')."""
@@ -97,14 +123,24 @@ def quantize(model: Transformer, mode: str, dense_dtype: torch.dtype | None = No
         raise ValueError(f"unknown quantization {mode!r} (choose from {', '.join(QUANT_MODES)})")
     if mode == "none":
         return model
-    cls = Int8Linear if mode == "int8" else Int4Linear
     dtype = model.weight_dtype if mode == "int8" else dense_dtype or model.weight_dtype
+    w4a16 = mode == "int4" and (model.kernels is not None or model.device.type != "cpu")
     for block in model.layers:
         for name, child in list(block.named_children()):
-            if isinstance(child, Linear):
-                setattr(block, name, cls(child.weight, child.bias, dtype))
-    # The head too: it is the largest single matrix (a fifth of the bytes per token). In int8 for both modes: an
-    # int4 head loses greedy choices (top-1 agreement with fp32 0.88 against 0.95 with an int8 head, teacher-forced,
-    # engine/setup.py's measure; the default GGUF's embedding is Q8_0, which int4 cannot hold).
-    model.head_q = Int8Linear(model.lm_head, None, model.weight_dtype if mode == "int8" else torch.bfloat16)
+            if not isinstance(child, Linear):
+                continue
+            if mode == "int8":
+                layer = Int8Linear(child.weight, child.bias, dtype)
+            elif w4a16:
+                layer = W4A16Linear(child.weight, child.bias, dtype,
+                                    model.kernels.w4a16_linear if model.kernels else kernels.w4a16_linear)
+            else:
+                layer = Int4Linear(child.weight, child.bias, dtype)
+            setattr(block, name, layer)
+    # The head too, on the CPU: it is the largest single matrix (a fifth of the bytes per token). In int8 for both
+    # modes: an int4 head loses greedy choices (top-1 agreement with fp32 0.88 against 0.95 with an int8 head,
+    # teacher-forced, engine/setup.py's measure; the default GGUF's embedding is Q8_0, which int4 cannot hold). With
+    # W4A16 it stays dense: Int8Linear off the CPU dequantizes its whole weight per call, more bytes than bf16's.
+    if not w4a16:
+        model.head_q = Int8Linear(model.lm_head, None, model.weight_dtype if mode == "int8" else torch.bfloat16)
     return model

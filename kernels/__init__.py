@@ -4,7 +4,9 @@ Pure functions over tensors: imports torch and triton only, never engine, voice 
 
 Each public function below runs the Triton kernel (kernels/*_triton.py) for CUDA tensors and the reference
 (kernels/reference.py) otherwise. Triton is imported only where CUDA exists, so CPU-only machines need
-neither, and tests can turn on TRITON_INTERPRET=1 before any kernel is defined.
+neither, and tests can turn on TRITON_INTERPRET=1 before any kernel is defined. `Kernels` names one
+implementation of every op, for a caller that must choose it itself: the engine's fused decode path takes
+`triton_kernels()` on CUDA, and the tests give it the same kernels on CPU tensors under the interpreter.
 
 Layouts shared with the engine:
 - Paged KV cache: k_cache, v_cache [num_blocks, block_size, n_kv_heads, head_dim]; token i of a sequence
@@ -13,19 +15,41 @@ Layouts shared with the engine:
   block * block_size + offset; slot_mapping [T] gives each new token's slot, -1 for padding tokens.
 - 4-bit weights (W4A16), for a float weight [N, K] with groups of G consecutive K elements (G = 32, 64, 128):
   qweight uint8 [N, K//2], byte j of a row holds element 2j in its low nibble and 2j + 1 in its high nibble;
-  scales, zeros [N, K//G] in the activation dtype; w = q * scale + zero with q in 0..15 (GGUF Q4_1 with
-  scale = d, zero = m). `pack_w4` builds it from a float weight.
+  scales, zeros [N, K//G], fp16 by default (the kernel reads them in float32); w = q * scale + zero with q in
+  0..15 (GGUF Q4_1 with scale = d, zero = m). `quantize_w4` gives the codes, scales and zeros of a float weight,
+  `pack_w4` packs the codes.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from kernels import reference
-from kernels.reference import dequantize_w4, pack_w4
+from kernels.reference import dequantize_w4, pack_w4, quantize_w4
 
-if torch.cuda.is_available():
+__all__ = ["Kernels", "dequantize_w4", "pack_w4", "paged_decode_attention", "quantize_w4", "rms_norm",
+           "rotary_embedding", "swiglu", "triton_kernels", "w4a16_linear", "write_kv_cache"]
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """One implementation of every op, with the signatures of the functions below."""
+
+    name: str
+    rms_norm: Callable[..., Tensor | tuple[Tensor, Tensor]]
+    rotary_embedding: Callable[..., None]
+    swiglu: Callable[[Tensor, Tensor], Tensor]
+    w4a16_linear: Callable[..., Tensor]
+    paged_decode_attention: Callable[..., Tensor]
+    write_kv_cache: Callable[..., None]
+
+
+def triton_kernels() -> Kernels:
+    """The Triton kernels (imports triton): for CUDA tensors, or for CPU tensors under TRITON_INTERPRET=1."""
     from kernels import (
         kv_write_triton,
         paged_attention_triton,
@@ -35,13 +59,16 @@ if torch.cuda.is_available():
         w4a16_triton,
     )
 
-__all__ = ["dequantize_w4", "pack_w4", "paged_decode_attention", "rms_norm", "rotary_embedding", "swiglu",
-           "w4a16_linear", "write_kv_cache"]
+    return Kernels("triton", rms_norm_triton.rms_norm, rotary_triton.rotary_embedding, swiglu_triton.swiglu,
+                   w4a16_triton.w4a16_linear, paged_attention_triton.paged_decode_attention, kv_write_triton.write_kv_cache)
+
+
+_TRITON = triton_kernels() if torch.cuda.is_available() else None  # what the functions below run on CUDA tensors
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """RMSNorm over the last dim, in float32. With `residual`: s = x + residual, returns (norm(s), s)."""
-    impl = rms_norm_triton.rms_norm if x.is_cuda else reference.rms_norm
+    impl = _TRITON.rms_norm if x.is_cuda else reference.rms_norm
     return impl(x, weight, eps, residual)
 
 
@@ -52,7 +79,7 @@ def rotary_embedding(q: Tensor, k: Tensor, positions: Tensor, cos: Tensor, sin: 
     rotate-half tables, whose halves repeat, work as they are); positions [T]. Pairs are (i, i + D/2) in the
     Hugging Face rotate-half layout, or (2i, 2i + 1) with `interleaved` (GGUF's layout for llama).
     """
-    impl = rotary_triton.rotary_embedding if q.is_cuda else reference.rotary_embedding
+    impl = _TRITON.rotary_embedding if q.is_cuda else reference.rotary_embedding
     impl(q, k, positions, cos, sin, interleaved)
 
 
@@ -66,24 +93,24 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     scale defaults to D**-0.5. num_splits (Triton only) splits each sequence for flash-decoding; by default
     it is chosen from the block table's capacity and the SM count, which needs no host sync (graph-safe).
     """
-    impl = paged_attention_triton.paged_decode_attention if q.is_cuda else reference.paged_decode_attention
+    impl = _TRITON.paged_decode_attention if q.is_cuda else reference.paged_decode_attention
     return impl(q, k_cache, v_cache, block_table, seq_lens, scale, num_splits)
 
 
 def w4a16_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
                  split_k: int | None = None) -> Tensor:
     """x [..., K] @ dequantised(qweight).T -> [..., N]; the Triton kernel takes at most 16 rows of x."""
-    impl = w4a16_triton.w4a16_linear if x.is_cuda else reference.w4a16_linear
+    impl = _TRITON.w4a16_linear if x.is_cuda else reference.w4a16_linear
     return impl(x, qweight, scales, zeros, group_size, split_k)
 
 
 def write_kv_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
     """Store new k, v [T, Hkv, D] into the paged caches at slot_mapping [T] (negative slots are skipped)."""
-    impl = kv_write_triton.write_kv_cache if k.is_cuda else reference.write_kv_cache
+    impl = _TRITON.write_kv_cache if k.is_cuda else reference.write_kv_cache
     impl(k, v, k_cache, v_cache, slot_mapping)
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """silu(gate) * up, computed in float32."""
-    impl = swiglu_triton.swiglu if gate.is_cuda else reference.swiglu
+    impl = _TRITON.swiglu if gate.is_cuda else reference.swiglu
     return impl(gate, up)

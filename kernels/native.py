@@ -75,7 +75,7 @@ class PackedQ4:
 
 
 def pack_q4(q: Tensor, scale: Tensor, lo: Tensor) -> PackedQ4:
-    """Codes q [N, K] in 0..15 with scale, lo [N, K/32] (w = q * scale + lo, engine.quant.int4_quantize's output)."""
+    """Codes q [N, K] in 0..15 with scale, lo [N, K/32] (w = q * scale + lo, kernels.quantize_w4's output)."""
     N, K = q.shape
     if K % GROUP or scale.shape != (N, K // GROUP) or lo.shape != scale.shape:
         raise ValueError(f"q {tuple(q.shape)} needs K a multiple of {GROUP} and scale, lo of shape {(N, K // GROUP)}")

@@ -48,16 +48,17 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     return out
 
 
-def pack_w4(weight: Tensor, group_size: int, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Quantise a float weight [N, K] to 4 bits, round-to-nearest with each group's min/max.
+def quantize_w4(weight: Tensor, group_size: int, dtype: torch.dtype = torch.float16) -> tuple[Tensor, Tensor, Tensor]:
+    """The one int4 quantization step: a float weight [N, K] rounded to nearest with each group's min/max.
 
-    Returns (qweight uint8 [N, K//2], scales [N, K//group], zeros [N, K//group]); scales and zeros are in
-    `dtype` (default: the weight's), and w ~= q * scale + zero.
+    Returns (q uint8 [N, K] in 0..15, scales, zeros [N, K//group] in `dtype`), w ~= q * scale + zero. fp16 by
+    default, as GGUF's Q4_1 stores d and m: from the default model's dequantised Q4_1 weights this gives back its
+    codes, scales and minima exactly. Both int4 packings come from this output (`pack_w4` for the Triton kernel,
+    kernels.native.pack_q4 and torch's CPU int4 pack for the CPU), so a model converts once for either device.
     """
     N, K = weight.shape
     if K % group_size or group_size % 2:
         raise ValueError(f"K={K} must be a multiple of the group size {group_size} (an even number)")
-    dtype = dtype or weight.dtype
     w = weight.float().reshape(N, K // group_size, group_size)
     lo, hi = w.amin(-1), w.amax(-1)
     # Round scale and zero to their stored dtype first, so q is chosen for the values dequantisation will use.
@@ -65,8 +66,13 @@ def pack_w4(weight: Tensor, group_size: int, dtype: torch.dtype | None = None) -
     zeros = lo.to(dtype)
     s = scales.float().unsqueeze(-1)
     q = ((w - zeros.float().unsqueeze(-1)) / torch.where(s > 0, s, 1.0)).round().clamp(0, 15).to(torch.uint8)
-    q = q.reshape(N, K)
-    return q[:, 0::2] | (q[:, 1::2] << 4), scales, zeros
+    return q.reshape(N, K), scales, zeros
+
+
+def pack_w4(q: Tensor) -> Tensor:
+    """Codes q [N, K] in 0..15 -> the Triton kernel's qweight uint8 [N, K//2] (element 2j low nibble, 2j + 1 high)."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
 
 
 def dequantize_w4(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:

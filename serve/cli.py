@@ -9,6 +9,7 @@ import os
 import sys
 
 from engine import Backend, Engine, Request, SamplingParams
+from engine.engine import CUDA_PATHS
 from engine.loader import EXPECTED, load_tokenizer
 from engine.metrics import RequestMetrics
 from engine.quant import QUANT_MODES
@@ -29,9 +30,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--quant", choices=QUANT_MODES, default=None,
                    help="latency mode's weight format (default on a CPU: measured on this machine at first start and "
-                        "cached, see `tradeoff setup`; none on a GPU)")
+                        "cached, see `tradeoff setup`; none on a GPU, where int4 runs the Triton W4A16 kernel)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="dense weights: prompt chunks and batched mode (default on a CPU: measured, as --quant)")
+    p.add_argument("--cuda-path", choices=CUDA_PATHS, default=CUDA_PATHS[0],
+                   help="on a GPU, how decode steps run: graphs (the Triton kernels of kernels/, replayed from CUDA "
+                        "graphs; default), compile (plain PyTorch ops under torch.compile, reduce-overhead), eager")
     p.add_argument("--spec", choices=SPEC_MODES, default="auto",
                    help="speculative decoding: off, ngram (prompt lookup), draft (a draft model), auto (both; default)")
     p.add_argument("--draft", default=None,
@@ -56,7 +60,7 @@ def backend_from(args: argparse.Namespace, **options) -> Backend:
     if args.backend:
         return remote_from(args, **options)
     return Engine(args.model, device=args.device, quant=args.quant, dtype=DTYPES.get(args.dtype), spec=args.spec,
-                  draft=args.draft, progress=say, **options)
+                  draft=args.draft, cuda_path=args.cuda_path, progress=say, **options)
 
 
 def say(line: str) -> None:

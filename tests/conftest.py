@@ -1,5 +1,9 @@
 """Shared fixtures and helpers: the default model, loaded once per test session (fetched by `make setup`), a tiny
-random-weight model in its canonical layout, and `wait_until`, which waits on a condition (never a fixed sleep)."""
+random-weight model in its canonical layout, and `wait_until`, which waits on a condition (never a fixed sleep).
+
+Without a GPU, the Triton kernels that tests call (tests/kernels, and the engine's fused path) run under Triton's
+interpreter on CPU tensors: TRITON_INTERPRET=1 must be set before any kernel is defined, so it is set here, before
+any test module imports one."""
 
 import os
 import time
@@ -9,9 +13,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the `tradeoff` command
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from engine.loader import LoadedModel, load  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from engine.model import ModelConfig  # noqa: E402
-from engine.registry import DEFAULT_MODEL, fetch  # noqa: E402
 
 TINY = ModelConfig(arch="llama", vocab_size=49152, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=64,
                    rope_theta=1e4, norm_eps=1e-5, max_seq_len=4096, tie_embeddings=True, qkv_bias=False)
@@ -32,19 +37,30 @@ def idle(backend) -> bool:
     return state.running == state.waiting == 0
 
 
+# The loader is imported in the fixtures that need it: tests/kernels then run where only torch, triton and pytest are
+# installed (bench/gpu.sh on the GPU machine).
+
+
 @pytest.fixture(scope="session")
-def default_model() -> LoadedModel:
+def default_model():
+    from engine.loader import load
+    from engine.registry import DEFAULT_MODEL
+
     return load(DEFAULT_MODEL)
 
 
 @pytest.fixture(scope="session")
 def default_gguf():
+    from engine.registry import DEFAULT_MODEL, fetch
+
     return fetch(DEFAULT_MODEL)
 
 
 @pytest.fixture(scope="session")
-def tiny_loaded(default_model) -> LoadedModel:
+def tiny_loaded(default_model):
     """Random weights in the canonical layout, with the default model's tokenizer and vocabulary size."""
+    from engine.loader import LoadedModel
+
     g = torch.Generator().manual_seed(0)
     weights = {"model.embed_tokens.weight": torch.randn(TINY.vocab_size, TINY.dim, generator=g) * 0.3,
                "model.norm.weight": torch.ones(TINY.dim)}

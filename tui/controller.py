@@ -40,6 +40,7 @@ class Options:
     device: str | None = None
     quant: str | None = None
     dtype: str | None = None  # fp32 | bf16
+    cuda_path: str = "graphs"  # one of engine.engine.CUDA_PATHS
     spec: str = "auto"
     draft: str | None = None
     asr: str = "whisper"
@@ -118,7 +119,8 @@ class Controller:
             else:
                 progress(2, self.STAGES, f"loading {o.model} ...")
                 engine = Engine(o.model, device=o.device, quant=o.quant, dtype=DTYPES.get(o.dtype), spec=o.spec,
-                                draft=o.draft, max_waiting=max_waiting, progress=lambda line: progress(2, self.STAGES, line))
+                                draft=o.draft, cuda_path=o.cuda_path, max_waiting=max_waiting,
+                                progress=lambda line: progress(2, self.STAGES, line))
             if self._closed:  # quit while loading
                 engine.close()
                 return

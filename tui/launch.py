@@ -60,7 +60,8 @@ def options_from(args: argparse.Namespace):
     if args.connect and args.backend:
         raise ValueError("--connect attaches to a whole running server; --backend points this one's LLM elsewhere: "
                          "give one of them")
-    return Options(model=args.model, device=args.device, quant=args.quant, dtype=args.dtype, spec=args.spec, draft=args.draft,
+    return Options(model=args.model, device=args.device, quant=args.quant, dtype=args.dtype, cuda_path=args.cuda_path,
+                   spec=args.spec, draft=args.draft,
                    asr=args.asr, mode="batched" if args.batched else "latency", users=args.users, caller=args.caller,
                    connect=args.connect, backend=args.backend, api_key_env=args.api_key_env,
                    backend_model=args.backend_model, profile=load_profile(args.profile), plan_users=args.plan_users,

@@ -194,7 +194,7 @@ def test_engine_batched_greedy_output_is_the_same_with_graphs_on_and_off(default
     outputs = []
     for graphs in (False, True):
         engine = Engine(default_model, device="cuda", dtype=torch.float32, quant="none", spec="off", mode="batched",
-                        policy=BatchPolicy(max_batch_size=4), cuda_graphs=graphs)
+                        policy=BatchPolicy(max_batch_size=4), cuda_path="graphs" if graphs else "eager")
         try:
             streams = [engine.submit(Request(messages=[{"role": "user", "content": p}], sampling=SamplingParams(max_tokens=48)))
                        for p in prompts]
@@ -213,7 +213,8 @@ def test_engine_greedy_output_is_the_same_with_graphs_on_and_off(default_model, 
     prompts = ["What is the capital of France?", "Repeat after me: one two three four five six seven eight nine ten."]
     outputs = []
     for graphs in (False, True):
-        engine = Engine(default_model, device="cuda", dtype=torch.float32, quant="none", spec=spec, cuda_graphs=graphs)
+        engine = Engine(default_model, device="cuda", dtype=torch.float32, quant="none", spec=spec,
+                        cuda_path="graphs" if graphs else "eager")
         try:
             outputs.append([engine.generate(Request(messages=[{"role": "user", "content": p}],
                                                     sampling=SamplingParams(max_tokens=64))).token_ids for p in prompts])

@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels
 from engine.kv_cache import StaticKVCache
 from engine.model import Transformer
-from engine.quant import INT4_GROUP, Int4Linear, Int8Linear, int4_quantize, quantize
+from engine.quant import INT4_GROUP, Int4Linear, Int8Linear, W4A16Linear, int4_quantize, quantize
 
 
 def test_int8_round_trip_is_within_half_a_step_per_channel():
@@ -19,15 +20,6 @@ def test_int8_round_trip_is_within_half_a_step_per_channel():
     torch.testing.assert_close(lin(x), F.linear(x, deq), rtol=1e-5, atol=1e-4)
 
 
-def test_int4_round_trip_is_within_half_a_step_per_group():
-    w = torch.randn(64, 4 * INT4_GROUP)
-    q, scale, lo = int4_quantize(w)
-    assert q.min() >= 0 and q.max() <= 15
-    deq = (q.float().reshape(64, -1, INT4_GROUP) * scale[..., None] + lo[..., None]).reshape(w.shape)
-    step = scale.repeat_interleave(INT4_GROUP, dim=1)
-    assert ((deq - w).abs() <= step / 2 + 1e-6).all()
-
-
 def test_int4_recovers_the_default_models_q4_1_weights_exactly(default_model):
     """The GGUF stores these projections as Q4_1 with 32-wide groups: requantizing loses nothing."""
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.17.mlp.down_proj.weight"):
@@ -35,6 +27,20 @@ def test_int4_recovers_the_default_models_q4_1_weights_exactly(default_model):
         q, scale, lo = int4_quantize(w)
         deq = (q.float().reshape(w.shape[0], -1, INT4_GROUP) * scale[..., None] + lo[..., None]).reshape(w.shape)
         assert torch.equal(deq, w), name
+
+
+def test_the_cpu_and_gpu_int4_packings_hold_the_same_codes_scales_and_minima():
+    """One quantization step, two packings: the native kernel's (GGUF Q4_1 order) and the Triton kernel's (nibble pairs)."""
+    w = torch.randn(96, 4 * INT4_GROUP)
+    q, scale, lo = int4_quantize(w)
+    cpu, gpu = Int4Linear(w, None, torch.bfloat16), W4A16Linear(w, None, torch.bfloat16)
+    codes, d, m = cpu.q4.unpack()
+    assert torch.equal(codes, q) and torch.equal(d, scale.float()) and torch.equal(m, lo.float())
+    assert torch.equal(torch.stack([gpu.qweight & 15, gpu.qweight >> 4], dim=-1).view(q.shape), q)
+    assert torch.equal(gpu.scales, scale) and torch.equal(gpu.zeros, lo)
+    deq = (q.float().view(96, -1, INT4_GROUP) * scale.float()[..., None] + lo.float()[..., None]).view(w.shape)
+    assert torch.equal(cpu.q4.dequantize(), deq)
+    assert torch.equal(kernels.dequantize_w4(gpu.qweight, gpu.scales, gpu.zeros, INT4_GROUP), deq)
 
 
 def test_int4_kernel_matches_the_dequantized_matmul():

@@ -1,7 +1,7 @@
 """Kernel tests run the Triton kernels themselves and compare them with their references.
 
-Without a GPU they run under Triton's interpreter on CPU tensors; TRITON_INTERPRET=1 must be set before any
-kernel is defined, which is why it is set here, before the test modules import kernels. With a GPU
+Without a GPU they run under Triton's interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1
+before any kernel is defined). With a GPU
 (bench/gpu.sh) the same tests run natively on CUDA, and bf16 joins fp32 and fp16 (the interpreter
 mishandles bf16).
 
@@ -16,8 +16,6 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = torch.device("cpu" if INTERPRETED else "cuda")
 DTYPES = [torch.float32, torch.float16] + ([] if INTERPRETED else [torch.bfloat16])

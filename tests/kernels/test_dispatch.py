@@ -1,3 +1,4 @@
+import dataclasses
 import importlib
 import subprocess
 import sys
@@ -25,7 +26,8 @@ def arguments(op: str, device: str) -> tuple:
         seq_lens = torch.tensor([6], dtype=torch.int32, device=device)
         return r(1, 1, 2, 16), r(2, 4, 1, 16), r(2, 4, 1, 16), table, seq_lens, None, None
     if op == "w4a16_linear":
-        return r(1, 64), *kernels.pack_w4(r(16, 64), 32), 32, None
+        q, scales, zeros = kernels.quantize_w4(r(16, 64), 32)
+        return r(1, 64), kernels.pack_w4(q), scales, zeros, 32, None
     if op == "write_kv_cache":
         return r(2, 1, 16), r(2, 1, 16), r(2, 4, 1, 16), r(2, 4, 1, 16), torch.tensor([0, 5], device=device)
     return r(2, 8), r(2, 8)
@@ -57,10 +59,21 @@ def test_importing_kernels_without_a_gpu_does_not_import_triton():
     assert out.strip() == "[]"
 
 
+@pytest.mark.parametrize("op", TRITON_MODULE)
+def test_the_triton_set_holds_each_ops_triton_kernel(op):
+    assert getattr(kernels.triton_kernels(), op) is getattr(importlib.import_module(f"kernels.{TRITON_MODULE[op]}"), op)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("op", TRITON_MODULE)
 def test_cuda_tensors_use_triton(monkeypatch, op):
-    triton_calls = spy_on(monkeypatch, importlib.import_module(f"kernels.{TRITON_MODULE[op]}"), op)
+    triton_calls, original = [], getattr(kernels._TRITON, op)
+
+    def spy(*args):
+        triton_calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(kernels, "_TRITON", dataclasses.replace(kernels._TRITON, **{op: spy}))
     reference_calls = spy_on(monkeypatch, reference, op)
     getattr(kernels, op)(*arguments(op, "cuda"))
     torch.cuda.synchronize()
