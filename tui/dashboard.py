@@ -40,7 +40,9 @@ from tui.model import (
     format_ms,
     format_rate,
     grade,
+    next_turn_detection,
     step_users,
+    turn_detection_text,
 )
 from tui.planning import (
     LevelBook,
@@ -80,6 +82,7 @@ class DashboardScreen(Screen):
         Binding("s", "speculation", "speculation"),
         Binding("c", "chunked_prefill", "chunked prefill"),
         Binding("m", "caller", "caller"),
+        Binding("v", "turn_detection", "turn detection"),
         Binding("space", "talk", "talk"),
         Binding("slash", "type_message", "type", key_display="/"),
         Binding("r", "sweep", "sweep"),
@@ -327,7 +330,10 @@ class DashboardScreen(Screen):
             done, levels = self._sweep_step
             got = f", {self.holding[2]}/{self.holding[3]} requests" if self.holding else ""
             note = f"sweep {done}/{levels}{got} (r stops)"
-        self.query_one(StatusLine).show(self.sample, self.link.caller_on, note, self.controller.where)
+        turns = turn_detection_text(self.link.turn_detection) if self.link.turn_detection is not None else ""
+        if turns and self.voice.cut_offs:
+            turns += f" · {self.voice.cut_offs} cut off"
+        self.query_one(StatusLine).show(self.sample, self.link.caller_on, note, self.controller.where, turns)
 
     # ---- the conversation -----------------------------------------------------------------------
 
@@ -343,6 +349,7 @@ class DashboardScreen(Screen):
         self.query_one(Transcript).add_numbers(message.turn)
         self._show_latency("#e2e-last", self.voice.last_e2e_ms, VOICE_E2E_SLO_MS)
         self._show_latency("#e2e-p50", self.voice.p50_e2e_ms, VOICE_E2E_SLO_MS)
+        self._show_status()
 
     def on_voice_status(self, message: VoiceStatus) -> None:
         self.query_one(Transcript).add_note(message.text, message.error)
@@ -395,6 +402,9 @@ class DashboardScreen(Screen):
 
     def action_caller(self) -> None:
         self.link.set_caller(not self.link.caller_on)
+
+    def action_turn_detection(self) -> None:
+        self.link.set_turn_detection(next_turn_detection(self.link.turn_detection))
 
     def action_talk(self) -> None:
         if self.link.mic_reason is not None:

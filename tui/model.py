@@ -236,6 +236,25 @@ class TradeoffCurve:
 # ---- voice turns -----------------------------------------------------------------------------
 
 TRANSPORT = "transport"
+# what the dashboard's turn-detection key cycles through (session.update payloads)
+TURN_DETECTIONS = ({"type": "server_vad", "silence_duration_ms": 300}, {"type": "semantic_vad", "eagerness": "high"},
+                   {"type": "semantic_vad", "eagerness": "medium"}, {"type": "semantic_vad", "eagerness": "low"})
+
+
+def turn_detection_text(td: dict | None) -> str:
+    """A session's turn_detection, in a few words."""
+    if td is None:
+        return "off"
+    if td.get("type") == "semantic_vad":
+        return f"semantic_vad {td.get('eagerness')}"
+    return f"server_vad {td.get('silence_duration_ms')} ms"
+
+
+def next_turn_detection(td: dict | None) -> dict:
+    """The one after `td` in TURN_DETECTIONS (the first if `td` is not one of them)."""
+    names = [turn_detection_text(t) for t in TURN_DETECTIONS]
+    now = turn_detection_text(td)
+    return TURN_DETECTIONS[(names.index(now) + 1) % len(names)] if now in names else TURN_DETECTIONS[0]
 
 
 @dataclass(frozen=True)
@@ -251,19 +270,36 @@ class VoiceTurn:
     llm_ttft_ms: float | None
     tbt_p50_ms: float | None
     typed: bool = False
+    turn_reason: str | None = None  # what ended the user's turn: silence | semantic | too_long | commit
+    turn_probability: float | None = None  # semantic_vad: Smart Turn's P(complete) at the pause it judged last
+    turn_model_ms: float | None = None
+    cut_off: bool = False  # the simulated caller was cut off mid-sentence in this turn
 
     @classmethod
     def from_metrics(cls, event: dict, user_text: str, reply_text: str, status: str,
-                     client_e2e_ms: float | None = None, typed: bool = False) -> VoiceTurn:
-        """From a `tradeoff.metrics` event (its breakdown_ms, e2e_ms, llm and tbt_ms fields)."""
+                     client_e2e_ms: float | None = None, typed: bool = False, cut_off: bool = False) -> VoiceTurn:
+        """From a `tradeoff.metrics` event (its breakdown_ms, e2e_ms, llm, tbt_ms and turn fields)."""
         parts = list((event.get("breakdown_ms") or {}).items())
         server_e2e = event.get("e2e_ms")
         if parts and client_e2e_ms is not None and server_e2e is not None:
             parts.append((TRANSPORT, max(0.0, client_e2e_ms - server_e2e)))
-        llm = event.get("llm") or {}
+        llm, turn = event.get("llm") or {}, event.get("turn") or {}
         return cls(user_text, reply_text, status, tuple(parts),
                    client_e2e_ms if client_e2e_ms is not None else server_e2e,
-                   llm.get("ttft_ms"), (event.get("tbt_ms") or {}).get("p50"), typed)
+                   llm.get("ttft_ms"), (event.get("tbt_ms") or {}).get("p50"), typed,
+                   turn.get("reason"), turn.get("probability"), turn.get("model_ms"), cut_off)
+
+    def decision(self) -> str | None:
+        """What ended the turn, in a few words (None for a typed turn)."""
+        if self.typed or self.turn_reason is None:
+            return None
+        judged = (f"Smart Turn {self.turn_probability:.2f} in {self.turn_model_ms:.0f} ms"
+                  if self.turn_probability is not None and self.turn_model_ms is not None else None)
+        if self.turn_reason == "semantic":
+            return judged
+        said = {"silence": "silence", "too_long": "buffer full", "commit": "client commit"}.get(self.turn_reason,
+                                                                                            self.turn_reason)
+        return f"{said} (after {judged})" if judged else said
 
 
 @dataclass
@@ -276,6 +312,10 @@ class VoiceStats:
     @property
     def spoken(self) -> list[VoiceTurn]:
         return [t for t in self.turns if not t.typed and t.e2e_ms is not None]
+
+    @property
+    def cut_offs(self) -> int:
+        return sum(t.cut_off for t in self.turns)
 
     @property
     def last_e2e_ms(self) -> float | None:

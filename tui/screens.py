@@ -58,7 +58,8 @@ HELP = """\
 | `+` / `-` | synthetic users: 0, 1, 2, 4, 8, 16, 32, 64 (they share the engine with you) |
 | `s` | speculative decoding on/off (latency mode) |
 | `c` | chunked prefill on/off (batched mode) |
-| `m` | the simulated caller on/off (it speaks questions through the real audio path) |
+| `m` | the simulated caller on/off (it speaks through the real audio path; every third question pauses mid-sentence) |
+| `v` | turn detection: server_vad (300 ms of silence), semantic_vad high, medium, low (Smart Turn judges pauses) |
 | `space` | push-to-talk on/off, when there is a microphone |
 | `/` | type a message: same engine path, no ASR or TTS |
 | `r` | auto-sweep: latency mode at 1 user, batched at 1-16, each until its percentile is measured (p99: 100 requests) |
@@ -71,6 +72,9 @@ HELP = """\
 TTFT and TBT over every request, voice end-to-end latency (speech end to first reply audio at the client),
 output tokens/s of the whole engine and per user (mean of 1/TPOT). Green meets the active profile's SLO (TTFT,
 TBT; voice 800 ms; per-user rate 1/TBT), amber is within 1.5x of it, red beyond.
+
+**Voice turns**: each turn's numbers say what ended it (a silence, or Smart Turn's P(complete) and its time), and a
+turn whose caller was cut off mid-sentence is marked ✂; the status line counts them.
 
 **Charts** show the last minute, each point over the last 5 s. **The curve** gets a point per load level
 once it has held 5 s and requests finished; the shaded band is where a user's stream meets the TBT target, `o`

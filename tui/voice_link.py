@@ -20,8 +20,8 @@ from textual.message import Message
 from engine import Backend
 from serve.background import BackgroundLoop
 from tui.messages import AgentSaid, TurnMeasured, UserSaid, VoiceStatus
-from tui.model import VoiceTurn
-from voice.caller import SimulatedCaller
+from tui.model import VoiceTurn, turn_detection_text
+from voice.caller import SimulatedCaller, mixed_questions
 from voice.client import RealtimeClient
 from voice.protocol import PATH
 from voice.server import VoiceServer, make_services
@@ -57,6 +57,7 @@ class VoiceLink:
         self._mic: asyncio.Task | None = None
         self._responses: dict[str, dict] = {}  # response id -> {"text", "typed", "metrics"}
         self._user_text = ""
+        self.turn_detection: dict | None = None  # the session's, as the server last confirmed it
 
     # ---- controls (any thread) ---------------------------------------------------------------
 
@@ -70,6 +71,10 @@ class VoiceLink:
     def talk(self, on: bool) -> None:
         """Push-to-talk: stream the microphone to the server while on."""
         self._call(self._talk, on)
+
+    def set_turn_detection(self, turn_detection: dict) -> None:
+        """Ask the server for another turn detection (a session.update); `turn_detection` changes once it confirms."""
+        self._call(self._set_turn_detection, turn_detection)
 
     def start(self, engine: Backend | None, caller: bool | None, on_ready: Callable[[str | None], None]) -> None:
         """Start the link's loop and `run` on it (see `run`)."""
@@ -188,8 +193,14 @@ class VoiceLink:
 
     async def _run_caller(self) -> None:
         while True:  # the caller gives up on a turn that gets no reply in time: then it asks the next question
-            await SimulatedCaller(self._client, turns=ENDLESS, turn_timeout_s=CALLER_PATIENCE_S).run(self._on_caller_turn)
+            # the built-in questions, every third with a mid-sentence pause: what cuts a speaker off shows
+            await SimulatedCaller(self._client, mixed_questions(), turns=ENDLESS,
+                                  turn_timeout_s=CALLER_PATIENCE_S).run(self._on_caller_turn)
             self.post(VoiceStatus(f"the caller got no reply within {CALLER_PATIENCE_S} s", error=True))
+
+    async def _set_turn_detection(self, turn_detection: dict) -> None:
+        await self._client.send({"type": "session.update", "session": {"audio": {"input": {
+            "turn_detection": turn_detection}}}})
 
     async def _say(self, text: str) -> None:
         await self._client.send({"type": "conversation.item.create",
@@ -261,6 +272,11 @@ class VoiceLink:
             if r["metrics"] is not None and (r["typed"] or not self.caller_on):
                 self.post(TurnMeasured(VoiceTurn.from_metrics(r["metrics"], "" if r["typed"] else self._user_text,
                                                               r["text"], response["status"], typed=r["typed"])))
+        elif kind in ("session.created", "session.updated"):
+            td, before = event["session"]["audio"]["input"]["turn_detection"], self.turn_detection
+            self.turn_detection = td  # before the message, which shows it
+            if kind == "session.updated" and td != before:
+                self.post(VoiceStatus(f"turn detection: {turn_detection_text(td)}"))
         elif kind == "error":
             self.post(VoiceStatus(f"server: {event['error'].get('message')}", error=True))
 
@@ -269,4 +285,5 @@ class VoiceLink:
         if reply is None or reply.metrics is None:
             return
         self.post(TurnMeasured(VoiceTurn.from_metrics(reply.metrics, turn.transcript or turn.question, reply.transcript,
-                                                      reply.status or "?", client_e2e_ms=turn.e2e_ms)))
+                                                      reply.status or "?", client_e2e_ms=turn.e2e_ms,
+                                                      cut_off=turn.cut_off)))

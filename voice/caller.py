@@ -51,9 +51,58 @@ QUESTIONS = (
 )
 
 
-def speak(tts: EspeakTTS, text: str, voice: str = "en-us") -> np.ndarray:
-    """espeak speech for `text`, trimmed to where the voice starts and stops (24 kHz)."""
-    return trim_to_voice(tts.synthesize(text, voice))
+# Utterances with a mid-sentence pause (MID_PAUSE marks it): a turn detector that ends the turn at the pause cuts
+# the speaker off. Spoken as one sentence with a comma there, so the words before the pause keep the intonation
+# of a sentence that goes on, and the comma's short pause is stretched to 0.5-0.7 s.
+MID_PAUSE = " ... "
+PAUSED_QUESTIONS = (
+    "I would like to know ... how far away the moon is.",
+    "I want to book a table ... for four people.",
+    "If you could ... tell me a joke.",
+    "Could you tell me ... what the weather is like?",
+    "So what I need is ... a recipe for dinner.",
+    "Can you remind me ... how many days there are in a leap year?",
+    "I was wondering ... how bees make honey.",
+    "My favourite animal ... is the octopus.",
+)
+PAUSE_S = (0.5, 0.7)
+
+
+def speak(tts: EspeakTTS, text: str, voice: str = "en-us", seed: int = 0) -> np.ndarray:
+    """espeak speech for `text`, trimmed to where the voice starts and stops (24 kHz); a MID_PAUSE in `text` becomes a
+    pause of 0.5-0.7 s (drawn from `seed`)."""
+    if MID_PAUSE not in text:
+        return trim_to_voice(tts.synthesize(text, voice))
+    speech = trim_to_voice(tts.synthesize(text.replace(MID_PAUSE, ", ", 1), voice))
+    pause_s = np.random.default_rng(seed).uniform(*PAUSE_S)
+    return stretch_first_pause(speech, pause_s)
+
+
+def stretch_first_pause(speech: np.ndarray, pause_s: float, rate: int = WIRE_RATE, min_gap_s: float = 0.08) -> np.ndarray:
+    """`speech` with its first silent gap of at least `min_gap_s` (10 ms frames 40 dB below the loudest) replaced by
+    `pause_s` of silence."""
+    frame = rate // 100
+    energy = np.square(speech[: len(speech) // frame * frame].reshape(-1, frame)).mean(axis=1)
+    quiet = energy < energy.max() * 1e-4
+    run = 0
+    for i, q in enumerate(quiet):
+        run = run + 1 if q else 0
+        if run * frame >= min_gap_s * rate and i + 1 < len(quiet) and not quiet[i + 1]:
+            start, end = (i + 1 - run) * frame, (i + 1) * frame
+            return np.concatenate([speech[:start], np.zeros(int(pause_s * rate), np.float32), speech[end:]])
+    raise ValueError("no pause found in the speech to stretch")
+
+
+def mixed_questions(turns: int = len(QUESTIONS), paused_every: int = 3) -> tuple[str, ...]:
+    """`turns` questions, the built-in ones in order with every `paused_every`-th one from PAUSED_QUESTIONS (0: none)."""
+    plain, paused = itertools.cycle(QUESTIONS), itertools.cycle(PAUSED_QUESTIONS)
+    return tuple(next(paused) if paused_every and i % paused_every == paused_every - 1 else next(plain)
+                 for i in range(turns))
+
+
+def spoken_text(question: str) -> str:
+    """What a question says, its pause marker removed (the reference for WER)."""
+    return question.replace(MID_PAUSE, " ")
 
 
 def spoken_question(tts: EspeakTTS, text: str, seed: int = 0, snr_db: float = 30.0, lead_s: float = 0.3,
@@ -72,6 +121,8 @@ class Turn:
     response: Heard | None = None
     barge_in: bool = False  # this question was spoken over the previous reply
     barge_in_stop_ms: float | None = None  # how long the interrupted reply kept playing after we started speaking
+    cut_off: bool = False  # the server ended the turn before the caller had finished speaking
+    seed: int = 0  # draws the length of a mid-sentence pause
 
     @property
     def e2e_ms(self) -> float | None:
@@ -81,7 +132,7 @@ class Turn:
 
     @property
     def wer(self) -> float | None:
-        return None if self.transcript is None else wer([self.question], [self.transcript])
+        return None if self.transcript is None else wer([spoken_text(self.question)], [self.transcript])
 
 
 class Microphone:
@@ -149,7 +200,7 @@ class SimulatedCaller:
         if i >= self.turns:
             return None
         return Turn(self.questions[i % len(self.questions)],
-                    barge_in=self.barge_in_every > 0 and i > 0 and i % self.barge_in_every == 0)
+                    barge_in=self.barge_in_every > 0 and i > 0 and i % self.barge_in_every == 0, seed=i)
 
     async def run(self, on_turn: Callable[[Turn], None] | None = None) -> list[Turn]:
         """Ask the questions; return the turns that got a reply (all of them unless one timed out)."""
@@ -176,15 +227,17 @@ class SimulatedCaller:
     async def _turn(self, turn: Turn, following: Turn | None) -> bool:
         """Ask `turn`'s question (unless it was already spoken over the last reply) and wait for the reply."""
         if turn.speech_start is None and not self.mic.queued(turn):
-            self.mic.say(speak(self.tts, turn.question), turn)
+            self.mic.say(speak(self.tts, turn.question, seed=turn.seed), turn)
         await wait_for(self.client, lambda: turn.speech_end is not None, self.turn_timeout)
+        turn.cut_off = any(turn.speech_start <= at < turn.speech_end and e["type"] == "input_audio_buffer.committed"
+                           for at, e in self.client.log) if turn.speech_end is not None else False
         if not await wait_for(self.client, lambda: self._response_after(turn) is not None, self.turn_timeout):
             return False
         reply = turn.response = self._response_after(turn)
         if following is not None and following.barge_in:
             await wait_for(self.client, lambda: reply.first_audio_at is not None, self.turn_timeout)
             await wait_for(self.client, lambda: False, self.barge_in_after)
-            self.mic.say(speak(self.tts, following.question), following)
+            self.mic.say(speak(self.tts, following.question, seed=following.seed), following)
             await wait_for(self.client, lambda: reply.done_at is not None, self.turn_timeout)
             await wait_for(self.client, lambda: following.speech_start is not None, self.turn_timeout)
             stopped = reply.playback_stopped_at

@@ -7,12 +7,30 @@ import asyncio
 import sys
 
 from voice.audio import WIRE_RATE, resample
-from voice.protocol import PATH
+from voice.protocol import EAGERNESS, PATH
 
 
 def configure(name: str, p: argparse.ArgumentParser, argv: list[str]) -> None:
-    """Fill in the parser of `tradeoff NAME` (serve or talk)."""
+    """Fill in the parser of `tradeoff NAME` (fetch, serve or talk)."""
+    if name == "fetch":
+        from serve import cli
+
+        cli.configure(name, p, argv)  # the LLM's fetch, and then the voice loop's turn model (cmd_fetch)
+        p.description += " With the default model, also the voice loop's turn model (semantic_vad's Smart Turn)."
+        p.set_defaults(func=cmd_fetch)
+        return
     (serve_parser if name == "serve" else talk_parser)(p)
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from engine.registry import DEFAULT_MODEL
+    from serve import cli
+    from voice import smart_turn
+
+    rc = cli.cmd_fetch(args)
+    if args.model == DEFAULT_MODEL:
+        print(f"turn model (semantic_vad): {smart_turn.fetch()}")
+    return rc
 
 
 def serve_parser(p: argparse.ArgumentParser) -> None:
@@ -33,7 +51,16 @@ def serve_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--piper-model", default=None, help="Piper voice (.onnx with its .onnx.json) for --tts piper")
     p.add_argument("--max-tokens", type=int, default=200, help="most tokens per reply (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
-    p.add_argument("--silence-ms", type=int, default=300, help="silence that ends a turn (default: %(default)s)")
+    p.add_argument("--turn-detection", default="server_vad", choices=("server_vad", "semantic_vad"),
+                   help="sessions' default turn detection: server_vad (a silence of --silence-ms ends the turn) or "
+                        "semantic_vad (Smart Turn judges each pause; see --eagerness) (default: %(default)s)")
+    p.add_argument("--silence-ms", type=int, default=300, help="server_vad: silence that ends a turn (default: %(default)s)")
+    p.add_argument("--eagerness", default="auto", choices=EAGERNESS,
+                   help="semantic_vad: how readily a pause ends the turn; the longest wait is 8 / 4 / 2 s for low / "
+                        "medium / high, auto = medium (default: %(default)s)")
+    p.add_argument("--turn-model", default=None, metavar="PATH",
+                   help="semantic_vad's Smart Turn v3 .onnx (default: smart-turn-v3.2-cpu from the pipecat-ai wheel, "
+                        "fetched once)")
     p.add_argument("--lead-ms", type=float, default=100,
                    help="how far reply audio runs ahead of real time (default: %(default)s)")
     p.add_argument("--first-words", type=int, default=3,
@@ -97,11 +124,13 @@ async def serve(args: argparse.Namespace) -> int:
         print(f"tradeoff serve: listening on {http} (loading; /health answers 503 until ready)", file=sys.stderr)
         try:
             engine = await asyncio.to_thread(backend_from, args)
+            turns = TurnDetection(type=args.turn_detection, silence_duration_ms=args.silence_ms, eagerness=args.eagerness)
             defaults = replace(SessionConfig(), transcription_model=args.asr, temperature=args.temperature,
-                               turn_detection=TurnDetection(silence_duration_ms=args.silence_ms))
+                               turn_detection=turns)
             tts = await asyncio.to_thread(make_tts, args.tts, args.piper_model)  # starts espeak's worker process
             services = await asyncio.to_thread(
-                make_services, engine, tts, asr=args.asr, max_asr_workers=args.max_asr_workers, defaults=defaults,
+                make_services, engine, tts, asr=args.asr, max_asr_workers=args.max_asr_workers, turn_model=args.turn_model,
+                defaults=defaults,
                 max_output_tokens=args.max_tokens, max_buffer_s=args.max_buffer_s, lead_ms=args.lead_ms,
                 first_words=args.first_words, max_conversation_items=args.max_conversation_items,
                 max_conversation_bytes=args.max_conversation_kb * 1024)

@@ -35,6 +35,9 @@ class TurnTimes:
     asr_compute_s: float | None = None  # the recognizer's own time for the final transcript
     asr_audio_s: float | None = None
     drafted: bool = False  # the reply was drafted before the end-of-turn decision
+    turn_reason: str | None = None  # what ended the turn: silence | semantic | too_long | commit
+    turn_probability: float | None = None  # semantic_vad: the turn model's last P(complete) in this turn
+    turn_model_s: float | None = None  # ... and how long that judgment took
 
     def stamp(self, **times: float | bool | None) -> None:
         """The one way stages are recorded: each is set once, the first time it happens (later calls keep it)."""
@@ -67,6 +70,8 @@ class TurnTimes:
             "timestamps": {"speech_end": self.speech_end, "asr_start": self.asr_start,
                            **{attr: getattr(self, attr) for _, attr in STAGES}},
             "drafted": self.drafted,
+            "turn": {"reason": self.turn_reason, "probability": self.turn_probability,
+                     "model_ms": _ms(self.turn_model_s)},
             "breakdown_ms": parts,
             "e2e_ms": sum(parts.values()) if parts else None,
             "asr": {"compute_ms": _ms(self.asr_compute_s), "audio_ms": _ms(self.asr_audio_s)},

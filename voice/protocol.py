@@ -209,15 +209,30 @@ _CHECKS = {
 
 # ---- session configuration ----------------------------------------------------------------------
 
+EAGERNESS = ("low", "medium", "high", "auto")  # semantic_vad's, as the Realtime API names them (auto = medium)
+
+
 @dataclass(frozen=True)
 class TurnDetection:
+    """`server_vad` (a silence of silence_duration_ms ends the turn) or `semantic_vad` (the turn model judges each
+    pause; `eagerness` sets how readily it ends the turn and the longest silence it waits): voice/turns.py."""
+
+    type: str = "server_vad"
     threshold: float = 0.5
     prefix_padding_ms: int = 300
     silence_duration_ms: int = 300  # OpenAI's default is 500; 300 answers sooner and split no espeak question
+    eagerness: str = "auto"
     create_response: bool = True
     interrupt_response: bool = True
 
+    @property
+    def semantic(self) -> bool:
+        return self.type == "semantic_vad"
+
     def to_dict(self) -> dict:
+        if self.semantic:
+            return {"type": "semantic_vad", "eagerness": self.eagerness, "create_response": self.create_response,
+                    "interrupt_response": self.interrupt_response}
         return {"type": "server_vad", "threshold": self.threshold, "prefix_padding_ms": self.prefix_padding_ms,
                 "silence_duration_ms": self.silence_duration_ms, "create_response": self.create_response,
                 "interrupt_response": self.interrupt_response, "idle_timeout_ms": None}
@@ -314,29 +329,37 @@ class SessionConfig:
             return None
         if not isinstance(td, dict):
             raise ProtocolError("invalid_type", f"'{where[:-1]}' must be an object or null", where[:-1])
-        kind = td.get("type", "server_vad")
-        if kind != "server_vad":
-            raise ProtocolError("unsupported", f"turn detection {kind!r} is not supported: use 'server_vad' or null",
-                                where + "type")
+        kind = _field(td, "type", str, where, default="server_vad")
+        if kind not in ("server_vad", "semantic_vad"):
+            raise ProtocolError("unsupported", f"turn detection {kind!r} is not supported: use 'server_vad', "
+                                "'semantic_vad' or null", where + "type")
         base = self.turn_detection or TurnDetection()
-        threshold = _field(td, "threshold", (int, float), where, default=base.threshold)
-        if not 0 < threshold < 1:
-            raise ProtocolError("invalid_value", f"'{where}threshold' must be in (0, 1)", where + "threshold")
-        values = {"threshold": float(threshold)}
-        for key, hi in (("prefix_padding_ms", 2000), ("silence_duration_ms", 5000)):
-            v = _field(td, key, int, where, default=getattr(base, key))
-            if not 0 <= v <= hi:
-                raise ProtocolError("invalid_value", f"'{where}{key}' must be in 0..{hi}", where + key)
-            values[key] = v
+        values: dict = {"type": kind}
+        if kind == "semantic_vad":
+            eagerness = _field(td, "eagerness", str, where, default=base.eagerness)
+            if eagerness not in EAGERNESS:
+                raise ProtocolError("invalid_value", f"'{where}eagerness' must be one of {', '.join(EAGERNESS)}",
+                                    where + "eagerness")
+            values["eagerness"] = eagerness
+        else:
+            threshold = _field(td, "threshold", (int, float), where, default=base.threshold)
+            if not 0 < threshold < 1:
+                raise ProtocolError("invalid_value", f"'{where}threshold' must be in (0, 1)", where + "threshold")
+            values["threshold"] = float(threshold)
+            for key, hi in (("prefix_padding_ms", 2000), ("silence_duration_ms", 5000)):
+                v = _field(td, key, int, where, default=getattr(base, key))
+                if not 0 <= v <= hi:
+                    raise ProtocolError("invalid_value", f"'{where}{key}' must be in 0..{hi}", where + key)
+                values[key] = v
+            if td.get("idle_timeout_ms") is not None:
+                raise ProtocolError("unsupported", "idle_timeout_ms is not supported (send null)", where + "idle_timeout_ms")
         for key in ("create_response", "interrupt_response"):
             values[key] = _field(td, key, bool, where, default=getattr(base, key))
-        _field(td, "type", str, where)
-        if td.get("idle_timeout_ms") is not None:
-            raise ProtocolError("unsupported", "idle_timeout_ms is not supported (send null)", where + "idle_timeout_ms")
+        allowed = ("idle_timeout_ms",) if kind == "server_vad" else ()
         for key in td:
-            if key not in ("type", "idle_timeout_ms", *values):
-                raise ProtocolError("unknown_parameter", f"unknown parameter '{where}{key}'", where + key)
-        return TurnDetection(**values)
+            if key not in (*values, *allowed):
+                raise ProtocolError("unknown_parameter", f"unknown parameter '{where}{key}' for {kind}", where + key)
+        return replace(base, **values) if kind == base.type else TurnDetection(**values)
 
     def _audio_output(self, out: dict) -> dict:
         where = "session.audio.output."

@@ -21,6 +21,7 @@ import hmac
 import ipaddress
 import json
 import logging
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 
@@ -36,11 +37,13 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from engine import Backend
 from serve.openai_api import EXCEPTION_HANDLERS, MAX_BODY_BYTES, APIError, OpenAIAPI
 from voice.asr import ASR, RecognizerLimitError, make_asr
-from voice.protocol import PATH
+from voice.protocol import PATH, TurnDetection
 from voice.responder import Disconnected
 from voice.session import Services, Session
+from voice.smart_turn import SmartTurn, TurnModelError
 from voice.tts import TTS
 
+log = logging.getLogger("voice.server")
 WEB = Path(__file__).parent / "web"  # the browser client, served at GET /
 WEB_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 HEADER_TIMEOUT_S = 10.0  # a request's headers must arrive within this
@@ -56,16 +59,29 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def make_services(engine: Backend, tts: TTS, asr: str = "whisper", max_asr_workers: int = 8, **options) -> Services:
+def make_services(engine: Backend, tts: TTS, asr: str = "whisper", max_asr_workers: int = 8,
+                  turn_model: str | None = None, **options) -> Services:
     """Services with `asr` loaded now (so the first turn does not wait for it) and others on first use.
-    `max_asr_workers`: the most pocketsphinx worker processes this server runs at once."""
+    `max_asr_workers`: the most pocketsphinx worker processes this server runs at once. `turn_model`: semantic_vad's
+    Smart Turn .onnx (default: the one from the pipecat-ai wheel). A turn model that cannot be loaded is reported,
+    and the server runs with server_vad only (a default of semantic_vad falls back to server_vad)."""
 
     @cache
     def backend(name: str) -> ASR:
         return make_asr(name, max_asr_workers)
 
     backend(asr)
-    return Services(engine=engine, tts=tts, asr=backend, **options)
+    try:
+        model, error = SmartTurn(turn_model), ""
+    except Exception as e:  # a missing, corrupt or undownloadable model must not stop a server_vad server
+        model, error = None, str(e) if isinstance(e, TurnModelError) else f"{type(e).__name__}: {e}"
+        log.error("semantic_vad unavailable, serving server_vad only: %s", error)
+        defaults = options.get("defaults")
+        if defaults is not None and defaults.turn_detection is not None and defaults.turn_detection.semantic:
+            options["defaults"] = replace(defaults, turn_detection=TurnDetection(
+                create_response=defaults.turn_detection.create_response,
+                interrupt_response=defaults.turn_detection.interrupt_response))
+    return Services(engine=engine, tts=tts, asr=backend, turn_model=model, turn_model_error=error, **options)
 
 
 class VoiceServer:

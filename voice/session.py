@@ -35,8 +35,18 @@ from voice.protocol import (
     server_event,
 )
 from voice.responder import Disconnected, Response, Send
+from voice.smart_turn import Judgment, SmartTurn
 from voice.tts import TTS
-from voice.turns import SpeechPaused, SpeechResumed, SpeechStarted, TurnDetector, TurnEnded, TurnEvent
+from voice.turns import (
+    PauseToJudge,
+    SpeechPaused,
+    SpeechResumed,
+    SpeechStarted,
+    TurnDetector,
+    TurnEnded,
+    TurnEvent,
+    complete_enough,
+)
 
 log = logging.getLogger("voice.session")
 
@@ -55,6 +65,8 @@ class Services:
     first_words: int = 3  # the first clause of a reply is cut after this many words
     max_conversation_items: int = MAX_ITEMS  # bounds on one session's conversation
     max_conversation_bytes: int = MAX_BYTES
+    turn_model: SmartTurn | None = None  # semantic_vad's; None: only server_vad (turn_model_error says why)
+    turn_model_error: str = "no turn model was loaded"
 
 
 class Session:
@@ -78,6 +90,7 @@ class Session:
         self.fed_until = 0  # the recognizer has had the utterance's audio up to this sample
         self.speech_item_id: str | None = None
         self.asr_task: asyncio.Task | None = None  # transcript of the utterance up to its latest pause
+        self.judgment: Judgment | None = None  # semantic_vad: the turn model's latest judgment in this utterance
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -127,6 +140,9 @@ class Session:
 
     async def _on_session_update(self, event: dict) -> None:
         new = self.config.updated(event["session"])
+        if new.turn_detection is not None and new.turn_detection.semantic and self.services.turn_model is None:
+            raise ProtocolError("unsupported", f"semantic_vad is unavailable on this server: "
+                                f"{self.services.turn_model_error}; use server_vad", "session.audio.input.turn_detection.type")
         try:
             self.services.tts.check_voice(new.voice)
         except ValueError as e:
@@ -256,18 +272,29 @@ class Session:
             self._discard_draft()
             self.speech_item_id = new_id("item")
             self.recognizer.reset()
-            self.asr_task = None
+            self.asr_task = self.judgment = None
             self._feed_recognizer(ev.start)
             await self.send(server_event("input_audio_buffer.speech_started", item_id=self.speech_item_id,
                                          audio_start_ms=ev.start * 1000 // ASR_RATE))
         elif isinstance(ev, SpeechPaused):
             self.asr_task = self._spawn(self._transcribe())
             self.asr_task.add_done_callback(self._maybe_draft)
+        elif isinstance(ev, PauseToJudge):
+            await self._judge()
         elif isinstance(ev, SpeechResumed):
             self._discard_draft()
             self.asr_task = None  # it covers the speech only up to the pause
         elif isinstance(ev, TurnEnded):
             await self._end_of_turn(ev)
+
+    async def _judge(self) -> None:
+        """semantic_vad: the turn model judges the utterance so far (off the event loop: tens of ms); if it is complete
+        enough for the session's eagerness the turn ends now. Audio events wait meanwhile: this session's handler is
+        awaited message by message, so the turn cannot change under the judgment."""
+        audio = self.turns.audio(self.turns.start)
+        self.judgment = await asyncio.to_thread(self.services.turn_model.judge, audio)
+        if complete_enough(self.config.turn_detection, self.judgment.probability):
+            await self._end_of_turn(self.turns.end_turn("semantic"))
 
     def _feed_recognizer(self, start: int | None = None) -> None:
         """Feed the recognizer the audio it has not had yet (from `start` on a new utterance)."""
@@ -307,7 +334,10 @@ class Session:
     async def _end_of_turn(self, ended: TurnEnded, auto_response: bool = True) -> None:
         """The turn is over (silence, a manual commit, or a full buffer): commit it and answer."""
         times = TurnTimes()
-        times.stamp(speech_end=ended.sent_at, vad_decision=time.monotonic())
+        times.stamp(speech_end=ended.sent_at, vad_decision=time.monotonic(), turn_reason=ended.reason)
+        if self.judgment is not None:
+            times.stamp(turn_probability=self.judgment.probability, turn_model_s=self.judgment.seconds)
+        self.judgment = None
         item = Item(self.speech_item_id or new_id("item"), "user", text=None, audio=True)
         asr_task = self.asr_task or self._spawn(self._transcribe())  # no pause-time transcript covers the speech
         draft, draft_messages = self.draft, self.draft_messages
@@ -325,7 +355,9 @@ class Session:
             draft.discard()
             draft = draft_messages = None
         if draft is not None:  # the draft recorded its LLM and TTS times already: the turn's times are its
-            draft.times.stamp(speech_end=times.speech_end, vad_decision=times.vad_decision, drafted=True)
+            draft.times.stamp(speech_end=times.speech_end, vad_decision=times.vad_decision, drafted=True,
+                              turn_reason=times.turn_reason, turn_probability=times.turn_probability,
+                              turn_model_s=times.turn_model_s)
             times = draft.times
         for old in self.conversation.make_room():  # a spoken turn is never refused: the oldest items make room
             await self.send(server_event("conversation.item.deleted", item_id=old.id))

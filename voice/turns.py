@@ -1,10 +1,14 @@
 """Turn-taking, as its own object: a `TurnDetector` consumes a session's input audio (16 kHz) and emits typed turn
 events (speech started, paused, resumed, turn ended, with sample positions); the session only reacts to them.
 
-Today's policy is OpenAI's `server_vad`: Silero finds speech (voice/vad.py), and a silence of
-`silence_duration_ms` ends the turn. A pause (the first silent chunk) comes before that, so the session can
-transcribe and draft a reply while the silence is waited out. A turn also ends when it outgrows the input
-buffer, or when the client commits it.
+Two policies, as OpenAI's Realtime API names them. `server_vad`: Silero finds speech (voice/vad.py), and a silence
+of `silence_duration_ms` ends the turn. `semantic_vad`: Silero finds speech and pauses; once a pause has lasted
+JUDGE_AFTER_MS, the detector asks for a judgment (`PauseToJudge`), the session runs the turn model on the utterance
+so far (voice/smart_turn.py) and ends the turn at once if P(complete) reaches the eagerness's threshold; otherwise
+the turn goes on until the user speaks again or the eagerness's longest wait (8 / 4 / 2 s for low / medium / high,
+the API's documented maxima) has passed in silence. Either way a pause (the first silent chunk) comes first, so the
+session can transcribe and draft a reply meanwhile. A turn also ends when it outgrows the input buffer, or when the
+client commits it.
 
 The detector keeps the last few seconds of audio (the utterance's prefix padding and the recognizer's input are
 cut from it) and when each chunk arrived, so a turn's end is dated to when the client sent its last speech,
@@ -22,7 +26,11 @@ from voice.audio import ASR_RATE
 from voice.protocol import TurnDetection
 from voice.vad import SileroVAD
 
-HISTORY_S = 3  # audio kept before speech starts: covers any prefix_padding_ms
+HISTORY_S = 8  # audio kept: the turn model's window (8 s), and any prefix_padding_ms before speech
+JUDGE_AFTER_MS = 200  # semantic_vad: the pause a judgment waits for (see EAGERNESS)
+# semantic_vad's eagerness -> (P(complete) that ends the turn at a pause, the longest silence it waits)
+EAGERNESS = {"high": (0.3, 2000), "medium": (0.5, 4000), "low": (0.7, 8000)}
+EAGERNESS["auto"] = EAGERNESS["medium"]
 
 
 @dataclass(frozen=True)
@@ -41,24 +49,40 @@ class SpeechResumed:
 
 
 @dataclass(frozen=True)
+class PauseToJudge:
+    """semantic_vad: the pause has lasted JUDGE_AFTER_MS; the turn model should judge the utterance so far."""
+
+
+@dataclass(frozen=True)
 class TurnEnded:
     end: int  # where the speech ended
     sent_at: float  # when the client sent the audio holding that sample (time.monotonic())
-    reason: str  # silence | too_long | commit
+    reason: str  # silence | semantic | too_long | commit
 
 
-TurnEvent = SpeechStarted | SpeechPaused | SpeechResumed | TurnEnded
+TurnEvent = SpeechStarted | SpeechPaused | PauseToJudge | SpeechResumed | TurnEnded
+
+
+def end_silence_ms(config: TurnDetection) -> int:
+    """The silence that ends a turn whatever else happens: server_vad's duration, semantic_vad's longest wait."""
+    return EAGERNESS[config.eagerness][1] if config.semantic else config.silence_duration_ms
+
+
+def complete_enough(config: TurnDetection, probability: float) -> bool:
+    """semantic_vad: does the turn model's P(complete) end the turn at this pause?"""
+    return probability >= EAGERNESS[config.eagerness][0]
 
 
 class TurnDetector:
     def __init__(self, config: TurnDetection, max_turn_s: float):
         self.config = config
         self.max_turn_s = max_turn_s
-        self.vad = SileroVAD(config.threshold, config.silence_duration_ms)
+        self.vad = SileroVAD(config.threshold, end_silence_ms(config))
         self.received = 0  # samples received so far
         self.history = np.zeros(0, np.float32)  # the last HISTORY_S of audio, ending at `received`
         self.arrivals: list[tuple[int, float]] = []  # (samples received after a chunk, when it arrived)
         self.start: int | None = None  # first sample of the current utterance (None: no turn under way)
+        self.judged = False  # semantic_vad: the current pause has been handed over for judgment
 
     @property
     def in_turn(self) -> bool:
@@ -72,7 +96,7 @@ class TurnDetector:
     def configure(self, config: TurnDetection) -> None:
         """New parameters; the current utterance is forgotten."""
         self.config = config
-        self.vad.configure(config.threshold, config.silence_duration_ms)
+        self.vad.configure(config.threshold, end_silence_ms(config))
         self.reset()
 
     def reset(self) -> None:
@@ -96,17 +120,22 @@ class TurnDetector:
             elif self.start is None:
                 continue
             elif ev.kind == "pause":
+                self.judged = False
                 events.append(SpeechPaused(ev.sample))
             elif ev.kind == "resume":
                 events.append(SpeechResumed(ev.sample))
             elif ev.kind == "end":
                 events.append(self._ended(ev.sample, "silence"))
+        if (self.config.semantic and self.start is not None and self.paused and not self.judged
+                and self.vad.samples - self.vad.speech_end >= JUDGE_AFTER_MS * ASR_RATE // 1000):
+            self.judged = True
+            events.append(PauseToJudge())
         if self.start is not None and (self.received - self.start) / ASR_RATE > self.max_turn_s:
             events.append(self.end_turn("too_long"))
         return events
 
     def end_turn(self, reason: str = "commit") -> TurnEnded:
-        """End the turn under way now (a commit, or one that outgrew the buffer), where the speech last was."""
+        """End the turn under way now (a commit, a judgment, or one that outgrew the buffer), where the speech last was."""
         if self.start is None:
             raise RuntimeError("no turn under way")
         end = self.vad.speech_end

@@ -18,6 +18,7 @@ from tui.model import format_ms
 from tui.screens import LinePrompt
 from tui.widgets.headline import Headline
 from tui.widgets.planner import PlannerPanel
+from tui.widgets.status import StatusLine
 from tui.widgets.transcript import Transcript
 
 SIZE = (160, 60)
@@ -195,6 +196,23 @@ async def test_the_auto_sweep_fills_the_planner_which_follows_the_target_and_the
         await wait_for(pilot, lambda: dash.planned and dash.plan is not None and dash.plan.profile == "quick", 60,
                        "quick's plan again")
         await pilot.press("q")
+
+
+async def test_v_cycles_the_voice_sessions_turn_detection_as_the_server_confirms_it(engine):
+    app = app_on(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.ready and app.link.turn_detection is not None, 60, "start-up")
+        assert app.link.turn_detection["type"] == "server_vad"
+        seen = []
+        for _ in range(4):
+            before = app.link.turn_detection
+            await pilot.press("v")
+            await wait_for(pilot, lambda before=before: app.link.turn_detection != before, 10, "the server to confirm it")
+            td = app.link.turn_detection
+            seen.append(td.get("eagerness") if td["type"] == "semantic_vad" else td["silence_duration_ms"])
+        assert seen == ["high", "medium", "low", 300]  # then round to the start
+        status = str(app.dashboard.query_one(StatusLine).render())
+        assert "turns server_vad 300 ms" in status, status
 
 
 async def test_a_typed_message_gets_a_reply(engine):

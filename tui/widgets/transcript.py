@@ -28,6 +28,10 @@ def turn_numbers(turn: VoiceTurn) -> str:
     parts.append(f"LLM TTFT {ms_text(turn.llm_ttft_ms)}")
     if turn.tbt_p50_ms is not None:
         parts.append(f"TBT p50 {ms_text(turn.tbt_p50_ms)}")
+    if (decision := turn.decision()) is not None:
+        parts.append(f"turn ended by {decision}")
+    if turn.cut_off:
+        parts.append("CUT OFF mid-sentence")
     return " · ".join(parts)
 
 

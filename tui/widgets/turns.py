@@ -15,7 +15,7 @@ STAGE_STYLES = {name: (label, hex_color(color)) for name, label, color in (
     ("transport", "transport", "white"))}
 GRADE_STYLES = {"good": hex_color("green"), "warn": hex_color("orange"), "bad": hex_color("red"), "none": ""}
 LABEL_CELLS = 5  # "#12 "
-NUMBER_CELLS = 10  # " 1234 ms"
+NUMBER_CELLS = 12  # " 1234 ms ✂" (✂: the caller was cut off mid-sentence)
 
 
 class TurnBars(Widget):
@@ -42,6 +42,8 @@ class TurnBars(Widget):
                 for name, cells in stack(turn.parts_ms, width, scale):
                     out.append("█" * cells, style=STAGE_STYLES.get(name, STAGE_STYLES["transport"])[1])
                 out.append(f" {ms_text(turn.e2e_ms)}", style=GRADE_STYLES[grade(turn.e2e_ms, VOICE_E2E_SLO_MS)])
+                if turn.cut_off:
+                    out.append(" ✂", style=GRADE_STYLES["bad"])
             else:
                 out.append(f"{'typed' if turn.typed else turn.status}: LLM TTFT {ms_text(turn.llm_ttft_ms)}", style="italic")
         return out

@@ -1,0 +1,133 @@
+"""Turn detection in a session (voice/turns.py through voice/session.py), asserted on the events a session sends and
+on how much audio had been sent when it sent them, never on wall-clock time: audio goes in 20 ms chunks as fast as the
+session takes it, so "after 300 ms of silence" means 300 ms of silent samples.
+
+semantic_vad (Smart Turn judging each pause): a complete question ends its turn sooner than server_vad's 500 ms of
+silence would; an utterance with a mid-sentence pause is not committed at its pause; each eagerness waits its longest
+silence, and no longer, for an utterance the model keeps judging incomplete; a server without a turn model refuses
+semantic_vad with a clear error and keeps serving server_vad."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.voice.conftest import COMPLETE, PAUSED
+from tests.voice.test_realtime import check_shapes
+from voice.audio import WIRE_RATE, float_to_pcm16, pcm16_to_b64
+from voice.caller import speak
+from voice.server import make_services
+from voice.session import Services, Session
+from voice.smart_turn import SmartTurn
+from voice.turns import EAGERNESS, JUDGE_AFTER_MS
+
+CHUNK = WIRE_RATE // 50  # 20 ms, as a microphone sends it
+
+
+@pytest.fixture(scope="module")
+def semantic_services(engine, tts, whisper) -> Services:
+    return Services(engine=engine, tts=tts, asr=lambda name: whisper, turn_model=SmartTurn())
+
+
+class Recorder:
+    """A session's sent events, each with how many input samples (24 kHz) had been sent when it came."""
+
+    def __init__(self):
+        self.sent = 0
+        self.events: list[tuple[int, dict]] = []
+
+    async def __call__(self, event: dict) -> None:
+        self.events.append((self.sent, event))
+
+    def at(self, kind: str) -> list[int]:
+        return [n for n, e in self.events if e["type"] == kind]
+
+
+async def session_with(services: Services, turn_detection: dict | None) -> tuple[Session, Recorder]:
+    recorder = Recorder()
+    session = Session(services, recorder)
+    if turn_detection is not None:
+        await session.handle(json.dumps({"type": "session.update", "session": {"audio": {"input": {
+            "turn_detection": {**turn_detection, "create_response": False}}}}}))
+    return session, recorder
+
+
+async def send(session: Session, recorder: Recorder, audio: np.ndarray) -> None:
+    for i in range(0, len(audio), CHUNK):
+        chunk = audio[i:i + CHUNK]
+        recorder.sent += len(chunk)
+        await session.handle(json.dumps({"type": "input_audio_buffer.append", "audio": pcm16_to_b64(float_to_pcm16(chunk))}))
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * WIRE_RATE), np.float32)
+
+
+async def silence_before_commit(services: Services, turn_detection: dict, speech: np.ndarray, wait_s: float) -> float:
+    """Seconds of silence after `speech` that had been sent when the turn was committed (inf: not within `wait_s`)."""
+    session, recorder = await session_with(services, turn_detection)
+    try:
+        await send(session, recorder, np.concatenate([silence(0.3), speech]))
+        speech_end = recorder.sent
+        await send(session, recorder, silence(wait_s))
+        commits = recorder.at("input_audio_buffer.committed")
+        assert len(commits) <= 1
+        return (commits[0] - speech_end) / WIRE_RATE if commits else float("inf")
+    finally:
+        await session.close()
+
+
+async def test_a_complete_question_ends_its_turn_before_server_vad_at_500_ms_would(semantic_services, spoken):
+    question = spoken[COMPLETE]
+    semantic = await silence_before_commit(semantic_services, {"type": "semantic_vad"}, question, 2.0)
+    server = await silence_before_commit(semantic_services, {"type": "server_vad", "silence_duration_ms": 500}, question, 2.0)
+    assert JUDGE_AFTER_MS / 1000 <= semantic < 0.5 <= server < 1.0, (semantic, server)
+
+
+async def test_an_utterance_is_not_committed_at_its_mid_sentence_pause(semantic_services, spoken):
+    speech = spoken[PAUSED]  # a 0.5-0.7 s pause before "tell"
+    session, recorder = await session_with(semantic_services, {"type": "semantic_vad", "eagerness": "auto"})
+    try:
+        await send(session, recorder, np.concatenate([silence(0.3), speech, silence(5.0)]))
+        end_of_speech = int(0.3 * WIRE_RATE) + len(speech)
+        assert len(recorder.at("input_audio_buffer.speech_started")) == 1
+        commits = recorder.at("input_audio_buffer.committed")
+        assert len(commits) == 1 and commits[0] >= end_of_speech, (commits, end_of_speech)
+        updated = next(e for _, e in recorder.events if e["type"] == "session.updated")
+        assert updated["session"]["audio"]["input"]["turn_detection"]["type"] == "semantic_vad"
+        check_shapes(recorder.events)  # the semantic_vad session and the turn's events are the SDK's shapes
+    finally:
+        await session.close()
+
+
+@pytest.mark.parametrize("eagerness", ["high", "medium", "low"])
+async def test_each_eagerness_waits_its_longest_silence_for_an_utterance_judged_incomplete(semantic_services, spoken,
+                                                                                           eagerness):
+    sentence = spoken[PAUSED]
+    voiced = np.flatnonzero(sentence != 0)
+    cut = sentence[: voiced[np.flatnonzero(np.diff(voiced) > 0.4 * WIRE_RATE)[0]] + 1]  # "If you could," and no more
+    longest_s = EAGERNESS[eagerness][1] / 1000
+    waited = await silence_before_commit(semantic_services, {"type": "semantic_vad", "eagerness": eagerness}, cut,
+                                         longest_s + 1.0)
+    # the VAD dates the end of speech to within a few 10 ms frames of the voice's end, and decides per 32 ms chunk
+    assert longest_s - 0.1 <= waited <= longest_s + 0.15, (eagerness, waited)
+
+
+async def test_a_server_without_a_turn_model_refuses_semantic_vad_and_keeps_server_vad(engine, tts, tmp_path):
+    bad = tmp_path / "turn.onnx"
+    bad.write_bytes(b"not a model")
+    services = make_services(engine, tts, asr="pocketsphinx", turn_model=str(bad))
+    assert services.turn_model is None and str(bad) in services.turn_model_error
+    session, recorder = await session_with(services, None)
+    try:
+        await session.handle(json.dumps({"type": "session.update", "event_id": "evt_1", "session": {"audio": {"input": {
+            "turn_detection": {"type": "semantic_vad"}}}}}))
+        error = recorder.events[-1][1]
+        assert error["type"] == "error" and error["error"]["code"] == "unsupported"
+        assert "semantic_vad is unavailable" in error["error"]["message"] and str(bad) in error["error"]["message"]
+        assert error["error"]["event_id"] == "evt_1"
+        assert session.config.turn_detection.type == "server_vad"  # unchanged, and still working:
+        await send(session, recorder, np.concatenate([silence(0.3), speak(tts, "How far away is the moon?"), silence(1.0)]))
+        assert len(recorder.at("input_audio_buffer.committed")) == 1
+    finally:
+        await session.close()
