@@ -23,6 +23,7 @@ from bench.report import table, write_json
 from engine.engine import Engine, Request
 from engine.loader import load
 from engine.metrics import percentile
+from engine.quant import W4A16_BYTES
 from engine.sampling import SamplingParams
 from engine.setup import resolve
 
@@ -31,7 +32,7 @@ from engine.setup import resolve
 # torch int4: half a byte plus a bf16 scale and zero per 32, and an int8 head (engine/quant.py); int8: one byte plus
 # a scale per row (negligible); w4a16 (int4 on CUDA): half a byte plus an fp16 scale and zero per 32, a dense head.
 BYTES = {"native": (0.5 + 8 / 32, 1 + 4 / 32), "int4": (0.5 + 4 / 32, 1.0), "int8": (1.0, 1.0),
-         "bf16": (2.0, 2.0), "fp32": (4.0, 4.0), "w4a16": (0.5 + 4 / 32, 2.0)}
+         "bf16": (2.0, 2.0), "fp32": (4.0, 4.0), "w4a16": (W4A16_BYTES, 2.0)}
 CPU_FORMATS = ("native", "int4", "int8", "bf16", "fp32")
 # on CUDA, with and without graphs: row name -> (dtype, quant, BYTES key)
 CUDA_FORMATS = {"bf16": (torch.bfloat16, "none", "bf16"), "fp32": (torch.float32, "none", "fp32"),
@@ -40,9 +41,7 @@ CUDA_FORMATS = {"bf16": (torch.bfloat16, "none", "bf16"), "fp32": (torch.float32
 
 def weight_bytes(cfg, fmt: str) -> float:
     """Bytes of weights one decode step reads."""
-    layer_b, head_b = BYTES[fmt]
-    head = cfg.vocab_size * cfg.dim
-    return (cfg.weight_bytes(1.0) - head) * layer_b + head * head_b
+    return cfg.weight_bytes(*BYTES[fmt])
 PROMPT = ("Summarise the following in two sentences. The Industrial Revolution began in Britain in the late 18th "
           "century, when new machines, steam power and factories changed how goods were made. It spread to Europe "
           "and North America, raised output and living standards over time, and also brought crowded cities, "

@@ -30,11 +30,12 @@ from functools import partial
 
 import torch
 
+import kernels
 from bench.report import table, write_json
 from engine.cuda_graph import BatchedDecodeGraphs, DecodeGraphs
 from engine.kv_cache import PagedKVCache, StaticKVCache
 from engine.model import ModelConfig, Transformer
-from engine.quant import quantize
+from engine.quant import W4A16_BYTES, quantize
 
 SHAPES = {
     "smollm2-135m": ModelConfig(arch="llama", vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3,
@@ -49,14 +50,12 @@ TINY = ModelConfig(arch="llama", vocab_size=512, dim=64, n_layers=2, n_heads=4, 
 PATHS = ("eager", "graphs", "compile", "max-autotune")
 COMPILE_MODES = {"compile": "reduce-overhead", "max-autotune": "max-autotune"}
 CONTEXT = 128  # tokens in the cache when decode steps are timed
-INT4_BYTES = 0.5 + 4 / 32  # a code, and an fp16 scale and minimum per group of 32
 
 
 def random_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, fused: bool, weights: str,
                  seed: int = 0) -> Transformer:
-    """Random weights (std 0.02, norms 1) in the engine's model; fused: the Triton kernels; weights: bf16 | int4."""
-    import kernels  # noqa: PLC0415  (after main has set TRITON_INTERPRET on a CPU)
-
+    """Random weights (std 0.02, norms 1) in the engine's model; fused: the Triton kernels (imported on this first
+    call, after main has set TRITON_INTERPRET on a CPU); weights: bf16 | int4."""
     model = Transformer(cfg, dtype=dtype, device=device, kernels=kernels.triton_kernels() if fused else None)
     g = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
@@ -67,10 +66,8 @@ def random_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, fus
 
 def step_bytes(cfg: ModelConfig, weights: str, context: int, act_bytes: int = 2) -> float:
     """What one batch-1 decode step must read: its weights (the head dense, as the W4A16 path keeps it) and the KV."""
-    layer_params = cfg.weight_bytes(1) - cfg.vocab_size * cfg.dim
-    per_param = INT4_BYTES if weights == "int4" else act_bytes
     kv = 2 * cfg.n_layers * context * cfg.kv_size * act_bytes
-    return layer_params * per_param + cfg.vocab_size * cfg.dim * act_bytes + kv
+    return cfg.weight_bytes(W4A16_BYTES if weights == "int4" else act_bytes, act_bytes) + kv
 
 
 def sync(device: torch.device) -> None:
@@ -121,8 +118,6 @@ def check_correctness(device: torch.device, dtype: torch.dtype) -> list[dict]:
         ref = random_model(TINY, torch.float32, torch.device("cpu"), fused=False, weights="bf16", seed=2)
         fused = random_model(TINY, dtype, device, fused=True, weights=weights, seed=2)
         if weights == "int4":  # the reference holds the very weights the int4 codes stand for
-            import kernels  # noqa: PLC0415
-
             with torch.no_grad():
                 for rb, fb in zip(ref.layers, fused.layers):
                     for name in ("qkv", "o", "gate_up", "down"):

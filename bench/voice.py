@@ -34,7 +34,7 @@ from voice.asr import SphinxASR, WhisperASR
 from voice.audio import ASR_RATE, WIRE_RATE, resample
 from voice.caller import PAUSED_QUESTIONS, QUESTIONS, SimulatedCaller, Turn, mixed_questions, spoken_question, spoken_text
 from voice.client import RealtimeClient
-from voice.protocol import EAGERNESS, SessionConfig, TurnDetection
+from voice.protocol import EAGERNESS, SessionConfig, TurnDetection, describe_turn_detection
 from voice.server import VoiceServer, make_services
 from voice.tts import EspeakTTS
 from voice.wer import wer
@@ -86,7 +86,8 @@ async def live_loop(engine: Engine, tts: EspeakTTS, questions: tuple[str, ...], 
     services = make_services(engine, tts, asr="whisper", defaults=defaults, max_output_tokens=max_tokens,
                              first_words=first_words)
     if services.defaults.turn_detection != turn_detection:
-        raise RuntimeError(f"the server could not run {describe(turn_detection)}: {services.turn_model_error}")
+        name = describe_turn_detection(turn_detection.to_dict())
+        raise RuntimeError(f"the server could not run {name}: {services.turn_model_error}")
     async with VoiceServer(services, port=0) as server, RealtimeClient(server.url) as client:
         caller = SimulatedCaller(client, questions, barge_in_every=barge_in_every)
         return await caller.run(lambda t: print(f"  turn: {t.question!r} -> E2E {_fmt(t.e2e_ms)} ms"
@@ -101,10 +102,6 @@ def parse_turn_detection(spec: str) -> TurnDetection:
     if kind == "semantic_vad" and value in EAGERNESS:
         return TurnDetection(type="semantic_vad", eagerness=value)
     raise ValueError(f"--turn-detection: {spec!r} is not server_vad:MS or semantic_vad:{'|'.join(EAGERNESS)}")
-
-
-def describe(td: TurnDetection) -> str:
-    return f"semantic_vad {td.eagerness}" if td.semantic else f"server_vad {td.silence_duration_ms} ms"
 
 
 def _fmt(v: float | None) -> str:
@@ -180,14 +177,15 @@ def main(args: argparse.Namespace) -> int:
     engine = Engine(args.model)
     runs = []
     for td in configs:
-        print(f"\nLive loop, {describe(td)}: {args.turns} turns ({sum(q in PAUSED_QUESTIONS for q in questions)} with a "
+        name = describe_turn_detection(td.to_dict())
+        print(f"\nLive loop, {name}: {args.turns} turns ({sum(q in PAUSED_QUESTIONS for q in questions)} with a "
               f"mid-sentence pause), barge-in every {args.barge_in_every}, engine {engine.name} "
               f"({engine.snapshot().state.mode} mode), Whisper + espeak ...", flush=True)
         turns = asyncio.run(live_loop(engine, tts, questions, args.barge_in_every, args.max_tokens, args.first_words, td))
         rows, summary = summarize(turns)
         print(table(rows, [("measure", "per turn", ""), ("n", "n", "d"), ("median_ms", "median ms", ".0f"),
                            ("p90_ms", "p90 ms", ".0f"), ("max_ms", "max ms", ".0f")]))
-        runs.append({"turn_detection": describe(td), "breakdown": rows, "summary": summary, "turns": per_turn(turns)})
+        runs.append({"turn_detection": name, "breakdown": rows, "summary": summary, "turns": per_turn(turns)})
     engine.close()
     comparison = [{"turn_detection": r["turn_detection"], "answered": f"{r['summary']['answered']}/{r['summary']['turns']}",
                    "e2e_p50_ms": r["summary"]["e2e_median_ms"], "e2e_p90_ms": r["summary"]["e2e_p90_ms"],

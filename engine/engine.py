@@ -118,8 +118,7 @@ class Engine:
         self._latency = LatencyRunner(self.model, self.max_seq_len, drafter, cuda_path=cuda_path, native=native,
                                       native_prefill=self.setup is not None and self.setup.prefill == "native",
                                       prefill_rows=NATIVE_PREFILL_ROWS)
-        self._cuda_path = cuda_path
-        self._cuda_graphs = cuda_path != "eager"  # for the batched runner, built later
+        self._cuda_path = cuda_path  # for the batched runner, built later
         self._batched_model = batched_model(loaded, self.model, self.quant, self.batched_dtype)
         self._batched: BatchedRunner | None = None  # built on first use: its KV pool is large
         self._step_profile = StepProfile()  # where batched mode's steps are timed (`record_steps` restarts it)
@@ -300,7 +299,7 @@ class Engine:
             return
         if mode == "batched" and self._batched is None:
             self._batched = BatchedRunner(self._batched_model, self.max_seq_len, self.policy, self.kv_cache_tokens,
-                                          cuda_graphs=self._cuda_graphs)
+                                          cuda_graphs=self._cuda_path != "eager")
             self._batched.profile = self._step_profile
         target = self._batched if mode == "batched" else self._latency
         for seq in self.runner.take_all():

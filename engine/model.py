@@ -52,10 +52,12 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.n_kv_heads * self.head_dim
 
-    def weight_bytes(self, bytes_per_param: float) -> float:
-        """Bytes of weights read per decode step (embedding row lookups excluded, head included)."""
+    def weight_bytes(self, bytes_per_param: float, head_bytes_per_param: float | None = None) -> float:
+        """Bytes of weights read per decode step (embedding row lookups excluded, head included); the head at
+        `head_bytes_per_param` where it is stored in another format than the layers."""
         per_layer = self.dim * (self.q_size + 2 * self.kv_size) + self.q_size * self.dim + 3 * self.dim * self.ffn_dim
-        return (self.n_layers * per_layer + self.vocab_size * self.dim) * bytes_per_param
+        head = bytes_per_param if head_bytes_per_param is None else head_bytes_per_param
+        return self.n_layers * per_layer * bytes_per_param + self.vocab_size * self.dim * head
 
 
 class Attention(Protocol):

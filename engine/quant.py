@@ -91,6 +91,9 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+W4A16_BYTES = 0.5 + 4 / 32  # what a W4A16 weight costs a decode step: its code, and an fp16 scale and min per 32
+
+
 class W4A16Linear(nn.Module):
     """int4 for the Triton W4A16 kernel (`w4a16`: the model's fused kernels, or the dispatching function): the codes
     of `int4_quantize` two per byte, with its fp16 scales and minima, for decode and verification rows (up to the

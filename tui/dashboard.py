@@ -42,7 +42,6 @@ from tui.model import (
     grade,
     next_turn_detection,
     step_users,
-    turn_detection_text,
 )
 from tui.planning import (
     LevelBook,
@@ -63,6 +62,7 @@ from tui.widgets.planner import PlannerPanel
 from tui.widgets.status import StatusLine
 from tui.widgets.transcript import Transcript
 from tui.widgets.turns import TurnBars
+from voice.protocol import describe_turn_detection
 
 SAMPLE_PERIOD_S = 1 / 3  # three readings a second for the headline numbers
 CHART_EVERY, CURVE_EVERY = 2, 3  # charts redraw every 2nd reading, the curve every 3rd: plotting is the UI's main cost
@@ -330,7 +330,7 @@ class DashboardScreen(Screen):
             done, levels = self._sweep_step
             got = f", {self.holding[2]}/{self.holding[3]} requests" if self.holding else ""
             note = f"sweep {done}/{levels}{got} (r stops)"
-        turns = turn_detection_text(self.link.turn_detection) if self.link.turn_detection is not None else ""
+        turns = describe_turn_detection(self.link.turn_detection) if self.link.turn_detection is not None else ""
         if turns and self.voice.cut_offs:
             turns += f" · {self.voice.cut_offs} cut off"
         self.query_one(StatusLine).show(self.sample, self.link.caller_on, note, self.controller.where, turns)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from engine.snapshot import Snapshot
 from engine.stats import SLO
+from voice.protocol import describe_turn_detection
 
 USER_LEVELS = (0, 1, 2, 4, 8, 16, 32, 64)  # the synthetic-user ladder that + and - walk
 RECENT_S = 5.0  # the charts plot each number over the last few seconds, so spikes show
@@ -241,19 +242,10 @@ TURN_DETECTIONS = ({"type": "server_vad", "silence_duration_ms": 300}, {"type": 
                    {"type": "semantic_vad", "eagerness": "medium"}, {"type": "semantic_vad", "eagerness": "low"})
 
 
-def turn_detection_text(td: dict | None) -> str:
-    """A session's turn_detection, in a few words."""
-    if td is None:
-        return "off"
-    if td.get("type") == "semantic_vad":
-        return f"semantic_vad {td.get('eagerness')}"
-    return f"server_vad {td.get('silence_duration_ms')} ms"
-
-
 def next_turn_detection(td: dict | None) -> dict:
     """The one after `td` in TURN_DETECTIONS (the first if `td` is not one of them)."""
-    names = [turn_detection_text(t) for t in TURN_DETECTIONS]
-    now = turn_detection_text(td)
+    names = [describe_turn_detection(t) for t in TURN_DETECTIONS]
+    now = describe_turn_detection(td)
     return TURN_DETECTIONS[(names.index(now) + 1) % len(names)] if now in names else TURN_DETECTIONS[0]
 
 

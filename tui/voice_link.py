@@ -20,10 +20,10 @@ from textual.message import Message
 from engine import Backend
 from serve.background import BackgroundLoop
 from tui.messages import AgentSaid, TurnMeasured, UserSaid, VoiceStatus
-from tui.model import VoiceTurn, turn_detection_text
+from tui.model import VoiceTurn
 from voice.caller import SimulatedCaller, mixed_questions
 from voice.client import RealtimeClient
-from voice.protocol import PATH
+from voice.protocol import PATH, describe_turn_detection
 from voice.server import VoiceServer, make_services
 from voice.sound import open_devices
 from voice.tts import make_tts
@@ -276,7 +276,7 @@ class VoiceLink:
             td, before = event["session"]["audio"]["input"]["turn_detection"], self.turn_detection
             self.turn_detection = td  # before the message, which shows it
             if kind == "session.updated" and td != before:
-                self.post(VoiceStatus(f"turn detection: {turn_detection_text(td)}"))
+                self.post(VoiceStatus(f"turn detection: {describe_turn_detection(td)}"))
         elif kind == "error":
             self.post(VoiceStatus(f"server: {event['error'].get('message')}", error=True))
 

@@ -238,6 +238,15 @@ class TurnDetection:
                 "interrupt_response": self.interrupt_response, "idle_timeout_ms": None}
 
 
+def describe_turn_detection(td: dict | None) -> str:
+    """A session's turn_detection (as `TurnDetection.to_dict` and session events give it), in a few words."""
+    if td is None:
+        return "off"
+    if td.get("type") == "semantic_vad":
+        return f"semantic_vad {td.get('eagerness')}"
+    return f"server_vad {td.get('silence_duration_ms')} ms"
+
+
 @dataclass(frozen=True)
 class SessionConfig:
     id: str = field(default_factory=lambda: new_id("sess"))

@@ -2,10 +2,12 @@
 seconds to load), a fresh server per test, espeak speech with a noise floor as the spoken input, and `closest`,
 which tells which of the known questions a transcript was."""
 
+import numpy as np
 import pytest
 
 from engine import Engine
 from voice.asr import SphinxASR, WhisperASR
+from voice.audio import WIRE_RATE
 from voice.caller import MID_PAUSE, speak, spoken_question
 from voice.server import VoiceServer
 from voice.session import Services
@@ -14,7 +16,8 @@ from voice.wer import wer
 
 MAX_TOKENS = 8  # short replies keep the real-time tests short
 COMPLETE = "What is the capital of France?"
-PAUSED = f"If you could{MID_PAUSE}tell me a joke."  # cut at the pause, the sentence stops before its verb
+PAUSED = f"If you could{MID_PAUSE}tell me a joke."
+PAUSED_CUT = "If you could,"  # PAUSED up to its pause: a sentence cut before its verb
 
 
 def closest(hypothesis: str, candidates: list[str] | tuple[str, ...]) -> str:
@@ -55,14 +58,18 @@ async def server(services):
 
 @pytest.fixture(scope="session")
 def spoken() -> dict:
-    """24 kHz espeak speech of the turn tests' sentences (COMPLETE, PAUSED), from a worker of their own. espeak's output
+    """24 kHz espeak speech of the turn tests' sentences (COMPLETE, PAUSED, and PAUSED_CUT cut from it), from a worker of
+    their own. espeak's output
     varies a little with what it spoke before (Smart Turn's P(complete) of PAUSED cut at its pause ranged 0.07-0.25 over
     six orders), so a fresh worker speaks them first: the same audio every run, whatever ran before."""
     fresh = EspeakTTS()
     try:
-        return {text: speak(fresh, text) for text in (COMPLETE, PAUSED)}
+        spoken = {text: speak(fresh, text) for text in (COMPLETE, PAUSED)}
     finally:
         fresh.close()
+    voiced = np.flatnonzero(spoken[PAUSED] != 0)  # the stretched pause is exact silence
+    spoken[PAUSED_CUT] = spoken[PAUSED][: voiced[np.flatnonzero(np.diff(voiced) > 0.4 * WIRE_RATE)[0]] + 1]
+    return spoken
 
 
 @pytest.fixture(scope="session")
