@@ -16,6 +16,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "sweep": ("bench.sweep", "throughput vs latency: one row per concurrency level, JSON and a PNG"),
     "plan-check": ("bench.plan_check", "real Poisson load at 0.8x and 1.2x the planner's predicted rate: does the SLO hold?"),
     "interference": ("bench.interference", "batched mode: TBT of decoding users when a long prompt arrives, chunked off/on"),
+    "disagg": ("bench.disagg", "chunked prefill vs disaggregated prefill/decode: decoding users' TBT under long prompts"),
     "keys": ("bench.dashboard_keys", "dashboard key latency at 160x60 while the engine is saturated"),
     "voice": ("bench.voice", "the voice loop end to end: E2E breakdown, barge-in, WER (simulated caller)"),
     "soak": ("bench.soak", "a `tradeoff serve` under mixed load and random disconnects for N minutes: RSS, fds, KV, errors"),

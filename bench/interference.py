@@ -18,11 +18,13 @@ import time
 import torch
 
 from bench.report import table, write_json
+from engine.backend import Backend
 from engine.engine import Engine, Request
 from engine.loader import LoadedModel, load
 from engine.metrics import percentile
 from engine.sampling import SamplingParams
 from engine.scheduler import BatchPolicy
+from engine.sequence import Stream
 from serve.loadgen import PromptSet
 
 
@@ -40,14 +42,20 @@ def wait_for(condition, poll_s: float = 0.01) -> None:
         time.sleep(poll_s)
 
 
+def decoding_users(engine: Backend, users: int, prompts: PromptSet, rng: random.Random, max_tokens: int) -> list[Stream]:
+    """`users` streams of 64-token prompts that decode steadily; returns once every one is past its prefill."""
+    steady = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    streams = [engine.submit(Request(prompt_ids=prompts.prompt_ids(64, rng), sampling=steady)) for _ in range(users)]
+    wait_for(lambda: all(s.metrics.output_tokens >= 3 for s in streams))
+    return streams
+
+
 def measure(loaded: LoadedModel, policy: BatchPolicy, users: int, long_tokens: int, baseline_s: float, seed: int) -> dict:
     engine = Engine(loaded, mode="batched", policy=policy, max_waiting=users + 2)
     prompts = PromptSet(engine.tokenizer)
     rng = random.Random(seed)
-    steady = SamplingParams(max_tokens=2000, ignore_eos=True)
     try:
-        streams = [engine.submit(Request(prompt_ids=prompts.prompt_ids(64, rng), sampling=steady)) for _ in range(users)]
-        wait_for(lambda: all(s.metrics.output_tokens >= 3 for s in streams))  # every user is past its prefill
+        streams = decoding_users(engine, users, prompts, rng, max_tokens=2000)
         base_start = time.monotonic()
         time.sleep(baseline_s)
         base_end = time.monotonic()

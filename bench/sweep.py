@@ -27,6 +27,7 @@ import torch
 
 from bench.report import table, write_json
 from engine import Backend, Controls, Engine
+from engine.backend import MODES
 from engine.batched import PHASES
 from engine.loader import load
 from engine.scheduler import BatchPolicy
@@ -159,7 +160,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model to run (with --backend: whose tokenizer sizes prompts)")
     p.add_argument("--device", default=None)
     add_backend_args(p)
-    p.add_argument("--mode", choices=("batched", "latency"), default="batched")
+    p.add_argument("--mode", choices=MODES, default="batched",
+                   help="the mode swept (default: %(default)s; batched mode's sweep ends with one latency-mode level)")
     p.add_argument("--concurrency", default="1,2,4,8,16,32,64", help="comma-separated user counts (default: %(default)s)")
     p.add_argument("--profile", default="chat",
                    help="workload profile: its lengths and SLO (chat, code, rag, voice, batch, or a .toml/.json file; "

@@ -19,7 +19,7 @@ from engine.sequence import Request, Stream
 from engine.snapshot import Snapshot
 from engine.tokenizer import Tokenizer
 
-MODES = ("latency", "batched")
+MODES = ("latency", "batched", "disaggregated")
 
 
 class ControlError(ValueError):
@@ -34,7 +34,7 @@ class ControlError(ValueError):
 class Controls:
     """A change to make; None leaves a setting as it is. Checked whole before anything is applied."""
 
-    mode: str | None = None  # latency | batched
+    mode: str | None = None  # latency | batched | disaggregated
     speculation: bool | None = None
     chunked_prefill: bool | None = None
     max_batch_size: int | None = None

@@ -64,15 +64,17 @@ def batched_model(loaded: LoadedModel, latency_model: Transformer, latency_quant
 
 class BatchedRunner:
     """The runner interface of engine/latency.py (add, has_work, num_waiting, num_running, take_all,
-    clear_cache, step) over many sequences at once. cuda_graphs: replay decode-only steps from CUDA graphs on CUDA."""
+    clear_cache, step) over many sequences at once. cuda_graphs: replay decode-only steps from CUDA graphs on CUDA;
+    decode_kernel: the CPU's attention for decode rows (engine/kv_cache.py DECODE_ATTENTION)."""
 
     def __init__(self, model: Transformer, max_seq_len: int, policy: BatchPolicy | None = None,
-                 kv_cache_tokens: int = 16384, block_size: int = 16, prefix_caching: bool = True, cuda_graphs: bool = True):
+                 kv_cache_tokens: int = 16384, block_size: int = 16, prefix_caching: bool = True, cuda_graphs: bool = True,
+                 decode_kernel: str = "sdpa"):
         self.model = model
         self.max_seq_len = max_seq_len
         num_blocks = -(-kv_cache_tokens // block_size)
         self.blocks = BlockManager(num_blocks, block_size, prefix_caching)
-        self.cache = PagedKVCache(model.cfg, num_blocks, block_size, model.dtype, model.device)
+        self.cache = PagedKVCache(model.cfg, num_blocks, block_size, model.dtype, model.device, decode_kernel)
         policy = policy or BatchPolicy()
         self.scheduler = Scheduler(self.blocks, max_seq_len, policy)
         # buckets up to this policy's batch size; a later policy's larger batches run eagerly
@@ -100,11 +102,12 @@ class BatchedRunner:
     def clear_cache(self) -> None:
         self.blocks.clear_prefix_cache()
 
-    def step(self) -> None:
+    def step(self) -> int:
+        """One forward pass over the scheduled batch; returns its sequences (0: nothing could be scheduled)."""
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:
-            return
+            return 0
         profile = self.profile
         profile.seconds["schedule"] += time.perf_counter() - t0
         self._run(batch)
@@ -117,6 +120,7 @@ class BatchedRunner:
         if profile.samples is not None:
             singles = sum(n == 1 for _, n in batch)
             profile.samples.append((singles, sum(n for _, n in batch if n > 1), time.perf_counter() - t0))
+        return len(batch)
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -152,7 +156,7 @@ class BatchedRunner:
         self.scheduler.advance(batch)
         now = time.monotonic()
         for j, s in enumerate(samplers):
-            self._emit(s.seq, logits[j], now, picks[j] if picks else None)
+            emit(s.seq, logits[j], now, picks[j] if picks else None, MODE, self.max_seq_len)
         seconds = self.profile.seconds
         for phase, dt in zip(("prepare", "forward", "sample"), (t1 - t0, t2 - t1, time.perf_counter() - t2)):
             seconds[phase] += dt
@@ -169,16 +173,19 @@ class BatchedRunner:
                 ends.append(len(tokens) - 1)
         return tokens, samplers, ends
 
-    def _emit(self, seq: Sequence, logits: torch.Tensor, t: float, pick: int | None) -> None:
-        """Append the token chosen from `logits` [V]; a greedy sequence takes `pick`, its argmax, when given."""
-        try:
-            masked = seq.mask_stops(logits[None])  # min_tokens: stop tokens are out, so `pick` is too
-            if masked is None and pick is not None and seq.params.greedy:
-                token = pick
-            else:
-                token = choose_tokens([], None, logits[None] if masked is None else masked, seq.params, seq.generator)[0]
-            seq.append([token], MODE, t)
-        except Exception as e:  # bad sampling state fails this request only
-            seq.fail(e)
-        if not seq.finished and len(seq.prompt_ids) + len(seq.output_ids) >= self.max_seq_len:
-            seq.finish("length")
+
+
+def emit(seq: Sequence, logits: torch.Tensor, t: float, pick: int | None, mode: str, max_seq_len: int) -> None:
+    """Append the token chosen from `logits` [V] (a greedy sequence takes `pick`, its argmax, when given) and end the
+    sequence at the context's end. One rule for every runner that samples rows of a step (batched, disaggregated)."""
+    try:
+        masked = seq.mask_stops(logits[None])  # min_tokens: stop tokens are out, so `pick` is too
+        if masked is None and pick is not None and seq.params.greedy:
+            token = pick
+        else:
+            token = choose_tokens([], None, logits[None] if masked is None else masked, seq.params, seq.generator)[0]
+        seq.append([token], mode, t)
+    except Exception as e:  # bad sampling state fails this request only
+        seq.fail(e)
+    if not seq.finished and len(seq.prompt_ids) + len(seq.output_ids) >= max_seq_len:
+        seq.finish("length")

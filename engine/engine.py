@@ -26,6 +26,7 @@ import torch
 import kernels
 from engine.backend import ControlError, Controls, check_mode
 from engine.batched import BatchedRunner, StepProfile, batched_model, cuda_dtype
+from engine.disaggregated import DisaggregatedRunner, WorkerStartError
 from engine.latency import LatencyRunner
 from engine.loader import LoadedModel, load
 from engine.machine import cpu
@@ -36,7 +37,7 @@ from engine.quant import quantize
 from engine.scheduler import BatchPolicy
 from engine.sequence import EngineError, Request, Sequence, Stream, TokenEvent
 from engine.setup import DTYPES, NATIVE_PREFILL_ROWS, Setup, latency_model, resolve
-from engine.snapshot import EngineState, KVCache, Snapshot, Speculation
+from engine.snapshot import EngineState, KVCache, Snapshot, Speculation, Workers
 from engine.speculative import build_drafter
 from engine.stats import RollingStats
 
@@ -72,13 +73,15 @@ class Engine:
     or `setup` itself; `progress` hears about a first measurement. On CUDA, bf16 (or `dtype`) weights (int4 runs the
     Triton W4A16 kernel), and `cuda_path` (CUDA_PATHS): "graphs", the fused Triton kernels (kernels/) with both modes'
     decode steps replayed from CUDA graphs; "compile", plain PyTorch ops with latency mode's decode steps compiled by
-    torch.compile (mode "reduce-overhead"), batched mode's captured; "eager", plain ops, no graphs (for comparison)."""
+    torch.compile (mode "reduce-overhead"), batched mode's captured; "eager", plain ops, no graphs (for comparison).
+    `disagg_threads`: disaggregated mode's (prefill worker, decode worker) threads."""
 
     def __init__(self, model: str | LoadedModel = "smollm2-135m", device: str | None = None,
                  dtype: torch.dtype | None = None, max_seq_len: int | None = None, max_waiting: int = 64,
                  mode: str = "latency", policy: BatchPolicy | None = None, kv_cache_tokens: int = 16384,
                  quant: str | None = None, spec: str = "auto", draft: str | None = None, cuda_path: str = "graphs",
-                 setup: Setup | None = None, progress: Callable[[str], None] | None = None):
+                 setup: Setup | None = None, progress: Callable[[str], None] | None = None,
+                 disagg_threads: tuple[int, int] = (1, 1)):
         loaded = load(model) if isinstance(model, str) else model
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.name = loaded.name
@@ -121,8 +124,11 @@ class Engine:
         self._cuda_path = cuda_path  # for the batched runner, built later
         self._batched_model = batched_model(loaded, self.model, self.quant, self.batched_dtype)
         self._batched: BatchedRunner | None = None  # built on first use: its KV pool is large
+        self.disagg_threads = disagg_threads
+        self._disaggregated: DisaggregatedRunner | None = None  # its worker processes start on first use
+        self.note: str | None = None  # why the engine left disaggregated mode by itself, if it did
         self._step_profile = StepProfile()  # where batched mode's steps are timed (`record_steps` restarts it)
-        self.runner: LatencyRunner | BatchedRunner = self._latency
+        self.runner: LatencyRunner | BatchedRunner | DisaggregatedRunner = self._latency
         self.mode = "latency"  # the mode the worker runs now (worker-owned; read it through `snapshot`)
         self._switch(check_mode(mode))
         self._inbox: queue.SimpleQueue[Sequence | PendingControl | str | None] = queue.SimpleQueue()
@@ -245,9 +251,10 @@ class Engine:
                     self._handle(item)
             except queue.Empty:
                 pass
-            if self.runner.has_work():
-                self.runner.step()
-                self.stats.record_step(time.monotonic(), self.runner.num_running())
+            if self.runner.has_work() and (rows := self.runner.step()):
+                self.stats.record_step(time.monotonic(), rows)
+            if self.runner is self._disaggregated and self._disaggregated.broken:
+                self._fall_back(self._disaggregated.broken)
             self._state = self._current_state()
 
     def _handle(self, item: Sequence | PendingControl | str) -> None:
@@ -269,6 +276,8 @@ class Engine:
         self.policy = policy_with(self.policy, controls)
         if self._batched is not None:
             self._batched.scheduler.policy = self.policy
+        if self._disaggregated is not None:
+            self._disaggregated.policy = self.policy
         if controls.speculation is not None:
             self._latency.set_drafter(self._drafter if controls.speculation else None)
         if controls.mode is not None:
@@ -281,12 +290,19 @@ class Engine:
         batched = self._batched
         kv = None if batched is None else KVCache(batched.blocks.num_used, batched.blocks.num_free,
                                                    batched.scheduler.preemptions, batched.scheduler.cached_tokens)
+        disagg = self._disaggregated
+        workers = None if disagg is None else Workers(
+            prefill_kv=KVCache(disagg.prefill_blocks.num_used, disagg.prefill_blocks.num_free, 0, disagg.cached_tokens),
+            decode_kv=KVCache(disagg.decode_blocks.num_used, disagg.decode_blocks.num_free, disagg.preemptions, 0),
+            in_transit=disagg.in_transit(), handoffs=disagg.handoffs.count, handoff_bytes=disagg.handoffs.bytes,
+            handoff_s=disagg.handoffs.seconds, restarts=disagg.handoffs.restarts,
+            prefill_threads=disagg.threads[0], decode_threads=disagg.threads[1])
         return EngineState(mode=self.mode, running=self.runner.num_running(), waiting=self.runner.num_waiting(),
                            max_batch_size=self.policy.max_batch_size, chunked_prefill=self.policy.chunked_prefill,
                            can_speculate=self._drafter is not None,
                            speculation=Speculation(drafter.name if drafter else None, spec.steps, spec.drafted,
                                                    spec.accepted, spec.emitted),
-                           kv=kv, setup=self.setup_summary())
+                           kv=kv, setup=self.setup_summary(), workers=workers, note=self.note)
 
     def setup_summary(self) -> str:
         """How the model runs, in a few words (the status line and `describe` show it)."""
@@ -299,17 +315,38 @@ class Engine:
             return
         if mode == "batched" and self._batched is None:
             self._batched = BatchedRunner(self._batched_model, self.max_seq_len, self.policy, self.kv_cache_tokens,
-                                          cuda_graphs=self._cuda_path != "eager")
+                                          cuda_graphs=self._cuda_path != "eager", decode_kernel=self._attention())
             self._batched.profile = self._step_profile
-        target = self._batched if mode == "batched" else self._latency
+        if mode == "disaggregated" and self._disaggregated is None:
+            try:
+                self._disaggregated = DisaggregatedRunner(self._batched_model, self.max_seq_len, self.policy,
+                                                          self.kv_cache_tokens, threads=self.disagg_threads,
+                                                          decode_kernel=self._attention())
+            except WorkerStartError as e:
+                raise ControlError("mode", f"disaggregated mode cannot start: {e}") from None
+        target = {"latency": self._latency, "batched": self._batched, "disaggregated": self._disaggregated}[mode]
         for seq in self.runner.take_all():
             target.add(seq)
         self.runner = target
         self.mode = mode
+        self.note = None
+
+    def _attention(self) -> str:
+        """The CPU's attention for batched decode rows, as this machine's setup measured it (unused on CUDA)."""
+        return self.setup.attention if self.setup is not None else Setup.attention
+
+    def _fall_back(self, why: str) -> None:
+        """Disaggregated mode broke (a worker would not start again): serve on in batched mode, and say so."""
+        broken, self._disaggregated = self._disaggregated, None
+        self._switch("batched")
+        broken.close()
+        self.note = f"disaggregated mode stopped ({why}); serving in batched mode"
 
     def _shutdown(self) -> None:
         for seq in self.runner.take_all():
             seq.finish("cancelled")
+        if self._disaggregated is not None:
+            self._disaggregated.close()
         while True:  # anything that raced with close: nobody waits on a request, and a control returns unapplied
             try:
                 item = self._inbox.get_nowait()

@@ -87,10 +87,10 @@ class StaticKVCache:
 def decode_attention(q: Tensor, keys: Tensor, values: Tensor, pad: Tensor) -> Tensor:
     """One query token per sequence, as batched matmuls per KV head over the query heads that share it (GQA).
 
-    q [B, H, D]; keys, values [B, C, KV, D]; pad [B, C], True past a sequence's end -> [B, H, D]. On the CPU
-    this ran several times faster than scaled_dot_product_attention with a padding mask, which took 4.6 ms
-    per layer at batch 16 over 256 keys (bf16, 1 thread); batch 16 over 208 keys took 0.6-1.5 ms here,
-    against 2.7 ms for one matmul over all heads, whose permuted keys get copied first.
+    q [B, H, D]; keys, values [B, C, KV, D]; pad [B, C], True past a sequence's end -> [B, H, D]. Once several
+    times faster on the CPU than scaled_dot_product_attention with a padding mask (4.6 ms per layer at batch 16
+    over 256 keys, bf16, 1 thread, on an earlier torch); with torch 2.13 on an AVX-512/AMX Xeon that is reversed
+    (1.1 vs 0.36 ms at batch 16 over 208 keys in bf16, 0.76 vs 0.59 in fp32), so engine/setup.py measures both.
     """
     B, H, D = q.shape
     KV = keys.shape[2]
@@ -103,24 +103,36 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, pad: Tensor) -> Te
     return out.view(B, H, D)
 
 
+def sdpa_decode_attention(q: Tensor, keys: Tensor, values: Tensor, pad: Tensor) -> Tensor:
+    """`decode_attention` in one call of torch's fused attention (the keys' strided view, no copy)."""
+    out = F.scaled_dot_product_attention(q[:, :, None], keys.transpose(1, 2), values.transpose(1, 2),
+                                         attn_mask=~pad[:, None, None], enable_gqa=True)
+    return out[:, :, 0]
+
+
+DECODE_ATTENTION = {"sdpa": sdpa_decode_attention, "bmm": decode_attention}  # engine/setup.py picks one per CPU
+
+
 class PagedKVCache:
     """k/v of many sequences in fixed-size blocks, and attention for one ragged batch step over them.
 
     Layout per layer: [num_blocks, block_size, n_kv_heads, head_dim] (the kernels package's layout). Before
     each forward, `prepare` is told every sequence's new-token count, context length and block table; then
     `attend` (called by the model per layer) writes the new k/v into their slots and attends each new token
-    over its own sequence. Single-token queries (decodes) run together as one padded batch (`decode_attention`,
-    or the Triton paged-attention kernel on CUDA); prefill chunks run one sequence at a time.
+    over its own sequence. Single-token queries (decodes) run together in padded groups of similar lengths (on the
+    CPU through `decode_kernel`, one of DECODE_ATTENTION) or as one batch through the Triton paged-attention kernel
+    on CUDA; prefill chunks run one sequence at a time.
     """
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", decode_kernel: str = "sdpa"):
         # zeros, not empty: padded key slots are masked out, but 0 * NaN garbage would still poison the sum
         shape = (cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
         self.device = self.k.device
+        self.decode_kernel = DECODE_ATTENTION[decode_kernel]
 
     def prepare(self, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]]) -> Tensor:
         """Set up one step: sequence i runs query_lens[i] new tokens ending at position context_lens[i] - 1.
@@ -128,7 +140,7 @@ class PagedKVCache:
         bs, dev = self.block_size, self.device
         positions: list[int] = []
         slots: list[int] = []
-        decode_rows: list[int] = []
+        decode_rows: list[int] = []  # the query row of each decode, in sequence order
         decode_seqs: list[int] = []
         self._prefills: list[tuple[int, int, Tensor, int, Tensor]] = []  # (first row, rows, blocks, context, mask)
         row = 0
@@ -145,14 +157,21 @@ class PagedKVCache:
                 self._prefills.append((row, q_len, blocks, ctx, mask))
             row += q_len
         self._slots = torch.tensor(slots, device=dev)
-        self._decode_rows = torch.tensor(decode_rows, device=dev)
-        self._decodes_first = decode_rows == list(range(len(decode_rows)))  # then rows are a slice, no gather
-        if decode_seqs:
-            width = max(-(-context_lens[i] // bs) for i in decode_seqs)
-            tables = [block_tables[i][: -(-context_lens[i] // bs)] for i in decode_seqs]
-            self._decode_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev)
-            self._decode_lens = torch.tensor([context_lens[i] for i in decode_seqs], dtype=torch.int32, device=dev)
-            self._decode_pad = torch.arange(width * bs, device=dev) >= self._decode_lens[:, None]  # [B, keys]
+        widths = [-(-context_lens[i] // bs) for i in decode_seqs]
+        # the Triton kernel reads each sequence's own blocks; the CPU path pads a group to its longest, so on the CPU
+        # decodes of very different lengths attend in groups (one long context would make every row pay for it)
+        groups = width_groups(widths) if dev.type != "cuda" else [list(range(len(widths)))] if widths else []
+        self._decode_groups: list[tuple[slice | Tensor, Tensor, Tensor, Tensor]] = []  # (rows, tables, lens, pad)
+        for group in groups:
+            rows = [decode_rows[j] for j in group]
+            width = max(widths[j] for j in group)
+            tables = [block_tables[decode_seqs[j]][:widths[j]] for j in group]
+            lens = torch.tensor([context_lens[decode_seqs[j]] for j in group], dtype=torch.int32, device=dev)
+            self._decode_groups.append((
+                slice(rows[0], rows[0] + len(rows)) if rows == list(range(rows[0], rows[0] + len(rows)))
+                else torch.tensor(rows, device=dev),  # a slice needs no gather
+                torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
+                lens, torch.arange(width * bs, device=dev) >= lens[:, None]))  # pad: [B, keys], True past the end
         return torch.tensor(positions, device=dev)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -163,10 +182,8 @@ class PagedKVCache:
             k_cache.view(-1, *k.shape[1:])[self._slots] = k
             v_cache.view(-1, *v.shape[1:])[self._slots] = v
         out = torch.empty_like(q)
-        n_dec = len(self._decode_rows)
-        if n_dec:
-            rows = slice(0, n_dec) if self._decodes_first else self._decode_rows
-            out[rows] = self._attend_decodes(q[rows], k_cache, v_cache)
+        for rows, tables, lens, pad in self._decode_groups:
+            out[rows] = self._attend_decodes(q[rows], k_cache, v_cache, tables, lens, pad)
         for row, n, blocks, ctx, mask in self._prefills:  # 4-D inputs: 3-D ones took a much slower CPU path
             keys = k_cache.index_select(0, blocks).flatten(0, 1)[:ctx].transpose(0, 1)[None]  # [1, KV, ctx, D]
             values = v_cache.index_select(0, blocks).flatten(0, 1)[:ctx].transpose(0, 1)[None]
@@ -175,12 +192,27 @@ class PagedKVCache:
             out[row:row + n] = o[0].transpose(0, 1)
         return out.view(q.shape[0], -1)
 
-    def _attend_decodes(self, q: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
-        """q [B, H, D], one new token per sequence -> [B, H, D]."""
+    def _attend_decodes(self, q: Tensor, k_cache: Tensor, v_cache: Tensor, tables: Tensor, lens: Tensor,
+                        pad: Tensor) -> Tensor:
+        """q [B, H, D], one new token per sequence, over blocks `tables` [B, width] -> [B, H, D]."""
         if self.device.type == "cuda":
-            return kernels.paged_decode_attention(q.unsqueeze(1), k_cache, v_cache, self._decode_tables, self._decode_lens)[:, 0]
-        B, width = self._decode_tables.shape
-        blocks = self._decode_tables.view(-1)  # index_select gathers ~6x faster than indexing with the table
+            return kernels.paged_decode_attention(q.unsqueeze(1), k_cache, v_cache, tables, lens)[:, 0]
+        B, width = tables.shape
+        blocks = tables.view(-1)  # index_select gathers ~6x faster than indexing with the table
         keys = k_cache.index_select(0, blocks).view(B, width * self.block_size, *k_cache.shape[2:])
         values = v_cache.index_select(0, blocks).view(B, width * self.block_size, *v_cache.shape[2:])
-        return decode_attention(q, keys, values, self._decode_pad)
+        return self.decode_kernel(q, keys, values, pad)
+
+
+def width_groups(widths: list[int], slack: int = 8) -> list[list[int]]:
+    """Indices of `widths` (blocks per sequence) in groups that attend together, shortest first: a group ends where a
+    width passes twice its shortest and `slack` blocks more, so padding at most doubles a group's gather (rows of
+    similar lengths, the usual case, stay one group)."""
+    order = sorted(range(len(widths)), key=widths.__getitem__)
+    groups: list[list[int]] = []
+    for j in order:
+        if groups and widths[j] <= max(2 * widths[groups[-1][0]], widths[groups[-1][0]] + slack):
+            groups[-1].append(j)
+        else:
+            groups.append([j])
+    return groups

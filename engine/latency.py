@@ -81,8 +81,9 @@ class LatencyRunner:
         self.drafter = drafter
         self.adaptive = AdaptiveK(k_max=self.adaptive.k_max)
 
-    def step(self) -> None:
-        """One model step for the sequence at the head: its prefill, or one (speculative) decode step."""
+    def step(self) -> int:
+        """One model step for the sequence at the head: its prefill, or one (speculative) decode step. Returns 1,
+        the step's rows (as the other runners count them)."""
         self._drop_cancelled_waiting()
         seq = self.queue[0]
         try:
@@ -100,6 +101,7 @@ class LatencyRunner:
         if seq.finished:
             self.queue.popleft()
             self._prefilled = False
+        return 1
 
     # ---- internals --------------------------------------------------------------------------
 

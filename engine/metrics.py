@@ -88,6 +88,10 @@ class RequestMetrics:
     finish_reason: str | None = None
     user_class: str = "user"
     spec: SpecStats = field(default_factory=SpecStats)  # decode steps, drafted/accepted tokens, draft time
+    # disaggregated mode: the prefill worker's forward pass, and the hand-off of the prompt's k/v to the decode worker
+    prefill_s: float | None = None
+    handoff_s: float | None = None
+    handoff_bytes: int = 0
 
     def record(self, t: float, n_tokens: int, mode: str) -> None:
         self.emissions.append((t, n_tokens, mode))
@@ -132,6 +136,9 @@ class RequestMetrics:
             "itl_p50_s": percentile(itls, 50),
             "itl_p99_s": percentile(itls, 99),
             "itls_s": itls,
+            "prefill_s": self.prefill_s,
+            "handoff_s": self.handoff_s,
+            "handoff_bytes": self.handoff_bytes,
             **self.spec.summary(),
         }
 

@@ -57,6 +57,16 @@ def chunk(pending: int, budget: float, chunked_prefill: bool, prefilling: bool) 
     return pending if pending <= budget or not prefilling else 0  # an unsplit prompt may overrun the budget alone
 
 
+def fails_to_fit(seq: Sequence, blocks: BlockManager, max_seq_len: int) -> bool:
+    """Fail `seq` now if even alone it would outgrow the cache (at its longest), rather than stall it forever."""
+    longest = min(len(seq.prompt_ids) + seq.params.max_tokens, max_seq_len)
+    if blocks.blocks_for(longest) <= blocks.num_blocks:
+        return False
+    seq.fail(ValueError(f"a sequence of up to {longest} tokens needs {blocks.blocks_for(longest)} KV blocks; "
+                        f"the cache has {blocks.num_blocks}"))
+    return True
+
+
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_seq_len: int, policy: BatchPolicy):
         self.blocks = blocks
@@ -68,12 +78,8 @@ class Scheduler:
         self.cached_tokens = 0  # prompt tokens whose k/v came from the prefix cache
 
     def add(self, seq: Sequence) -> None:
-        longest = min(len(seq.prompt_ids) + seq.params.max_tokens, self.max_seq_len)
-        if self.blocks.blocks_for(longest) > self.blocks.num_blocks:
-            seq.fail(ValueError(f"a sequence of up to {longest} tokens needs {self.blocks.blocks_for(longest)} KV blocks; "
-                                f"the cache has {self.blocks.num_blocks}"))
-            return
-        self.waiting.append(PagedSeq(seq))
+        if not fails_to_fit(seq, self.blocks, self.max_seq_len):
+            self.waiting.append(PagedSeq(seq))
 
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)

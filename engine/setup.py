@@ -11,6 +11,8 @@ model load takes, and picks:
 - `prefill`: what runs prompt chunks: dense fp32 or bf16 weights (one GEMM per projection), or the native
   kernel in chunks of NATIVE_PREFILL_ROWS;
 - `batched`: batched mode's dtype (a step of 16 decodes), fp32 or bf16;
+- `attention`: what attends batched (and disaggregated) mode's decode rows: torch's fused SDPA or per-head matmuls
+  (engine/kv_cache.py DECODE_ATTENTION), timed on a step of 16 decodes over 256 keys in the chosen dtype;
 - `threads`: the native kernel's threads (1, or every core).
 
 A candidate must also keep the model's greedy choices: its top-1 token agrees with the fp32 model's on at least
@@ -34,7 +36,7 @@ import torch
 
 import kernels.native
 from engine import native
-from engine.kv_cache import PagedKVCache, StaticKVCache
+from engine.kv_cache import DECODE_ATTENTION, PagedKVCache, StaticKVCache
 from engine.loader import LoadedModel
 from engine.machine import cpu
 from engine.model import Transformer
@@ -46,7 +48,7 @@ PREFILLS = ("native", "fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ACCURACY_BAR = 0.94  # top-1 agreement with fp32 over the teacher-forced positions (int4 measures ~0.98)
 NATIVE_PREFILL_ROWS = 16  # a prompt chunk's rows per native call
-SCHEMA = 1  # bumped when the cached fields change meaning
+SCHEMA = 2  # bumped when the cached fields change meaning (2: `attention`)
 
 Progress = Callable[[str], None]
 
@@ -58,9 +60,11 @@ class Setup:
     batched: str  # fp32 | bf16
     threads: int  # the native kernel's threads
     why: str = ""  # the figures that chose it, one line
+    attention: str = "sdpa"  # batched decode rows' attention (unmeasured: sdpa, the faster of both where measured)
 
     def __post_init__(self) -> None:
-        if self.decode not in DECODES or self.prefill not in PREFILLS or self.batched not in DTYPES or self.threads < 1:
+        if (self.decode not in DECODES or self.prefill not in PREFILLS or self.batched not in DTYPES or self.threads < 1
+                or self.attention not in DECODE_ATTENTION):
             raise ValueError(f"not a setup: {self}")
         if self.decode in DTYPES and self.prefill in DTYPES and self.prefill != self.decode:
             raise ValueError(f"dense {self.decode} decode weights are the prefill weights too, not {self.prefill}")
@@ -87,7 +91,8 @@ class Setup:
     def describe(self) -> str:
         decode = {"native": "int4 native kernel", "int4": "int4 torch kernel"}.get(self.decode, f"{self.decode} weights")
         prefill = "native kernel" if self.prefill == "native" else f"{self.prefill} GEMMs"
-        return f"decode {decode} ({self.threads} thread{'s' * (self.threads > 1)}), prefill {prefill}, batched {self.batched}"
+        return (f"decode {decode} ({self.threads} thread{'s' * (self.threads > 1)}), prefill {prefill}, "
+                f"batched {self.batched} ({self.attention} attention)")
 
 
 @dataclass(frozen=True)
@@ -217,12 +222,19 @@ def measure(loaded: LoadedModel, say: Progress) -> Setup:
     chosen = checked_pick(batched, lambda name: prefill_agreement(dense_model(loaded, name, models), ids, len(prompt), want))
     say("  prefill " + ", ".join(f"{t.name} {len(prompt) / t.seconds:.0f} tok/s" for t in prefills)
         + "; batch of 16: " + ", ".join(f"{t.name} {16 / t.seconds:.0f} tok/s" for t in batched))
+    # the same math either way (tests/engine/test_kv_cache.py holds both to plain attention): speed alone decides
+    attentions = [Timing(name, time_batched(dense_model(loaded, chosen.name, models), context=256, attention=name))
+                  for name in DECODE_ATTENTION]
+    attention = min(attentions, key=lambda t: t.seconds)
+    say("  batch of 16 over 256 keys: " + ", ".join(f"{t.name} attention {16 / t.seconds:.0f} tok/s" for t in attentions))
 
     why = "; ".join(["decode ms/token " + ", ".join(f"{t.name} {t.seconds * 1000:.1f}" for t, _, _ in decodes)
                      + " (agreement " + ", ".join(f"{t.name} {t.agreement:.3f}" for t in checked) + ")",
                      "prefill tok/s " + ", ".join(f"{t.name} {len(prompt) / t.seconds:.0f}" for t in prefills),
-                     "batch-16 tok/s " + ", ".join(f"{t.name} {16 / t.seconds:.0f}" for t in batched)])
-    return Setup(decode=decode.name, prefill=prefill.name, batched=chosen.name, threads=threads, why=why)
+                     "batch-16 tok/s " + ", ".join(f"{t.name} {16 / t.seconds:.0f}" for t in batched),
+                     "at 256 keys " + ", ".join(f"{t.name} {16 / t.seconds:.0f}" for t in attentions)])
+    return Setup(decode=decode.name, prefill=prefill.name, batched=chosen.name, threads=threads, why=why,
+                 attention=attention.name)
 
 
 def checked_pick(timings: list[Timing], agreement: Callable[[str], float]) -> Timing:
@@ -338,11 +350,11 @@ def time_prefill(model: Transformer, name: str, prompt: list[int], threads: int)
     return statistics.median(times)
 
 
-def time_batched(model: Transformer, batch: int = 16, context: int = 64) -> float:
+def time_batched(model: Transformer, batch: int = 16, context: int = 64, attention: str = "sdpa") -> float:
     """Median seconds of one batched decode step: `batch` sequences of `context` tokens, one new token each."""
     block = 16
     per_seq = -(-context // block)
-    cache = PagedKVCache(model.cfg, batch * per_seq, block, model.dtype)
+    cache = PagedKVCache(model.cfg, batch * per_seq, block, model.dtype, decode_kernel=attention)
     tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
     times = []
     for _ in range(4):

@@ -89,8 +89,23 @@ class KVCache:
 
 
 @dataclass(frozen=True)
+class Workers:
+    """Disaggregated mode's two worker processes (absent until it first runs); counters since start."""
+
+    prefill_kv: KVCache  # the prefill worker's cache (its prefix cache: prefix_cached_tokens)
+    decode_kv: KVCache  # the decode worker's cache (preemptions: sequences sent back to be prefilled again)
+    in_transit: int  # prompts on the prefill worker, their k/v not yet handed to the decode worker
+    handoffs: int
+    handoff_bytes: int
+    handoff_s: float  # summed copy time
+    restarts: int  # workers started again after one died
+    prefill_threads: int
+    decode_threads: int
+
+
+@dataclass(frozen=True)
 class EngineState:
-    mode: str  # latency | batched
+    mode: str  # latency | batched | disaggregated
     running: int
     waiting: int
     max_batch_size: int
@@ -99,6 +114,8 @@ class EngineState:
     speculation: Speculation | None  # None: unknown (not a tradeoff server)
     kv: KVCache | None
     setup: str | None = None  # how the model runs (weights, activations, kernels), as the engine chose it
+    workers: Workers | None = None  # disaggregated mode's workers
+    note: str | None = None  # why the engine changed mode by itself (a disaggregated worker failed), if it did
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import os
 import sys
 
 from engine import Backend, Engine, Request, SamplingParams
+from engine.backend import MODES
 from engine.engine import CUDA_PATHS
 from engine.loader import EXPECTED, load_tokenizer
 from engine.metrics import RequestMetrics
@@ -36,6 +37,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-path", choices=CUDA_PATHS, default=CUDA_PATHS[0],
                    help="on a GPU, how decode steps run: graphs (the Triton kernels of kernels/, replayed from CUDA "
                         "graphs; default), compile (plain PyTorch ops under torch.compile, reduce-overhead), eager")
+    p.add_argument("--mode", choices=MODES, default="latency",
+                   help="how requests run: latency (batch 1, speculative decoding; default), batched (continuous "
+                        "batching), disaggregated (a prefill worker and a decode worker process, the prompt's KV cache "
+                        "handed over through shared memory); the dashboard's `b` and POST /v1/tradeoff/control switch live")
+    p.add_argument("--disagg-threads", type=int_pair, default=(1, 1), metavar="PREFILL,DECODE",
+                   help="disaggregated mode's threads for its prefill and decode workers (default: 1,1)")
     p.add_argument("--spec", choices=SPEC_MODES, default="auto",
                    help="speculative decoding: off, ngram (prompt lookup), draft (a draft model), auto (both; default)")
     p.add_argument("--draft", default=None,
@@ -60,7 +67,19 @@ def backend_from(args: argparse.Namespace, **options) -> Backend:
     if args.backend:
         return remote_from(args, **options)
     return Engine(args.model, device=args.device, quant=args.quant, dtype=DTYPES.get(args.dtype), spec=args.spec,
-                  draft=args.draft, cuda_path=args.cuda_path, progress=say, **options)
+                  draft=args.draft, cuda_path=args.cuda_path, mode=args.mode, disagg_threads=args.disagg_threads,
+                  progress=say, **options)
+
+
+def int_pair(text: str) -> tuple[int, int]:
+    """'1,1' -> (1, 1): two integers of at least 1, such as a pair of thread counts (argparse reports the error)."""
+    try:
+        pair = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        pair = ()
+    if len(pair) != 2 or min(pair) < 1:
+        raise argparse.ArgumentTypeError(f"expected two integers of at least 1 separated by a comma, such as 1,1; got {text!r}")
+    return pair
 
 
 def say(line: str) -> None:

@@ -194,7 +194,14 @@ class _State:
 
         yield from gauge("tradeoff:num_requests_running", "Requests in the running batch", state.running)
         yield from gauge("tradeoff:num_requests_waiting", "Requests queued", state.waiting)
-        yield from gauge("tradeoff:batched_mode", "1 in batched mode, 0 in latency mode", state.mode == "batched")
+        yield from gauge("tradeoff:batched_mode", "1 in batched mode, 0 otherwise", state.mode == "batched")
+        yield from gauge("tradeoff:disaggregated_mode", "1 in disaggregated mode, 0 otherwise", state.mode == "disaggregated")
+        if state.workers is not None:
+            yield from gauge("tradeoff:kv_handoffs_in_flight", "Prompts on the prefill worker, their KV not yet handed over",
+                             state.workers.in_transit)
+            for worker, kv in (("prefill", state.workers.prefill_kv), ("decode", state.workers.decode_kv)):
+                yield from gauge(f"tradeoff:{worker}_kv_cache_usage_perc", f"Share of the {worker} worker's KV blocks in use",
+                                 kv.used)
         if state.kv is not None:
             yield from gauge("tradeoff:kv_cache_usage_perc", "Share of batched mode's KV blocks in use", state.kv.used)
         if state.speculation is not None and state.speculation.drafted:

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from engine.backend import Controls
+from engine.backend import ControlError, Controls
 from engine.engine import ContextLengthError, OverloadedError, policy_with
 from engine.metrics import RequestMetrics
 from engine.scheduler import BatchPolicy
@@ -139,6 +139,9 @@ class RemoteEngine:
         if controls.speculation is not None or controls.chunked_prefill is not None:
             raise ValueError(f"{self.url} is not a tradeoff server: its speculative decoding and chunked prefill are "
                              "set where it runs")
+        if controls.mode == "disaggregated":
+            raise ControlError("mode", f"{self.url} is not a tradeoff server: disaggregated serving is how a deployment is "
+                               "launched (vLLM with a KV connector, SGLang's PD split), not a mode a client can emulate")
         policy = policy_with(self.policy, controls)  # validates before anything changes
         self.policy = policy
         if controls.mode is not None:

@@ -10,6 +10,7 @@ load generator, never kept here.
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
-from engine import Backend, Controls, Engine
+from engine import Backend, Controls, Engine, Request, SamplingParams
 from engine.gguf_convert import converted_folder
 from engine.loader import load_tokenizer
 from engine.registry import DEFAULT_MODEL, REGISTRY, cache_dir, local_file
@@ -28,6 +29,8 @@ from serve.profiles import PROFILES, Profile
 from serve.remote import RemoteEngine
 from tui.model import RECENT_S, USER_LEVELS, Sample
 from tui.planning import LevelReading
+
+LONG_PROMPT_TOKENS = 1500  # the dashboard's `l`: long enough that its prefill stalls a batched step for a second
 
 Progress = Callable[[int, int, str], None]  # (stage, stages, line of output)
 
@@ -45,6 +48,7 @@ class Options:
     draft: str | None = None
     asr: str = "whisper"
     mode: str = "latency"
+    disagg_threads: tuple[int, int] = (1, 1)  # disaggregated mode's (prefill, decode) worker threads
     users: int = 0  # synthetic users at start
     caller: bool | None = None  # the simulated caller; None = on when there is no microphone
     connect: str | None = None  # attach to a running `tradeoff serve` at this URL instead
@@ -119,7 +123,7 @@ class Controller:
             else:
                 progress(2, self.STAGES, f"loading {o.model} ...")
                 engine = Engine(o.model, device=o.device, quant=o.quant, dtype=DTYPES.get(o.dtype), spec=o.spec,
-                                draft=o.draft, cuda_path=o.cuda_path, max_waiting=max_waiting,
+                                draft=o.draft, cuda_path=o.cuda_path, max_waiting=max_waiting, disagg_threads=o.disagg_threads,
                                 progress=lambda line: progress(2, self.STAGES, line))
             if self._closed:  # quit while loading
                 engine.close()
@@ -218,6 +222,14 @@ class Controller:
         return f"attached to [b]{host}[/] (its numbers)" if self.options.connect else f"LLM at [b]{host}[/] (timed here)"
 
     # ---- controls ----------------------------------------------------------------------------
+
+    def long_prompt(self, tokens: int = LONG_PROMPT_TOKENS) -> int:
+        """Send one long prompt as a synthetic request (the dashboard's `l`); returns its length in tokens."""
+        tokens = min(tokens, (self.engine.max_seq_len or tokens + 16) - 16)
+        request = Request(prompt_ids=self.loadgen.prompts.prompt_ids(tokens, random.Random()), user_class="synthetic",
+                          sampling=SamplingParams(max_tokens=8, ignore_eos=True))
+        self._controls.submit(self.engine.submit, request)  # its stream ends by itself; the numbers count it
+        return tokens
 
     def control(self, controls: Controls) -> None:
         """Apply `controls` on the controls thread; the headline numbers start again from now."""

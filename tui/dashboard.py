@@ -40,6 +40,7 @@ from tui.model import (
     format_ms,
     format_rate,
     grade,
+    next_mode,
     next_turn_detection,
     step_users,
 )
@@ -76,13 +77,14 @@ TIME_CHARTS = {  # chart id -> (history series to plot, their SLO)
 
 class DashboardScreen(Screen):
     BINDINGS = [
-        Binding("b", "toggle_mode", "latency/batched"),
+        Binding("b", "next_mode", "mode"),
+        Binding("l", "long_prompt", "long prompt"),
         Binding("plus,equals_sign", "users(1)", "+users", key_display="+"),
         Binding("minus", "users(-1)", "-users", key_display="-"),
         Binding("s", "speculation", "speculation"),
-        Binding("c", "chunked_prefill", "chunked prefill"),
+        Binding("c", "chunked_prefill", "chunking"),
         Binding("m", "caller", "caller"),
-        Binding("v", "turn_detection", "turn detection"),
+        Binding("v", "turn_detection", "turns"),
         Binding("space", "talk", "talk"),
         Binding("slash", "type_message", "type", key_display="/"),
         Binding("r", "sweep", "sweep"),
@@ -372,11 +374,18 @@ class DashboardScreen(Screen):
         self._asked.update(controls)
         self.controller.control(Controls(**controls))
 
-    def action_toggle_mode(self) -> None:
+    def action_next_mode(self) -> None:
         if (s := self._reading()) is not None:
-            mode = "batched" if self._now("mode", s.mode) == "latency" else "latency"
+            mode = next_mode(self._now("mode", s.mode))
             self._ask(mode=mode)
-            self.notify(f"{mode} mode")
+            self.notify(f"{mode} mode" + (" (starting its two worker processes)" if mode == "disaggregated" else ""))
+
+    def action_long_prompt(self) -> None:
+        """One long prompt arrives among the users: the TBT spike (batched, chunked prefill off), its spreading
+        (chunked on) or its absence (disaggregated) shows in the TBT chart."""
+        if self._reading() is not None:
+            tokens = self.controller.long_prompt()
+            self.notify(f"a prompt of {tokens} tokens arrives: watch TBT p99")
 
     def action_users(self, direction: int) -> None:
         if self._reading() is not None:

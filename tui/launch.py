@@ -16,7 +16,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                    help="attach to a running `tradeoff serve` (ws://HOST:PORT): its voice loop, its engine's numbers "
                         "and controls; synthetic users are sent from here")
     g.add_argument("--users", type=int, default=0, help="synthetic users at start (default: %(default)s)")
-    g.add_argument("--batched", action="store_true", help="start in batched mode (default: latency mode)")
     caller = g.add_mutually_exclusive_group()
     caller.add_argument("--caller", dest="caller", action="store_true", default=None,
                         help="start the simulated caller (default: on when there is no microphone)")
@@ -62,7 +61,7 @@ def options_from(args: argparse.Namespace):
                          "give one of them")
     return Options(model=args.model, device=args.device, quant=args.quant, dtype=args.dtype, cuda_path=args.cuda_path,
                    spec=args.spec, draft=args.draft,
-                   asr=args.asr, mode="batched" if args.batched else "latency", users=args.users, caller=args.caller,
+                   asr=args.asr, mode=args.mode, disagg_threads=args.disagg_threads, users=args.users, caller=args.caller,
                    connect=args.connect, backend=args.backend, api_key_env=args.api_key_env,
                    backend_model=args.backend_model, profile=load_profile(args.profile), plan_users=args.plan_users,
                    price_per_hour=args.price_per_hour, sweep_users=sweep_users, level_s=args.level_s)

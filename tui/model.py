@@ -11,6 +11,7 @@ import math
 from collections import deque
 from dataclasses import asdict, dataclass, field, fields
 
+from engine.backend import MODES
 from engine.snapshot import Snapshot
 from engine.stats import SLO
 from voice.protocol import describe_turn_detection
@@ -21,6 +22,11 @@ VOICE_E2E_SLO_MS = 800.0  # the voice issue's p90 target for speech end -> first
 WARN_FACTOR = 1.5  # within 1.5x of an SLO is amber, beyond it red
 
 GOOD, WARN, BAD, NONE = "good", "warn", "bad", "none"
+
+
+def next_mode(mode: str) -> str:
+    """The mode the `b` key moves to: latency -> batched -> disaggregated -> latency."""
+    return MODES[(MODES.index(mode) + 1) % len(MODES)] if mode in MODES else MODES[0]
 
 
 def step_users(current: int, direction: int) -> int:
@@ -103,6 +109,11 @@ class Sample:
     setup: str | None = None  # how the engine runs the model (weights, kernels), as it chose
     can_speculate: bool = False  # can speculation be turned on (a drafter exists)?
     profile: str = "chat"  # the active workload profile
+    # disaggregated mode's hand-offs since start, and the mean copy time and size of one (None before any)
+    handoffs: int = 0
+    handoff_ms: float | None = None
+    handoff_mb: float | None = None
+    engine_note: str | None = None  # why the engine changed mode by itself (a disaggregated worker failed)
 
     @classmethod
     def from_snapshots(cls, t: float, level: Snapshot, recent: Snapshot, users: int, level_age_s: float,
@@ -110,7 +121,10 @@ class Sample:
         """From two snapshots of the backend: `level` since the last change, `recent` over RECENT_S; graded by the
         active profile's `slo`."""
         a, r, state = level.stats.all, recent.stats.all, level.state
-        spec, kv = state.speculation, state.kv
+        spec, workers = state.speculation, state.workers
+        # the KV chart follows the cache that decodes: the decode worker's in disaggregated mode
+        kv = workers.decode_kv if workers is not None and state.mode == "disaggregated" else state.kv
+        n = workers.handoffs if workers is not None else 0
         return cls(
             t=t, mode=state.mode, users=users, drafter=spec.drafter if spec else None,
             chunked_prefill=bool(state.chunked_prefill), level_age_s=level_age_s, window_s=level.stats.window_s,
@@ -123,7 +137,9 @@ class Sample:
             kv_used=kv.used if kv else None, preemptions=kv.preemptions if kv else None,
             drafted=spec.drafted if spec else 0, accepted=spec.accepted if spec else 0,
             slo_ttft_ms=_ms(slo.ttft_s) if slo else None, slo_tbt_ms=_ms(slo.tbt_s) if slo else None, setup=state.setup,
-            can_speculate=state.can_speculate, profile=profile,
+            can_speculate=state.can_speculate, profile=profile, handoffs=n,
+            handoff_ms=1e3 * workers.handoff_s / n if n else None, handoff_mb=workers.handoff_bytes / n / 1e6 if n else None,
+            engine_note=state.note,
         )
 
     def to_dict(self) -> dict:

@@ -54,7 +54,8 @@ HELP = """\
 
 | key | what it does |
 |---|---|
-| `b` | toggle **latency** mode (batch 1, speculative decoding) and **batched** mode (continuous batching) |
+| `b` | next mode: **latency** (batch 1, speculation) -> **batched** (continuous batching) -> **disaggregated** |
+| `l` | a long prompt (1,500 tokens) arrives: TBT spikes in batched mode, less with chunking, not disaggregated |
 | `+` / `-` | synthetic users: 0, 1, 2, 4, 8, 16, 32, 64 (they share the engine with you) |
 | `s` | speculative decoding on/off (latency mode) |
 | `c` | chunked prefill on/off (batched mode) |

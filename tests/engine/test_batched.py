@@ -57,13 +57,6 @@ def run_to_end(runner, seqs: list[Sequence], arrivals: list[int] | None = None) 
 
 
 @pytest.fixture(scope="module")
-def fp32_model(default_model):
-    model = Transformer(default_model.config, dtype=torch.float32)
-    model.load_canonical(default_model.weights)
-    return model
-
-
-@pytest.fixture(scope="module")
 def prompts(default_model):
     return [default_model.tokenizer.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
 
@@ -103,13 +96,6 @@ def test_greedy_batched_outputs_equal_batch1(fp32_model, prompts, batch1_outputs
 
 
 # ---- a tiny random model where the real one is not needed ------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny(tiny_loaded):
-    model = Transformer(tiny_loaded.config, dtype=torch.float32)
-    model.load_canonical(tiny_loaded.weights)
-    return tiny_loaded, model
-
 
 def test_block_accounting_after_500_random_requests_with_cancellations(tiny):
     loaded, model = tiny
@@ -224,32 +210,39 @@ def test_a_failed_step_in_latency_mode_leaves_the_cache_consistent(tiny):
 # ---- the engine: live mode switches and overload ----------------------------------------------------------
 
 
+def switch_modes_while_streaming(engine: Engine, prompts: list[list[int]], max_tokens: int, cycle: list[str],
+                                 every: int) -> tuple[list[list[tuple[list[int], str]]], set[str]]:
+    """Stream every prompt at once, switching to the next mode of `cycle` each time `every` more tokens have come
+    out (so requests are mid-generation at every switch). Returns each stream's events (token ids, text) and the
+    modes that emitted them."""
+    streams = [engine.submit(Request(prompt_ids=ids, sampling=SamplingParams(max_tokens=max_tokens))) for ids in prompts]
+    results = [[] for _ in streams]
+
+    def read(i):
+        results[i] += [(ev.token_ids, ev.text) for ev in streams[i]]
+
+    readers = [threading.Thread(target=read, args=(i,)) for i in range(len(streams))]
+    for r in readers:
+        r.start()
+    switched_at, switches = 0, 0
+    while any(r.is_alive() for r in readers):
+        emitted = sum(len(ids) for events in results for ids, _ in events)
+        if emitted >= switched_at + every:
+            engine.control(Controls(mode=cycle[switches % len(cycle)]))
+            switched_at, switches = emitted, switches + 1
+        threading.Event().wait(0.01)
+    for r in readers:
+        r.join()
+    return results, {m for s in streams for _, _, m in s.metrics.emissions}
+
+
 def test_mode_switch_under_load_loses_no_request_and_repeats_no_token(default_model, prompts, batch1_outputs):
     engine = Engine(default_model, dtype=torch.float32, quant="none")  # batch 1 with speculation, full fp32 weights
     try:
-        streams = [engine.submit(Request(prompt_ids=ids, sampling=SamplingParams(max_tokens=MAX_TOKENS))) for ids in prompts[:4]]
-        results = [[] for _ in streams]
-
-        def read(i):
-            results[i] += [(ev.token_ids, ev.text) for ev in streams[i]]
-
-        readers = [threading.Thread(target=read, args=(i,)) for i in range(len(streams))]
-        for r in readers:
-            r.start()
-        mode, switched_at = "latency", 0
-        while any(r.is_alive() for r in readers):
-            emitted = sum(len(ids) for events in results for ids, _ in events)
-            if emitted >= switched_at + 3:  # switch whenever tokens are flowing: requests are mid-generation
-                mode = "batched" if mode == "latency" else "latency"
-                engine.control(Controls(mode=mode))
-                switched_at = emitted
-            threading.Event().wait(0.01)
-        for r in readers:
-            r.join()
+        results, modes = switch_modes_while_streaming(engine, prompts[:4], MAX_TOKENS, ["batched", "latency"], every=3)
         for i, events in enumerate(results):
             assert [t for ids, _ in events for t in ids] == batch1_outputs[i]
             assert "".join(text for _, text in events) == default_model.tokenizer.decode(batch1_outputs[i])
-        modes = {m for s in streams for _, _, m in s.metrics.emissions}
         assert modes == {"latency", "batched"}  # tokens really came from both modes
         after = engine.generate(Request(prompt_ids=prompts[0], sampling=SamplingParams(max_tokens=3)))
         assert after.token_ids == batch1_outputs[0][:3]
@@ -328,3 +321,26 @@ def test_cancelled_requests_leave_the_queue_bound_at_once(tiny_loaded):
             s.cancel()
     finally:
         engine.close()
+
+
+def test_decodes_of_very_different_lengths_attend_in_groups_and_give_batch1s_tokens(tiny):
+    """Short and long contexts decode in one step: on the CPU they attend in separate groups (engine/kv_cache.py
+    width_groups), each padded only to its own longest, and every sequence still gets exactly its batch-1 tokens."""
+    loaded, model = tiny
+    rng = random.Random(5)
+    prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in (5, 300, 9, 140, 6, 37)]
+    reference = []
+    for p in prompts:
+        seq = new_seq(p, loaded.tokenizer, 10, ignore_eos=True)
+        run_to_end(LatencyRunner(model, 512), [seq])
+        reference.append(seq.output_ids)
+    runner = BatchedRunner(model, 512, BatchPolicy(max_batch_size=8, token_budget=512), kv_cache_tokens=2048, block_size=8)
+    seqs = [new_seq(p, loaded.tokenizer, 10, ignore_eos=True) for p in prompts]
+    for s in seqs:
+        runner.add(s)
+    groups = []
+    while runner.has_work():
+        runner.step()
+        groups.append(len(runner.cache._decode_groups))
+    assert [s.output_ids for s in seqs] == reference
+    assert max(groups) >= 3  # 1-2 blocks, 5 and 18, 38: three groups in the steps where all decode

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from engine.kv_cache import PagedKVCache
+from engine.kv_cache import DECODE_ATTENTION, PagedKVCache
 from engine.model import ModelConfig
 
 
@@ -22,19 +22,21 @@ def reference_attention(q, keys, values, q_positions):
     return out
 
 
-@pytest.mark.parametrize("order", ["decodes first", "mixed", "long prefill"])
-def test_ragged_batch_attention_matches_plain_attention(order):
+@pytest.mark.parametrize("kernel", sorted(DECODE_ATTENTION))
+@pytest.mark.parametrize("order", ["decodes first", "mixed", "long prefill", "decodes of very different lengths"])
+def test_ragged_batch_attention_matches_plain_attention(order, kernel):
     torch.manual_seed(0)
     rng = random.Random(0)
     cfg = ModelConfig(arch="llama", vocab_size=10, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=8,
                       rope_theta=1e4, norm_eps=1e-5, max_seq_len=128, tie_embeddings=True, qkv_bias=False)
     bs, num_blocks = 4, 100
-    cache = PagedKVCache(cfg, num_blocks, bs, torch.float32)
+    cache = PagedKVCache(cfg, num_blocks, bs, torch.float32, decode_kernel=kernel)
     free = list(range(num_blocks))
     rng.shuffle(free)  # block tables are scattered, not contiguous
     # (tokens already cached, new tokens this step): two decodes, a fresh prefill, a later prefill chunk
     shapes = {"decodes first": [(9, 1), (17, 1), (0, 6), (5, 7)], "mixed": [(9, 1), (0, 6), (5, 7), (17, 1)],
-              "long prefill": [(3, 1), (20, 300)]}[order]
+              "long prefill": [(3, 1), (20, 300)],
+              "decodes of very different lengths": [(150, 1), (2, 1), (0, 5), (9, 1), (60, 1)]}[order]  # 3 groups
     history = []  # full k, v per sequence, written step by step
     tables = []
     for past, new in shapes:

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from engine.metrics import RequestMetrics
-from engine.snapshot import EngineState, KVCache, Snapshot, Speculation, field_paths
+from engine.snapshot import EngineState, KVCache, Snapshot, Speculation, Workers, field_paths
 from engine.stats import RollingStats
 
 
@@ -18,7 +18,11 @@ def snapshot() -> Snapshot:
     stats.track(m)
     state = EngineState(mode="batched", running=3, waiting=1, max_batch_size=32, chunked_prefill=True, can_speculate=True,
                         speculation=Speculation("auto", steps=9, drafted=20, accepted=11, emitted=20),
-                        kv=KVCache(blocks_used=5, blocks_free=95, preemptions=0, prefix_cached_tokens=48), setup="int4")
+                        kv=KVCache(blocks_used=5, blocks_free=95, preemptions=0, prefix_cached_tokens=48), setup="int4",
+                        workers=Workers(prefill_kv=KVCache(2, 98, 0, 32), decode_kv=KVCache(7, 93, 1, 0), in_transit=1,
+                                        handoffs=4, handoff_bytes=3_000_000, handoff_s=0.004, restarts=0, prefill_threads=1,
+                                        decode_threads=1),
+                        note="disaggregated mode stopped")
     return Snapshot(stats.window(now=t0 + 1), state)
 
 
@@ -56,7 +60,7 @@ def test_field_paths_name_every_leaf_once():
     paths = field_paths()
     assert len(paths) == len(set(paths))
     assert {"stats.user.ttft_s.p99", "stats.window_s", "state.kv.blocks_used", "state.speculation.drafter",
-            "state.setup"} <= set(paths)
+            "state.setup", "state.workers.decode_kv.blocks_used", "state.workers.in_transit"} <= set(paths)
 
     def leaves(obj, prefix=""):
         if isinstance(obj, dict):

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from engine.metrics import RequestMetrics
-from engine.snapshot import EngineState, KVCache, Snapshot, Speculation
+from engine.snapshot import EngineState, KVCache, Snapshot, Speculation, Workers
 from engine.stats import RollingStats
 from serve.profiles import PROFILES
 from tui.model import (
@@ -26,6 +26,7 @@ from tui.model import (
     downsample,
     format_ms,
     grade,
+    next_mode,
     stack,
     step_users,
 )
@@ -199,3 +200,28 @@ def test_stacked_bar_cells_add_up_without_rounding_drift(parts_ms, width, scale_
     assert [name for name, _ in cells] == [name for name, _ in parts]
     assert all(n >= 0 for _, n in cells)
     assert sum(n for _, n in cells) == min(width, round(sum(parts_ms) / scale_ms * width))
+
+
+def test_b_cycles_through_the_three_modes():
+    assert [next_mode(m) for m in ("latency", "batched", "disaggregated")] == ["batched", "disaggregated", "latency"]
+    assert next_mode("something a remote server reported") == "latency"
+
+
+def test_in_disaggregated_mode_the_sample_shows_the_decode_workers_cache_and_the_hand_offs():
+    stats = RollingStats(window_s=30)
+    now = time.monotonic()
+    batched_kv = KVCache(blocks_used=10, blocks_free=90, preemptions=0, prefix_cached_tokens=0)
+    workers = Workers(prefill_kv=KVCache(1, 99, 0, 64), decode_kv=KVCache(40, 60, 2, 0), in_transit=1, handoffs=4,
+                      handoff_bytes=8_000_000, handoff_s=0.012, restarts=0, prefill_threads=1, decode_threads=1)
+
+    def sample(mode: str) -> Sample:
+        state = EngineState(mode=mode, running=5, waiting=0, max_batch_size=32, chunked_prefill=True, can_speculate=True,
+                            speculation=Speculation(None), kv=batched_kv, workers=workers, note="a note")
+        snap = Snapshot(stats.window(None, now=now), state)
+        return Sample.from_snapshots(1.0, snap, snap, users=8, level_age_s=1.0)
+
+    s = sample("disaggregated")
+    assert s.kv_used == pytest.approx(0.4) and s.preemptions == 2  # the decode worker's, not batched mode's
+    assert (s.handoffs, s.handoff_ms, s.handoff_mb, s.engine_note) == (4, pytest.approx(3.0), pytest.approx(2.0), "a note")
+    assert sample("batched").kv_used == pytest.approx(0.1)  # back in batched mode, its own cache
+    assert Sample.from_dict(s.to_dict()) == s

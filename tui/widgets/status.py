@@ -14,10 +14,14 @@ class StatusLine(Static):
         if s is None:
             self.update(f"waiting for the engine ...  {note}")
             return
-        mode = "[b reverse] BATCHED [/]" if s.mode == "batched" else "[b reverse] LATENCY [/]"
+        mode = f"[b reverse] {s.mode.upper()} [/]"
+        if s.mode == "disaggregated":
+            each = f" ({s.handoff_ms:.1f} ms, {s.handoff_mb:.1f} MB each)" if s.handoffs else ""
+            mode += f"  hand-offs [b]{s.handoffs}[/]{each}"
         voice = f"caller [b]{'on' if caller else 'off'}[/]" + (f" · turns [b]{turns}[/]" if turns else "")
         parts = ([where] if where else []) + [f"synthetic users [b]{s.users}[/]", f"speculation [b]{s.drafter or 'off'}[/]",
                  f"chunked prefill [b]{'on' if s.chunked_prefill else 'off'}[/]", voice,
                  f"running {s.running} · queued {s.waiting} · preempted {'-' if s.preemptions is None else s.preemptions}",
                  f"measured over the last {s.window_s:.0f} s"] + ([f"runs {s.setup}"] if s.setup else [])
-        self.update(f"{mode}  " + "  │  ".join(parts + ([note] if note else [])))
+        notes = [n for n in (s.engine_note, note) if n]
+        self.update(f"{mode}  " + "  │  ".join(parts + notes))
