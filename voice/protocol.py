@@ -19,8 +19,8 @@ from serve.openai_api import invalid_text
 PATH = "/v1/realtime"  # the realtime WebSocket endpoint, as OpenAI's
 CLIENT_EVENTS = frozenset({
     "session.update", "input_audio_buffer.append", "input_audio_buffer.commit", "input_audio_buffer.clear",
-    "conversation.item.create", "conversation.item.truncate", "conversation.item.delete", "response.create",
-    "response.cancel",
+    "conversation.item.create", "conversation.item.truncate", "conversation.item.delete", "conversation.item.retrieve",
+    "response.create", "response.cancel",
 })
 # Transcription model names a client may ask for -> our ASR backend.
 TRANSCRIPTION_MODELS = {
@@ -202,6 +202,7 @@ def _check_modalities(obj: dict, where: str) -> list[str] | None:
 _CHECKS = {
     "input_audio_buffer.append": _check_append, "conversation.item.create": _check_item_create,
     "conversation.item.truncate": _check_truncate, "conversation.item.delete": _check_item_delete,
+    "conversation.item.retrieve": _check_item_delete,  # the same one field, item_id
     "response.create": _check_response_create, "response.cancel": _check_response_cancel,
     "session.update": _check_session_update,
 }
@@ -209,6 +210,7 @@ _CHECKS = {
 
 # ---- session configuration ----------------------------------------------------------------------
 
+MAX_IDLE_TIMEOUT_MS = 600_000  # server_vad's idle_timeout_ms: up to ten minutes
 EAGERNESS = ("low", "medium", "high", "auto")  # semantic_vad's, as the Realtime API names them (auto = medium)
 
 
@@ -224,6 +226,8 @@ class TurnDetection:
     eagerness: str = "auto"
     create_response: bool = True
     interrupt_response: bool = True
+    # server_vad: after a response has played, this long without speech (in input audio) triggers a response
+    idle_timeout_ms: int | None = None
 
     @property
     def semantic(self) -> bool:
@@ -235,7 +239,7 @@ class TurnDetection:
                     "interrupt_response": self.interrupt_response}
         return {"type": "server_vad", "threshold": self.threshold, "prefix_padding_ms": self.prefix_padding_ms,
                 "silence_duration_ms": self.silence_duration_ms, "create_response": self.create_response,
-                "interrupt_response": self.interrupt_response, "idle_timeout_ms": None}
+                "interrupt_response": self.interrupt_response, "idle_timeout_ms": self.idle_timeout_ms}
 
 
 def describe_turn_detection(td: dict | None) -> str:
@@ -360,13 +364,16 @@ class SessionConfig:
                 if not 0 <= v <= hi:
                     raise ProtocolError("invalid_value", f"'{where}{key}' must be in 0..{hi}", where + key)
                 values[key] = v
-            if td.get("idle_timeout_ms") is not None:
-                raise ProtocolError("unsupported", "idle_timeout_ms is not supported (send null)", where + "idle_timeout_ms")
+            idle = (None if td.get("idle_timeout_ms", 0) is None  # an explicit null turns it off
+                    else _field(td, "idle_timeout_ms", int, where, default=base.idle_timeout_ms))
+            if idle is not None and not 1 <= idle <= MAX_IDLE_TIMEOUT_MS:
+                raise ProtocolError("invalid_value", f"'{where}idle_timeout_ms' must be null or in 1..{MAX_IDLE_TIMEOUT_MS}",
+                                    where + "idle_timeout_ms")
+            values["idle_timeout_ms"] = idle
         for key in ("create_response", "interrupt_response"):
             values[key] = _field(td, key, bool, where, default=getattr(base, key))
-        allowed = ("idle_timeout_ms",) if kind == "server_vad" else ()
         for key in td:
-            if key not in (*values, *allowed):
+            if key not in values:
                 raise ProtocolError("unknown_parameter", f"unknown parameter '{where}{key}' for {kind}", where + key)
         return replace(base, **values) if kind == base.type else TurnDetection(**values)
 

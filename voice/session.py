@@ -91,6 +91,9 @@ class Session:
         self.speech_item_id: str | None = None
         self.asr_task: asyncio.Task | None = None  # transcript of the utterance up to its latest pause
         self.judgment: Judgment | None = None  # semantic_vad: the turn model's latest judgment in this utterance
+        # server_vad's idle_timeout_ms counts silence from here (a 16 kHz sample of the turn detector's input: once the
+        # last response has played); None: not counting (no response yet, or speech since)
+        self.idle_from: int | None = None
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -181,6 +184,7 @@ class Session:
             await self._on_turn(turn_event)
         if self.turns.in_turn:
             self._feed_recognizer()
+        await self._check_idle()
 
     async def _on_input_audio_buffer_commit(self, event: dict) -> None:
         if self.config.turn_detection is not None:
@@ -237,6 +241,12 @@ class Session:
         await self.send(server_event("conversation.item.truncated", item_id=item.id, content_index=0,
                                      audio_end_ms=event["audio_end_ms"]))
 
+    async def _on_conversation_item_retrieve(self, event: dict) -> None:
+        item = self.conversation.find(event["item_id"])
+        if item is None:
+            raise ProtocolError("invalid_value", f"no item with id {event['item_id']!r}", "item_id")
+        await self.send(server_event("conversation.item.retrieved", item=item.to_dict()))
+
     async def _on_conversation_item_delete(self, event: dict) -> None:
         item = self.conversation.find(event["item_id"])
         if item is None:
@@ -271,6 +281,7 @@ class Session:
                 await self._stop_active("turn_detected")  # barge-in: stops before anything else is sent
             self._discard_draft()
             self.speech_item_id = new_id("item")
+            self.idle_from = None  # the user spoke: no idle timeout until the next response has played
             self.recognizer.reset()
             self.asr_task = self.judgment = None
             self._feed_recognizer(ev.start)
@@ -359,9 +370,7 @@ class Session:
                               turn_reason=times.turn_reason, turn_probability=times.turn_probability,
                               turn_model_s=times.turn_model_s)
             times = draft.times
-        for old in self.conversation.make_room():  # a spoken turn is never refused: the oldest items make room
-            await self.send(server_event("conversation.item.deleted", item_id=old.id))
-        previous = self.conversation.add(item)
+        previous = await self._add_item(item)
         await self.send(server_event("input_audio_buffer.committed", previous_item_id=previous, item_id=item.id))
         await self.send(server_event("conversation.item.added", previous_item_id=previous, item=item.to_dict()))
         self.pending = [t for t in self.pending if not t.done()] + [self._spawn(self._finish_transcript(item, asr_task, times))]
@@ -385,11 +394,38 @@ class Session:
                                      usage={"type": "duration", "seconds": round(transcript.audio_s, 3)}))
         await self.send(server_event("conversation.item.done", item=item.to_dict()))
 
+    async def _add_item(self, item: Item) -> str | None:
+        """Append an input item, deleting the oldest items if the conversation is full (a turn is never refused);
+        returns the id of the item before it."""
+        for old in self.conversation.make_room():
+            await self.send(server_event("conversation.item.deleted", item_id=old.id))
+        return self.conversation.add(item)
+
     def _drop_utterance(self) -> None:
         self._discard_draft()
         self.turns.reset()
         self.speech_item_id = self.asr_task = None
         self.recognizer.reset()
+
+    async def _check_idle(self) -> None:
+        """server_vad's idle_timeout_ms: once that much audio has come without speech since the last response played,
+        commit the silence as an empty input item and respond (the model prompts the user to go on), as the Realtime
+        API does. Counted in input audio, so a client streaming faster than real time gets the same events."""
+        td = self.config.turn_detection
+        if (td is None or td.idle_timeout_ms is None or self.idle_from is None or self.turns.in_turn
+                or self.active is not None or self.turns.received - self.idle_from < td.idle_timeout_ms * ASR_RATE // 1000):
+            return
+        start, self.idle_from = self.idle_from, None
+        item = Item(new_id("item"), "user", text="", audio=True)
+        await self.send(server_event("input_audio_buffer.timeout_triggered", item_id=item.id,
+                                     audio_start_ms=start * 1000 // ASR_RATE,
+                                     audio_end_ms=self.turns.received * 1000 // ASR_RATE))
+        previous = await self._add_item(item)
+        await self.send(server_event("input_audio_buffer.committed", previous_item_id=previous, item_id=item.id))
+        await self.send(server_event("conversation.item.added", previous_item_id=previous, item=item.to_dict()))
+        await self.send(server_event("conversation.item.done", previous_item_id=previous, item=item.to_dict()))
+        if td.create_response:
+            self._start(self._new_response(TurnTimes()))
 
     # ---- responses --------------------------------------------------------------------------
 
@@ -429,6 +465,9 @@ class Session:
         finally:
             if self.active is response:
                 self.active = self.active_task = None
+            if response.stop_reason != "turn_detected":  # (a barge-in: the user is speaking, nothing to count)
+                # the idle timeout counts from the end of its playback: audio runs lead_ms ahead of real time
+                self.idle_from = self.turns.received + int(self.services.lead_ms * ASR_RATE / 1000)
 
     async def _stop_active(self, reason: str, wait: bool = False) -> None:
         """Stop the active response now; with `wait`, also let it send its closing events."""

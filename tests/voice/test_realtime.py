@@ -4,10 +4,11 @@ event models, so the payload shapes are the Realtime API's."""
 
 import asyncio
 
+import numpy as np
 import pytest
 from pydantic import TypeAdapter
 
-from tests.voice.conftest import closest
+from tests.voice.conftest import COMPLETE, closest
 from voice.audio import WIRE_RATE
 from voice.caller import QUESTIONS, SimulatedCaller
 from voice.client import RealtimeClient
@@ -188,3 +189,76 @@ async def test_text_only_response(server):
         assert done["status"] == "completed" and done["output_modalities"] == ["text"]
         assert deltas and done["output"][0]["content"][0] == {"type": "output_text", "text": deltas}
         assert events_of(client.log, "response.output_text.done")[-1]["text"] == deltas
+
+
+async def test_idle_timeout_prompts_the_user_after_silence_counted_in_input_audio(server):
+    """server_vad's idle_timeout_ms: after a response has played, that much input audio without speech commits an
+    empty input item and starts a response. Silence shorter than the timeout triggers nothing; the silence is sent
+    faster than real time, since the timeout is counted in audio, not on a clock."""
+    timeout_ms = 1500
+    async with RealtimeClient(server.url) as client:
+        await client.send({"type": "session.update", "session": {"type": "realtime", "audio": {"input": {
+            "turn_detection": {"type": "server_vad", "idle_timeout_ms": timeout_ms}}}}})
+        await wait_until(client, lambda: events_of(client.log, "session.updated"))
+        assert events_of(client.log, "session.updated")[-1]["session"]["audio"]["input"]["turn_detection"][
+            "idle_timeout_ms"] == timeout_ms
+        await text_turn(client, "Say hello.")
+        await wait_until(client, lambda: client.current is not None and client.current.done_at is not None)
+        first = client.current
+        frame = np.zeros(WIRE_RATE // 50, dtype=np.float32)  # 20 ms of silence
+        for _ in range(50):  # 1 s
+            await client.send_audio(frame)
+        user_item = events_of(client.log, "conversation.item.added")[0]["item"]["id"]
+        await client.send({"type": "conversation.item.retrieve", "item_id": user_item})  # answered after the audio
+        await wait_until(client, lambda: events_of(client.log, "conversation.item.retrieved"))
+        assert not events_of(client.log, "input_audio_buffer.timeout_triggered")
+        for _ in range(50):  # 1 s more: past the timeout (counted from the end of the reply's playback)
+            await client.send_audio(frame)
+        await wait_until(client, lambda: client.current is not first and client.current is not None
+                         and client.current.done_at is not None)
+        (triggered,) = events_of(client.log, "input_audio_buffer.timeout_triggered")
+        assert timeout_ms <= triggered["audio_end_ms"] - triggered["audio_start_ms"] <= timeout_ms + 40  # one frame
+        kinds = types_between(client.log, "input_audio_buffer.timeout_triggered", "response.created")
+        assert kinds == ["input_audio_buffer.timeout_triggered", "input_audio_buffer.committed", "conversation.item.added",
+                         "conversation.item.done", "response.created"]
+        committed = events_of(client.log, "input_audio_buffer.committed")[-1]
+        assert committed["item_id"] == triggered["item_id"]
+        assert client.current.status == "completed"
+        check_shapes(client.log)
+
+
+async def test_retrieve_returns_the_servers_item_and_an_unknown_id_is_an_error(server):
+    async with RealtimeClient(server.url) as client:
+        await text_turn(client, "What is the capital of France?")
+        await wait_until(client, lambda: client.current is not None and client.current.done_at is not None)
+        done = events_of(client.log, "response.done")[-1]["response"]["output"][0]
+        await client.send({"type": "conversation.item.retrieve", "item_id": done["id"]})
+        await wait_until(client, lambda: events_of(client.log, "conversation.item.retrieved"))
+        item = events_of(client.log, "conversation.item.retrieved")[-1]["item"]
+        assert item["id"] == done["id"] and item["role"] == "assistant"
+        assert item["content"][0]["transcript"] == done["content"][0]["transcript"]
+        await client.send({"type": "conversation.item.retrieve", "item_id": "item_nope", "event_id": "evt_r"})
+        await wait_until(client, lambda: client.log[-1][1]["type"] == "error")
+        error = client.log[-1][1]["error"]
+        assert (error["code"], error["param"], error["event_id"]) == ("invalid_value", "item_id", "evt_r")
+        check_shapes(client.log)
+
+
+async def test_speech_stops_the_idle_clock_until_a_reply_has_played(server, spoken):
+    """With create_response off, a spoken turn gets no reply: so after it no silence, however long, may trigger the
+    idle timeout (the clock restarts only when a response has played)."""
+    frame = np.zeros(WIRE_RATE // 50, dtype=np.float32)
+    async with RealtimeClient(server.url) as client:
+        await client.send({"type": "session.update", "session": {"type": "realtime", "audio": {"input": {
+            "turn_detection": {"type": "server_vad", "idle_timeout_ms": 1500, "create_response": False}}}}})
+        await text_turn(client, "Say hello.")
+        await wait_until(client, lambda: client.current is not None and client.current.done_at is not None)
+        speech = spoken[COMPLETE]
+        for chunk in [frame] * 25 + [speech[i:i + len(frame)] for i in range(0, len(speech), len(frame))] + [frame] * 150:
+            await client.send_audio(chunk)  # 0.5 s silence, the question, 3 s silence
+        await wait_until(client, lambda: events_of(client.log, "conversation.item.input_audio_transcription.completed"))
+        turn = events_of(client.log, "input_audio_buffer.committed")[-1]["item_id"]
+        await client.send({"type": "conversation.item.retrieve", "item_id": turn})  # answered after all the audio
+        await wait_until(client, lambda: events_of(client.log, "conversation.item.retrieved"))
+        assert events_of(client.log, "input_audio_buffer.speech_started")
+        assert not events_of(client.log, "input_audio_buffer.timeout_triggered")
