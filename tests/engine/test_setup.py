@@ -82,6 +82,11 @@ def test_every_decode_candidate_the_chooser_would_pass_also_agrees_on_held_out_p
     models: dict = {}
     reference = setup.dense_model(default_model, "fp32", models)
     tok = default_model.tokenizer
+    held_out = []  # (prompt length, prompt + fp32's greedy reply, fp32's top-1 at each reply position): once for all
+    for question in HELD_OUT:
+        prompt = tok.encode_chat([{"role": "user", "content": question}])
+        ids = prompt + greedy_reply(reference, prompt, 24)
+        held_out.append((len(prompt), ids, setup.teacher_forced(reference, ids, len(prompt))))
     passed = 0
     for name in setup.DECODES:
         model, step = setup.decode_candidate(default_model, name, models, torch.get_num_threads())
@@ -94,12 +99,8 @@ def test_every_decode_candidate_the_chooser_would_pass_also_agrees_on_held_out_p
             continue  # never picked
         passed += 1
         agree = total = 0
-        for question in HELD_OUT:
-            prompt = tok.encode_chat([{"role": "user", "content": question}])
-            reply = greedy_reply(reference, prompt, 24)
-            ids = prompt + reply
-            want = setup.teacher_forced(reference, ids, len(prompt))
-            agree += round(setup.agreement_of(step, model, ids, len(prompt), want) * len(want))
+        for prompt_len, ids, want in held_out:
+            agree += round(setup.agreement_of(step, model, ids, prompt_len, want) * len(want))
             total += len(want)
         assert agree / total >= ACCURACY_BAR - 0.03, f"{name}: {agree}/{total} held-out positions agree with fp32"
     assert passed >= 2  # fp32 itself, and at least one faster format
