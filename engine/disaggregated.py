@@ -56,12 +56,11 @@ class Handoff:
 
 @dataclass
 class HandoffTotals:
-    """Since start: prompts handed over, their bytes and copy seconds, and workers restarted after dying."""
+    """Since start: prompts handed over, their bytes and copy seconds."""
 
     count: int = 0
     bytes: int = 0
     seconds: float = 0.0
-    restarts: int = 0
 
 
 class WorkerProcess:
@@ -137,6 +136,7 @@ class DisaggregatedRunner:
         self.decoding: list[PagedSeq] = []  # their k/v is in the decode cache; oldest first
         self.handoffs = HandoffTotals()
         self.preemptions = 0
+        self.restarts = 0  # workers started again after one died
         self.cached_tokens = 0  # prompt tokens served from the prefill cache's prefix cache, since start
         self.broken: str | None = None  # why the runner cannot go on (a worker failed to start); the engine falls back
         self.workers: dict[str, WorkerProcess] = {}
@@ -189,6 +189,10 @@ class DisaggregatedRunner:
     def clear_cache(self) -> None:
         self.prefill_blocks.clear_prefix_cache()
 
+    def decode_rows(self) -> int:
+        """The most sequences one decode step runs: the policy's batch size, within the logits buffer."""
+        return min(self.policy.max_batch_size, self.max_rows)
+
     def step(self) -> int:
         """Start whatever work a free worker can take, then wait (at most POLL_S) for replies and act on them.
         Returns the rows of the decode step that completed in this call (0: none did)."""
@@ -207,11 +211,14 @@ class DisaggregatedRunner:
 
     def _start_prefill(self) -> None:
         worker = self.workers["prefill"]
-        while self.waiting and self.waiting[0].seq.cancelled:
-            self.waiting.popleft().seq.finish("cancelled")
+        if any(s.seq.cancelled for s in self.waiting):  # a request cancelled while it waits ends now
+            for s in self.waiting:
+                if s.seq.cancelled:
+                    s.seq.finish("cancelled")
+            self.waiting = deque(s for s in self.waiting if not s.seq.finished)
         if not worker.ready or worker.job is not None or not self.waiting:
             return
-        if len(self.decoding) >= min(self.policy.max_batch_size, self.max_rows):
+        if len(self.decoding) >= self.decode_rows():
             return  # no decode row for it yet
         s = self.waiting[0]
         ids = s.seq.all_ids  # a sequence preempted or moved in from another mode brings its output so far
@@ -233,7 +240,7 @@ class DisaggregatedRunner:
             return
         self._drop_finished()
         batch: list[PagedSeq] = []
-        rows = min(self.policy.max_batch_size, self.max_rows)
+        rows = self.decode_rows()
         i = 0
         while i < len(self.decoding) and len(batch) < rows:  # preemption pops from the tail: those before i stay
             s = self.decoding[i]
@@ -354,7 +361,7 @@ class DisaggregatedRunner:
             self._drop_finished()
         w.job = None
         w.conn.close()
-        self.handoffs.restarts += 1
+        self.restarts += 1
         try:
             self.workers[w.role] = WorkerProcess(w.role, self.shared, self.threads[ROLES.index(w.role)])
         except Exception as e:  # cannot spawn another: the engine falls back

@@ -295,7 +295,7 @@ class Engine:
             prefill_kv=KVCache(disagg.prefill_blocks.num_used, disagg.prefill_blocks.num_free, 0, disagg.cached_tokens),
             decode_kv=KVCache(disagg.decode_blocks.num_used, disagg.decode_blocks.num_free, disagg.preemptions, 0),
             in_transit=disagg.in_transit(), handoffs=disagg.handoffs.count, handoff_bytes=disagg.handoffs.bytes,
-            handoff_s=disagg.handoffs.seconds, restarts=disagg.handoffs.restarts,
+            handoff_s=disagg.handoffs.seconds, restarts=disagg.restarts,
             prefill_threads=disagg.threads[0], decode_threads=disagg.threads[1])
         return EngineState(mode=self.mode, running=self.runner.num_running(), waiting=self.runner.num_waiting(),
                            max_batch_size=self.policy.max_batch_size, chunked_prefill=self.policy.chunked_prefill,

@@ -97,6 +97,14 @@ def test_block_accounting_on_both_workers_after_300_random_requests_with_cancell
         assert set(reasons) == {"length", "cancelled"} and in_transit_cancels >= 5
         assert all(len(s.output_ids) == s.params.max_tokens for s in seqs if s.metrics.finish_reason == "length")
         assert runner.preemptions > 0 and runner.cached_tokens > 0  # both paths were exercised
+        # a request cancelled while it waits ends at the next step, wherever it is in the queue
+        a, b, c = (new_seq([5, 6, 7 + i], tiny_loaded.tokenizer, 4, ignore_eos=True) for i in range(3))
+        for seq in (a, b, c):
+            runner.add(seq)
+        c.stream.cancel()
+        runner.step()
+        assert c.metrics.finish_reason == "cancelled" and [s.seq for s in runner.waiting] == [b]
+        run_to_end(runner, [])
     finally:
         runner.close()
 
