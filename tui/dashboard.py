@@ -32,7 +32,6 @@ from serve.planner import PlanError, Target
 from serve.profiles import PROFILES
 from tui.messages import AgentSaid, MetricsUpdated, Planned, TurnMeasured, UserSaid, VoiceStatus
 from tui.model import (
-    VOICE_E2E_SLO_MS,
     History,
     Sample,
     TradeoffCurve,
@@ -40,6 +39,7 @@ from tui.model import (
     format_ms,
     format_rate,
     grade,
+    next_added_callers,
     next_mode,
     next_turn_detection,
     step_users,
@@ -63,6 +63,7 @@ from tui.widgets.planner import PlannerPanel
 from tui.widgets.status import StatusLine
 from tui.widgets.transcript import Transcript
 from tui.widgets.turns import TurnBars
+from voice.metrics import VOICE_SLO_MS
 from voice.protocol import describe_turn_detection
 
 SAMPLE_PERIOD_S = 1 / 3  # three readings a second for the headline numbers
@@ -84,6 +85,7 @@ class DashboardScreen(Screen):
         Binding("s", "speculation", "speculation"),
         Binding("c", "chunked_prefill", "chunking"),
         Binding("m", "caller", "caller"),
+        Binding("a", "add_callers", "callers"),
         Binding("v", "turn_detection", "turns"),
         Binding("space", "talk", "talk"),
         Binding("slash", "type_message", "type", key_display="/"),
@@ -335,7 +337,10 @@ class DashboardScreen(Screen):
         turns = describe_turn_detection(self.link.turn_detection) if self.link.turn_detection is not None else ""
         if turns and self.voice.cut_offs:
             turns += f" · {self.voice.cut_offs} cut off"
-        self.query_one(StatusLine).show(self.sample, self.link.caller_on, note, self.controller.where, turns)
+        if turns and self.voice.goodput is not None:
+            turns += f" · goodput {self.voice.goodput:.0%} (≤ {VOICE_SLO_MS:.0f} ms)"
+        self.query_one(StatusLine).show(self.sample, self.link.caller_on, note, self.controller.where, turns,
+                                        self.link.added_callers)
 
     # ---- the conversation -----------------------------------------------------------------------
 
@@ -348,9 +353,10 @@ class DashboardScreen(Screen):
     def on_turn_measured(self, message: TurnMeasured) -> None:
         self.voice.add(message.turn)
         self.query_one(TurnBars).set_turns(self.voice.turns)
-        self.query_one(Transcript).add_numbers(message.turn)
-        self._show_latency("#e2e-last", self.voice.last_e2e_ms, VOICE_E2E_SLO_MS)
-        self._show_latency("#e2e-p50", self.voice.p50_e2e_ms, VOICE_E2E_SLO_MS)
+        if not message.turn.caller:  # an added caller's conversation is not in the transcript
+            self.query_one(Transcript).add_numbers(message.turn)
+        self._show_latency("#e2e-last", self.voice.last_e2e_ms, VOICE_SLO_MS)
+        self._show_latency("#e2e-p50", self.voice.p50_e2e_ms, VOICE_SLO_MS)
         self._show_status()
 
     def on_voice_status(self, message: VoiceStatus) -> None:
@@ -411,6 +417,13 @@ class DashboardScreen(Screen):
 
     def action_caller(self) -> None:
         self.link.set_caller(not self.link.caller_on)
+
+    def action_add_callers(self) -> None:
+        """Callers added beside the first, each on a session of its own: 1, 3, 7, then none (2, 4, 8 callers in all,
+        as `bench voice --callers` runs them). Their turns join the bars, the E2E numbers and the voice goodput."""
+        n = next_added_callers(self.link.added_callers)
+        self.link.set_added_callers(n)
+        self.notify(f"{n} simulated callers added (their turns are marked c1, c2, ...)" if n else "added callers stopped")
 
     def action_turn_detection(self) -> None:
         self.link.set_turn_detection(next_turn_detection(self.link.turn_detection))

@@ -14,11 +14,11 @@ from dataclasses import asdict, dataclass, field, fields
 from engine.backend import MODES
 from engine.snapshot import Snapshot
 from engine.stats import SLO
+from voice.metrics import goodput
 from voice.protocol import describe_turn_detection
 
 USER_LEVELS = (0, 1, 2, 4, 8, 16, 32, 64)  # the synthetic-user ladder that + and - walk
 RECENT_S = 5.0  # the charts plot each number over the last few seconds, so spikes show
-VOICE_E2E_SLO_MS = 800.0  # the voice issue's p90 target for speech end -> first reply audio
 WARN_FACTOR = 1.5  # within 1.5x of an SLO is amber, beyond it red
 
 GOOD, WARN, BAD, NONE = "good", "warn", "bad", "none"
@@ -27,6 +27,15 @@ GOOD, WARN, BAD, NONE = "good", "warn", "bad", "none"
 def next_mode(mode: str) -> str:
     """The mode the `b` key moves to: latency -> batched -> disaggregated -> latency."""
     return MODES[(MODES.index(mode) + 1) % len(MODES)] if mode in MODES else MODES[0]
+
+
+ADDED_CALLERS = (0, 1, 3, 7)  # callers beside the first that the `a` key cycles: 1, 2, 4, 8 in all
+
+
+def next_added_callers(current: int) -> int:
+    """The next number of added callers after `current` in ADDED_CALLERS (back to 0 after the last, or from an
+    off-ladder number)."""
+    return next((n for n in ADDED_CALLERS if n > current), 0) if current in ADDED_CALLERS else 0
 
 
 def step_users(current: int, direction: int) -> int:
@@ -282,10 +291,12 @@ class VoiceTurn:
     turn_probability: float | None = None  # semantic_vad: Smart Turn's P(complete) at the pause it judged last
     turn_model_ms: float | None = None
     cut_off: bool = False  # the simulated caller was cut off mid-sentence in this turn
+    caller: int = 0  # which simulated caller spoke it: 0 is the one in the transcript, 1.. the callers added as load
 
     @classmethod
     def from_metrics(cls, event: dict, user_text: str, reply_text: str, status: str,
-                     client_e2e_ms: float | None = None, typed: bool = False, cut_off: bool = False) -> VoiceTurn:
+                     client_e2e_ms: float | None = None, typed: bool = False, cut_off: bool = False,
+                     caller: int = 0) -> VoiceTurn:
         """From a `tradeoff.metrics` event (its breakdown_ms, e2e_ms, llm, tbt_ms and turn fields)."""
         parts = list((event.get("breakdown_ms") or {}).items())
         server_e2e = event.get("e2e_ms")
@@ -295,7 +306,7 @@ class VoiceTurn:
         return cls(user_text, reply_text, status, tuple(parts),
                    client_e2e_ms if client_e2e_ms is not None else server_e2e,
                    llm.get("ttft_ms"), (event.get("tbt_ms") or {}).get("p50"), typed,
-                   turn.get("reason"), turn.get("probability"), turn.get("model_ms"), cut_off)
+                   turn.get("reason"), turn.get("probability"), turn.get("model_ms"), cut_off, caller)
 
     def decision(self) -> str | None:
         """What ended the turn, in a few words (None for a typed turn)."""
@@ -324,6 +335,11 @@ class VoiceStats:
     @property
     def cut_offs(self) -> int:
         return sum(t.cut_off for t in self.turns)
+
+    @property
+    def goodput(self) -> float | None:
+        """The share of spoken turns that met the voice SLO."""
+        return goodput([t.e2e_ms for t in self.spoken])
 
     @property
     def last_e2e_ms(self) -> float | None:

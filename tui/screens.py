@@ -60,6 +60,7 @@ HELP = """\
 | `s` | speculative decoding on/off (latency mode) |
 | `c` | chunked prefill on/off (batched mode) |
 | `m` | the simulated caller on/off (it speaks through the real audio path; every third question pauses mid-sentence) |
+| `a` | callers added as load, each on a session of its own: 1, 3, 7, none (2, 4, 8 callers in all) |
 | `v` | turn detection: server_vad (300 ms of silence), semantic_vad high, medium, low (Smart Turn judges pauses) |
 | `space` | push-to-talk on/off, when there is a microphone |
 | `/` | type a message: same engine path, no ASR or TTS |
@@ -72,10 +73,13 @@ HELP = """\
 **Headline numbers** cover the time since the last change of mode or load (at most the engine's 30 s window):
 TTFT and TBT over every request, voice end-to-end latency (speech end to first reply audio at the client),
 output tokens/s of the whole engine and per user (mean of 1/TPOT). Green meets the active profile's SLO (TTFT,
-TBT; voice 800 ms; per-user rate 1/TBT), amber is within 1.5x of it, red beyond.
+TBT; voice 500 ms; per-user rate 1/TBT), amber is within 1.5x of it, red beyond.
 
 **Voice turns**: each turn's numbers say what ended it (a silence, or Smart Turn's P(complete) and its time), and a
-turn whose caller was cut off mid-sentence is marked ✂; the status line counts them.
+turn whose caller was cut off mid-sentence is marked ✂; the status line counts them. Each bar splits the time from
+the end of speech into endpointing, ASR, queue (the reply's request waiting for the engine: latency mode serves one
+at a time), LLM TTFT, the first clause, TTS, send and transport. An added caller's turns are marked c1, c2, ...;
+the status line's goodput is the share of turns within 500 ms.
 
 **Charts** show the last minute, each point over the last 5 s. **The curve** gets a point per load level
 once it has held 5 s and requests finished; the shaded band is where a user's stream meets the TBT target, `o`

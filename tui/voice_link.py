@@ -4,8 +4,11 @@ If the voice API changes, only this module changes.
 
 It runs on an asyncio loop of its own, in a background thread, so VAD, ASR, TTS and audio pacing never run
 on the UI thread and the UI never delays them. What happens in the conversation goes to the screen as
-messages (tui/messages.py); the controls (`start`, `set_caller`, `say`, `talk`, `stop`, `join`) may be called
-from any thread.
+messages (tui/messages.py); the controls (`start`, `set_caller`, `set_added_callers`, `say`, `talk`, `stop`, `join`) may
+be called from any thread.
+
+Beside the caller whose conversation the transcript shows, callers can be added as load: each speaks on a session of
+its own, and only its measured turns reach the screen.
 """
 
 from __future__ import annotations
@@ -21,12 +24,12 @@ from engine import Backend
 from serve.background import BackgroundLoop
 from tui.messages import AgentSaid, TurnMeasured, UserSaid, VoiceStatus
 from tui.model import VoiceTurn
-from voice.caller import SimulatedCaller, mixed_questions
+from voice.caller import STAGGER_S, SimulatedCaller, call, mixed_questions
 from voice.client import RealtimeClient
 from voice.protocol import PATH, describe_turn_detection
 from voice.server import VoiceServer, make_services
 from voice.sound import open_devices
-from voice.tts import make_tts
+from voice.tts import EspeakTTS, make_tts
 
 Post = Callable[[Message], object]
 ENDLESS = 1_000_000  # turns for a caller that goes on until switched off
@@ -44,6 +47,7 @@ class VoiceLink:
         self.url = url  # None: run a server in this process
         self.asr = asr
         self.caller_on = False
+        self.added_callers = 0  # simulated callers beside the first, each on a session of its own
         self.talking = False
         self.mic_reason: str | None = None  # why there is no microphone (None: there is one)
         self._bg: BackgroundLoop | None = None
@@ -55,6 +59,9 @@ class VoiceLink:
         self._caller: asyncio.Task | None = None
         self._drain: asyncio.Task | None = None
         self._mic: asyncio.Task | None = None
+        self._url: str | None = None  # the realtime server, once connected
+        self._added: list[asyncio.Task] = []  # the added callers, in the order they were added
+        self._added_tts: EspeakTTS | None = None  # their voice (one worker process for all of them)
         self._responses: dict[str, dict] = {}  # response id -> {"text", "typed", "metrics"}
         self._user_text = ""
         self.turn_detection: dict | None = None  # the session's, as the server last confirmed it
@@ -63,6 +70,16 @@ class VoiceLink:
 
     def set_caller(self, on: bool) -> None:
         self._call(self._set_caller, on)
+
+    def set_added_callers(self, n: int) -> None:
+        """Run `n` simulated callers beside the first one (0 stops them); each asks the built-in questions, from a
+        place of its own in them, on its own session."""
+        self._call(self._set_added_callers, n)
+
+    @property
+    def added_running(self) -> int:
+        """The added callers still running (they end a moment after `set_added_callers` lowers their number)."""
+        return sum(not task.done() for task in self._added)
 
     def say(self, text: str) -> None:
         """A typed message: the same engine path as speech, without ASR and TTS (a text-only response)."""
@@ -135,7 +152,7 @@ class VoiceLink:
             else:
                 self._devices = opened
             async with RealtimeClient(url) as client:
-                self._client = client
+                self._client, self._url = client, url
                 forward = asyncio.create_task(self._forward(client))
                 if self._devices is not None:
                     self._mic = asyncio.create_task(self._pump_mic())
@@ -144,11 +161,10 @@ class VoiceLink:
                 ready_sent = True
                 await self._set_caller(self._devices is None if caller is None else caller)
                 await self._stop.wait()
-                for task in (self._caller, self._drain, self._mic, forward):
-                    if task is not None:
-                        task.cancel()
-                await asyncio.gather(*(t for t in (self._caller, self._drain, self._mic, forward) if t is not None),
-                                     return_exceptions=True)
+                tasks = [t for t in (self._caller, self._drain, self._mic, forward, *self._added) if t is not None]
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
         except Exception as e:
             message = f"voice loop: {type(e).__name__}: {e}"
             if ready_sent:
@@ -156,7 +172,9 @@ class VoiceLink:
             else:
                 on_ready(message)
         finally:
-            self._client = None
+            self._client = self._url = None
+            if self._added_tts is not None:
+                self._added_tts.close()
             if self._devices is not None:
                 self._devices.close()
             if server is not None:
@@ -197,6 +215,31 @@ class VoiceLink:
             await SimulatedCaller(self._client, mixed_questions(), turns=ENDLESS,
                                   turn_timeout_s=CALLER_PATIENCE_S).run(self._on_caller_turn)
             self.post(VoiceStatus(f"the caller got no reply within {CALLER_PATIENCE_S} s", error=True))
+
+    async def _set_added_callers(self, n: int) -> None:
+        if n < 0:
+            raise ValueError(f"the number of added callers must be >= 0, got {n}")
+        if self._url is None:
+            raise RuntimeError("the voice loop is not connected")
+        if n > len(self._added) and self._added_tts is None:
+            self._added_tts = await asyncio.to_thread(EspeakTTS)
+        before = len(self._added)
+        while len(self._added) < n:
+            k = len(self._added) + 1
+            self._added.append(asyncio.create_task(self._run_added_caller(k, (k - 1 - before) * STAGGER_S)))
+        while len(self._added) > n:
+            await self._cancel(self._added.pop())
+        self.added_callers = n
+        self.post(VoiceStatus(f"{n} simulated caller{'s' if n != 1 else ''} added, each on a session of its own"
+                              if n else "no added callers"))
+
+    async def _run_added_caller(self, k: int, delay_s: float) -> None:
+        questions = mixed_questions(offset=7 * k)  # not in step with the first caller or each other
+        while True:
+            await call(self._url, questions, ENDLESS, delay_s=delay_s, tts=self._added_tts, seed=k,
+                       turn_timeout_s=CALLER_PATIENCE_S, on_turn=lambda turn: self._on_caller_turn(turn, caller=k))
+            delay_s = 0.0
+            self.post(VoiceStatus(f"added caller {k} got no reply within {CALLER_PATIENCE_S} s", error=True))
 
     async def _set_turn_detection(self, turn_detection: dict) -> None:
         await self._client.send({"type": "session.update", "session": {"audio": {"input": {
@@ -280,10 +323,10 @@ class VoiceLink:
         elif kind == "error":
             self.post(VoiceStatus(f"server: {event['error'].get('message')}", error=True))
 
-    def _on_caller_turn(self, turn) -> None:
+    def _on_caller_turn(self, turn, caller: int = 0) -> None:
         reply = turn.response
         if reply is None or reply.metrics is None:
             return
         self.post(TurnMeasured(VoiceTurn.from_metrics(reply.metrics, turn.transcript or turn.question, reply.transcript,
                                                       reply.status or "?", client_e2e_ms=turn.e2e_ms,
-                                                      cut_off=turn.cut_off)))
+                                                      cut_off=turn.cut_off, caller=caller)))

@@ -22,6 +22,7 @@ from voice.tts import EspeakTTS
 from voice.wer import wer
 
 FRAME = WIRE_RATE * 20 // 1000
+STAGGER_S = 0.9  # callers that start together connect this far apart, as real ones would not call in unison
 
 QUESTIONS = (
     "What is the capital of France?",
@@ -93,11 +94,12 @@ def stretch_first_pause(speech: np.ndarray, pause_s: float, rate: int = WIRE_RAT
     raise ValueError("no pause found in the speech to stretch")
 
 
-def mixed_questions(turns: int = len(QUESTIONS), paused_every: int = 3) -> tuple[str, ...]:
-    """`turns` questions, the built-in ones in order with every `paused_every`-th one from PAUSED_QUESTIONS (0: none)."""
+def mixed_questions(turns: int = len(QUESTIONS), paused_every: int = 3, offset: int = 0) -> tuple[str, ...]:
+    """`turns` questions, the built-in ones in order with every `paused_every`-th one from PAUSED_QUESTIONS (0: none),
+    from position `offset` of that sequence on (callers at once each start elsewhere, so they do not ask in unison)."""
     plain, paused = itertools.cycle(QUESTIONS), itertools.cycle(PAUSED_QUESTIONS)
     return tuple(next(paused) if paused_every and i % paused_every == paused_every - 1 else next(plain)
-                 for i in range(turns))
+                 for i in range(offset + turns))[offset:]
 
 
 def spoken_text(question: str) -> str:
@@ -227,7 +229,7 @@ class SimulatedCaller:
     async def _turn(self, turn: Turn, following: Turn | None) -> bool:
         """Ask `turn`'s question (unless it was already spoken over the last reply) and wait for the reply."""
         if turn.speech_start is None and not self.mic.queued(turn):
-            self.mic.say(speak(self.tts, turn.question, seed=turn.seed), turn)
+            self.mic.say(await self._speech(turn), turn)
         await wait_for(self.client, lambda: turn.speech_end is not None, self.turn_timeout)
         turn.cut_off = any(turn.speech_start <= at < turn.speech_end and e["type"] == "input_audio_buffer.committed"
                            for at, e in self.client.log) if turn.speech_end is not None else False
@@ -237,7 +239,7 @@ class SimulatedCaller:
         if following is not None and following.barge_in:
             await wait_for(self.client, lambda: reply.first_audio_at is not None, self.turn_timeout)
             await wait_for(self.client, lambda: False, self.barge_in_after)
-            self.mic.say(speak(self.tts, following.question, seed=following.seed), following)
+            self.mic.say(await self._speech(following), following)
             await wait_for(self.client, lambda: reply.done_at is not None, self.turn_timeout)
             await wait_for(self.client, lambda: following.speech_start is not None, self.turn_timeout)
             stopped = reply.playback_stopped_at
@@ -251,8 +253,23 @@ class SimulatedCaller:
             await wait_for(self.client, lambda: False, self.gap)
         return True
 
+    async def _speech(self, turn: Turn) -> np.ndarray:
+        """The turn's speech, synthesized on a thread: the event loop (other callers' microphones, maybe the server) runs
+        on meanwhile."""
+        return await asyncio.to_thread(speak, self.tts, turn.question, seed=turn.seed)
+
     def _response_after(self, turn: Turn) -> Heard | None:
         return None if turn.speech_end is None else response_after(self.client, turn.speech_end)
+
+
+async def call(url: str, questions: tuple[str, ...], turns: int | None = None, delay_s: float = 0.0,
+               on_turn: Callable[[Turn], None] | None = None, **caller: object) -> list[Turn]:
+    """One simulated caller on a connection of its own to the realtime server at `url`: it connects after `delay_s`
+    (callers that start at once are spread out, as real ones would be), asks `turns` questions and hangs up; `caller`:
+    SimulatedCaller's other options. Returns the answered turns, as SimulatedCaller.run does."""
+    await asyncio.sleep(delay_s)
+    async with RealtimeClient(url) as client:
+        return await SimulatedCaller(client, questions, turns=turns, **caller).run(on_turn)
 
 
 def response_after(client: RealtimeClient, t: float) -> Heard | None:

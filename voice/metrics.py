@@ -13,9 +13,13 @@ from dataclasses import dataclass, replace
 
 from engine.metrics import RequestMetrics, percentile
 
+# The voice SLO: speech end -> first reply audio within this, the bar a voice agent is held to. A turn that meets it
+# counts toward voice goodput (the share of turns that meet it; a turn never answered does not).
+VOICE_SLO_MS = 500.0
+
 # (stage, timestamp attribute) in pipeline order
 STAGES = (
-    ("endpointing", "vad_decision"), ("asr", "asr_final"), ("llm_ttft", "llm_first_token"),
+    ("endpointing", "vad_decision"), ("asr", "asr_final"), ("queue", "llm_scheduled"), ("llm_ttft", "llm_first_token"),
     ("first_clause", "first_clause"), ("tts", "tts_first_chunk"), ("send", "first_audio_sent"),
 )
 
@@ -27,6 +31,7 @@ class TurnTimes:
     speech_end: float | None = None  # backdated to the audio chunk that held the last speech
     vad_decision: float | None = None
     asr_final: float | None = None
+    llm_scheduled: float | None = None  # the engine took the reply's request up (it waited behind others till then)
     llm_first_token: float | None = None
     first_clause: float | None = None
     tts_first_chunk: float | None = None
@@ -49,8 +54,8 @@ class TurnTimes:
 
     def speech_only(self) -> TurnTimes:
         """The same turn's speech stages, none of its reply's (a reply that starts over is timed again)."""
-        return replace(self, llm_first_token=None, first_clause=None, tts_first_chunk=None, first_audio_sent=None,
-                       drafted=False)
+        return replace(self, llm_scheduled=None, llm_first_token=None, first_clause=None, tts_first_chunk=None,
+                       first_audio_sent=None, drafted=False)
 
     def breakdown_ms(self) -> dict[str, float] | None:
         """Critical-path milliseconds per stage; None unless every stage from speech end to audio happened."""
@@ -84,6 +89,11 @@ class TurnTimes:
                        "p50": _ms(percentile(itls, 50)), "p90": _ms(percentile(itls, 90)),
                        "p99": _ms(percentile(itls, 99)), "max": _ms(max(itls)) if itls else None},
         }
+
+
+def goodput(e2e_ms: list[float | None], slo_ms: float = VOICE_SLO_MS) -> float | None:
+    """The share of turns whose end-to-end time meets `slo_ms`; a None (a turn never answered) counts as a miss."""
+    return sum(ms is not None and ms <= slo_ms for ms in e2e_ms) / len(e2e_ms) if e2e_ms else None
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -114,7 +114,7 @@ class Response:
                 submitting.add_done_callback(_cancel_queued)
                 raise
             async for ev in self.stream:
-                self.times.stamp(llm_first_token=ev.t)
+                self.times.stamp(llm_scheduled=self.stream.metrics.scheduled, llm_first_token=ev.t)
                 if not self.audio:
                     self.queue.put_nowait(("text", ev.text))
                     continue

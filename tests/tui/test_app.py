@@ -67,7 +67,8 @@ async def test_starts_with_the_default_model_and_the_caller_the_numbers_update_a
         assert dash.query_one("#e2e-last", Headline).text == format_ms(dash.voice.last_e2e_ms)[0] != "-"
         await pilot.press("q")
         await wait_for(pilot, lambda: not app.is_running, 60, "the app to exit")
-    assert not any(t.name == "engine" and t.is_alive() for t in threading.enumerate()), "the engine's worker is still up"
+    assert not any(t.name == "engine" and t.is_alive() and t not in threads_before for t in threading.enumerate()), \
+        "the app's engine worker is still up"
     # every thread the app started has ended (the test loop's own idle executor threads are not the app's)
     leftover = [t.name for t in threading.enumerate() if t not in threads_before and not t.name.startswith("asyncio_")]
     assert leftover == []
@@ -224,6 +225,28 @@ async def test_v_cycles_the_voice_sessions_turn_detection_as_the_server_confirms
         assert seen == ["high", "medium", "low", 300]  # then round to the start
         status = str(app.dashboard.query_one(StatusLine).render())
         assert "turns server_vad 300 ms" in status, status
+
+
+async def test_a_adds_callers_on_sessions_of_their_own_whose_turns_are_measured_and_stops_them(engine):
+    app = app_on(engine)  # the first caller off: every turn measured comes from an added one
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.ready and app.link.turn_detection is not None, 60, "start-up")
+        dash = app.dashboard
+        await pilot.press("a")
+        await wait_for(pilot, lambda: app.link.added_callers == 1, 10, "one added caller")
+        await wait_for(pilot, lambda: dash.voice.spoken, 90, "an added caller's turn")
+        turn = dash.voice.spoken[0]
+        assert turn.caller == 1 and turn.user_text and dict(turn.parts_ms)["endpointing"] > 0
+        assert "queue" in dict(turn.parts_ms)
+        assert all(e.numbers is None for e in dash.query_one(Transcript).entries)  # not the transcript's conversation
+        status = str(dash.query_one(StatusLine).render())
+        assert "+1 added" in status and "goodput" in status, status
+        await pilot.press("a", "a")  # 3, then 7 callers beside the first
+        await wait_for(pilot, lambda: app.link.added_callers == 7 and app.link.added_running == 7, 20, "seven")
+        await pilot.press("a")  # and none
+        await wait_for(pilot, lambda: app.link.added_callers == 0 and app.link.added_running == 0, 20, "none")
+        assert "added" not in str(dash.query_one(StatusLine).render())
+        await pilot.press("q")
 
 
 async def test_a_typed_message_gets_a_reply(engine):

@@ -26,6 +26,7 @@ from tui.model import (
     downsample,
     format_ms,
     grade,
+    next_added_callers,
     next_mode,
     stack,
     step_users,
@@ -191,6 +192,16 @@ def test_voice_stats_last_and_median_over_spoken_turns():
     stats.add(VoiceTurn("", "typed reply", "completed", (), None, 40.0, 20.0, typed=True))
     assert stats.last_e2e_ms == 650.0
     assert stats.p50_e2e_ms == statistics.median(values)
+    assert stats.goodput == 0.25  # 500 of 700, 500, 900, 650 meets the 500 ms voice SLO; the typed turn is not counted
+
+
+def test_a_cycles_the_added_callers_one_three_seven_then_none():
+    seen, n = [], 0
+    for _ in range(5):
+        n = next_added_callers(n)
+        seen.append(n)
+    assert seen == [1, 3, 7, 0, 1]
+    assert next_added_callers(5) == 0  # a number off the ladder goes back to none
 
 
 @given(st.lists(st.floats(0, 2000), min_size=1, max_size=8), st.integers(1, 200), st.floats(1, 5000))

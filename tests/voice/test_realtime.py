@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from pydantic import TypeAdapter
 
+from engine import Controls
 from tests.voice.conftest import COMPLETE, closest
 from voice.audio import WIRE_RATE
-from voice.caller import QUESTIONS, SimulatedCaller
+from voice.caller import QUESTIONS, SimulatedCaller, mixed_questions
 from voice.client import RealtimeClient
 from voice.wer import normalize
 
@@ -64,6 +65,9 @@ async def test_spoken_turns_end_to_end(server):
         assert m["speech_end"] < m["vad_decision"]
         assert m["asr_start"] < m["asr_final"]
         assert m["speech_end"] < m["llm_first_token"] <= m["first_clause"] <= m["tts_first_chunk"] <= m["first_audio_sent"]
+        assert m["speech_end"] < m["llm_scheduled"] < m["llm_first_token"]  # queued, taken up, then answered
+        llm = reply.metrics["llm"]  # the engine's own clock of the request: prefill = TTFT - queue
+        assert (m["llm_first_token"] - m["llm_scheduled"]) * 1000 == pytest.approx(llm["ttft_ms"] - llm["queue_ms"], abs=1)
         parts = reply.metrics["breakdown_ms"]
         assert sum(parts.values()) == pytest.approx(reply.metrics["e2e_ms"])
         assert reply.metrics["e2e_ms"] == pytest.approx((m["first_audio_sent"] - m["speech_end"]) * 1000)
@@ -92,6 +96,43 @@ async def test_spoken_turns_end_to_end(server):
     assert done["status"] == "completed"
     assert done["usage"]["output_tokens"] > 0 and done["usage"]["input_tokens"] > 0
     assert done["output"][0]["content"][0]["transcript"] == turns[0].response.transcript
+
+
+@pytest.mark.parametrize("mode", ["latency", "batched"])
+async def test_several_callers_at_once_each_get_each_turn_answered_once(server, engine, mode):
+    """Three callers on sessions of their own speak at the same time, so their turns and replies overlap (latency
+    mode queues the replies' requests, batched mode runs them together): each caller's every turn is answered, once,
+    from its own speech, and every response ends with response.done, after which nothing of it arrives."""
+    questions = [mixed_questions(2, paused_every=0, offset=2 * k) for k in range(3)]
+
+    async def caller(k: int) -> tuple[list, list]:
+        async with RealtimeClient(server.url) as client:
+            turns = await SimulatedCaller(client, questions[k], turns=2, seed=k).run()
+            return turns, list(client.log)
+
+    engine.control(Controls(mode=mode))
+    try:
+        results = await asyncio.gather(*(caller(k) for k in range(3)))
+    finally:
+        engine.control(Controls(mode="latency"))
+    for k, (turns, log) in enumerate(results):
+        check_shapes(log)
+        assert [t.question for t in turns] == list(questions[k])  # no turn lost
+        assert [closest(t.transcript, QUESTIONS) for t in turns] == list(questions[k])  # its own speech, no one else's
+        flow = [e["type"] for _, e in log if e["type"] in ("input_audio_buffer.committed", "response.created",
+                                                           "response.done")]
+        assert flow == ["input_audio_buffer.committed", "response.created", "response.done"] * 2  # one reply a turn
+        created = [e["response"]["id"] for e in events_of(log, "response.created")]
+        assert [e["response"]["id"] for e in events_of(log, "response.done")] == created
+        assert [e["response"]["status"] for e in events_of(log, "response.done")] == ["completed"] * 2
+        for rid in created:
+            ids = [e.get("response_id", e.get("response", {}).get("id")) for _, e in log]
+            last = max(i for i, x in enumerate(ids) if x == rid)
+            assert log[last][1]["type"] == "response.done"
+        for t in turns:  # the breakdown has the queue stage, and still sums to the server's end-to-end time
+            parts = t.response.metrics["breakdown_ms"]
+            assert list(parts) == ["endpointing", "asr", "queue", "llm_ttft", "first_clause", "tts", "send"]
+            assert sum(parts.values()) == pytest.approx(t.response.metrics["e2e_ms"])
 
 
 async def test_barge_in_stops_the_reply_and_keeps_only_what_was_heard(server):

@@ -8,9 +8,10 @@ from tui.model import Sample
 
 
 class StatusLine(Static):
-    def show(self, s: Sample | None, caller: bool, note: str = "", where: str | None = None, turns: str = "") -> None:
-        """where: the remote server, if the engine is not in this process; turns: the voice loop's turn detection
-        and cut-offs."""
+    def show(self, s: Sample | None, caller: bool, note: str = "", where: str | None = None, turns: str = "",
+             added_callers: int = 0) -> None:
+        """where: the remote server, if the engine is not in this process; turns: the voice loop's turn detection,
+        cut-offs and goodput; added_callers: the simulated callers beside the first."""
         if s is None:
             self.update(f"waiting for the engine ...  {note}")
             return
@@ -18,7 +19,8 @@ class StatusLine(Static):
         if s.mode == "disaggregated":
             each = f" ({s.handoff_ms:.1f} ms, {s.handoff_mb:.1f} MB each)" if s.handoffs else ""
             mode += f"  hand-offs [b]{s.handoffs}[/]{each}"
-        voice = f"caller [b]{'on' if caller else 'off'}[/]" + (f" · turns [b]{turns}[/]" if turns else "")
+        voice = (f"caller [b]{'on' if caller else 'off'}[/]" + (f" +[b]{added_callers}[/] added" if added_callers else "")
+                 + (f" · turns [b]{turns}[/]" if turns else ""))
         parts = ([where] if where else []) + [f"synthetic users [b]{s.users}[/]", f"speculation [b]{s.drafter or 'off'}[/]",
                  f"chunked prefill [b]{'on' if s.chunked_prefill else 'off'}[/]", voice,
                  f"running {s.running} · queued {s.waiting} · preempted {'-' if s.preemptions is None else s.preemptions}",
