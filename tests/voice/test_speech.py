@@ -92,6 +92,10 @@ def test_whisper_meets_the_word_error_target_on_the_question_set(whisper, tts):
     assert wer(list(QUESTIONS), hyps) < 0.2, list(zip(QUESTIONS, hyps))
 
 
+def test_whisper_decodes_in_a_window_that_fits_the_audio_with_two_seconds_to_spare(whisper):
+    assert [whisper.window_for(int(s * ASR_RATE)) for s in (0, 1.0, 2.5, 4.2, 7.9, 8.1, 10.0)] == [5, 5, 5, 7, 10, 10, 10]
+
+
 def test_whisper_says_nothing_for_noise(whisper):
     noise = with_noise_floor(np.full(2 * ASR_RATE, 1e-3, np.float32), -20.0)
     assert whisper.transcribe_array(noise).text == ""
@@ -108,8 +112,27 @@ async def test_whisper_recognizer_transcribes_everything_fed_so_far(whisper, tts
     assert one.audio_s == pytest.approx(len(a) / ASR_RATE) and both.audio_s == pytest.approx((len(a) + len(b)) / ASR_RATE)
     assert closest(one.text, QUESTIONS) == first, one.text
     assert closest(both.text, [first, second, f"{first} {second}"]) == f"{first} {second}", both.text
+    assert rec.settled == ""  # nothing settled: each answer decodes the whole utterance
+    assert await rec.transcribe() is both  # nothing new fed: no new decode
     rec.reset()
-    assert (await rec.transcribe()).text == ""
+    assert rec.settled == "" and (await rec.transcribe()).text == ""
+
+
+async def test_whisper_recognizer_decodes_only_the_audio_after_a_settled_pause(whisper, tts):
+    first, second = "What is the capital of France?", "How do I make a cup of tea?"
+    a, b = clip(tts, first, seed=1)[0], clip(tts, second, seed=2)[0]
+    rec = whisper.open()
+    rec.feed(a)
+    one = await rec.transcribe()
+    await rec.settle()
+    assert rec.settled == one.text
+    rec.feed(b)
+    both = await rec.transcribe()  # the settled words, then those of the audio since: decoded alone
+    assert both.text == f"{one.text} {whisper.transcribe_array(b).text}"
+    assert both.audio_s == pytest.approx((len(a) + len(b)) / ASR_RATE)
+    assert rec.settled == one.text  # until the next settle
+    rec.reset()
+    assert rec.settled == "" and (await rec.transcribe()).text == ""
 
 
 async def test_pocketsphinx_worker_gives_what_an_in_process_decoder_gives(tts):

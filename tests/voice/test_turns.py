@@ -7,6 +7,7 @@ silence would; an utterance with a mid-sentence pause is not committed at its pa
 silence, and no longer, for an utterance the model keeps judging incomplete; a server without a turn model refuses
 semantic_vad with a clear error and keeps serving server_vad."""
 
+import asyncio
 import json
 
 import numpy as np
@@ -93,6 +94,12 @@ async def test_an_utterance_is_not_committed_at_its_mid_sentence_pause(semantic_
         assert len(recorder.at("input_audio_buffer.speech_started")) == 1
         commits = recorder.at("input_audio_buffer.committed")
         assert len(commits) == 1 and commits[0] >= end_of_speech, (commits, end_of_speech)
+        await asyncio.gather(*session.pending)  # the transcript: its deltas add up to it
+        completed = [e for _, e in recorder.events if e["type"] == "conversation.item.input_audio_transcription.completed"]
+        deltas = [e["delta"] for _, e in recorder.events if e["type"] == "conversation.item.input_audio_transcription.delta"]
+        assert len(completed) == 1 and deltas and "".join(deltas) == completed[0]["transcript"]
+        settled = session.recognizer.settled  # the judged pauses settled what was said before them
+        assert settled and completed[0]["transcript"].startswith(settled)
         updated = next(e for _, e in recorder.events if e["type"] == "session.updated")
         assert updated["session"]["audio"]["input"]["turn_detection"]["type"] == "semantic_vad"
         check_shapes(recorder.events)  # the semantic_vad session and the turn's events are the SDK's shapes
