@@ -1,13 +1,14 @@
 """`tradeoff bench voice`: the realtime voice loop measured end to end with the simulated caller.
 
-Two parts:
+Three parts:
 1. ASR on the built-in question set (espeak speech over a 30 dB noise floor): word error rate and the
-   time to a final transcript, for each backend. pocketsphinx is fed in real time, as in a session, and
+   time to a final transcript, for each backend: Whisper in windows that fit the audio (the default) and in
+   fixed 10 s windows, and pocketsphinx. pocketsphinx is fed in real time, as in a session, and
    timed from the end of the audio; Whisper decodes each utterance at once (its whole cost comes after
    the first silent chunk).
 2. The live loop: the engine, VAD, ASR and TTS in a server on loopback (in this process, as the dashboard
    runs it), and the simulated caller asking questions in real time and barging in on every n-th reply.
-   Per turn: the server's critical-path breakdown (endpointing, ASR, LLM TTFT, first clause, TTS first
+   Per turn: the server's critical-path breakdown (endpointing, ASR, queue, LLM TTFT, first clause, TTS first
    chunk, send), the client's own end-to-end time, transport (their difference), and barge-in stop
    latency (from the first frame of the caller's new speech to the moment the reply stopped playing).
    Every n-th question has a mid-sentence pause of 0.5-0.7 s (voice/caller.py's PAUSED_QUESTIONS): a turn the
@@ -44,7 +45,7 @@ from engine.backend import MODES
 from engine.metrics import percentile
 from serve.background import BackgroundLoop
 from serve.loadgen import LoadGenerator
-from voice.asr import SphinxASR, WhisperASR
+from voice.asr import WINDOW_S, SphinxASR, WhisperASR
 from voice.audio import ASR_RATE, WIRE_RATE, resample
 from voice.caller import PAUSED_QUESTIONS, QUESTIONS, STAGGER_S, Turn, call, mixed_questions, spoken_question, spoken_text
 from voice.metrics import STAGES as TIMED_STAGES
@@ -60,11 +61,13 @@ TURN_DETECTIONS = ("server_vad:300", "server_vad:500", "semantic_vad:high", "sem
 STAGES = tuple(name for name, _ in TIMED_STAGES)
 
 
-def asr_comparison(tts: EspeakTTS, whisper: WhisperASR) -> list[dict]:
+def asr_comparison(tts: EspeakTTS) -> list[dict]:
     clips = [resample(spoken_question(tts, q, seed=i), WIRE_RATE, ASR_RATE) for i, q in enumerate(QUESTIONS)]
     rows = []
-    results = [whisper.transcribe_array(c) for c in clips]
-    rows.append(_asr_row("whisper", [r.text for r in results], [r.compute_s for r in results]))
+    for name, whisper in (("whisper (windows fit the audio)", WhisperASR()),
+                          (f"whisper ({WINDOW_S} s windows)", WhisperASR(min_window_s=WINDOW_S))):
+        results = [whisper.transcribe_array(c) for c in clips]
+        rows.append(_asr_row(name, [r.text for r in results], [r.compute_s for r in results]))
     texts, times = asyncio.run(_sphinx_real_time(clips))
     rows.append(_asr_row("pocketsphinx", texts, times))
     return rows
@@ -278,7 +281,7 @@ def side_by_side(args: argparse.Namespace) -> int:
     asr_rows = []
     if not args.skip_asr_comparison:
         print("ASR on the question set (espeak + 30 dB noise floor) ...", flush=True)
-        asr_rows = asr_comparison(tts, WhisperASR())
+        asr_rows = asr_comparison(tts)
         print(table(asr_rows, [("asr", "ASR", ""), ("utterances", "utterances", "d"), ("wer", "WER", ".1%"),
                                ("final_ms_p50", "final p50 ms", ".0f"), ("final_ms_p90", "final p90 ms", ".0f")]))
     configs = [parse_turn_detection(spec) for spec in (args.turn_detection or ",".join(TURN_DETECTIONS)).split(",")]

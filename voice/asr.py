@@ -149,7 +149,8 @@ def log_mel(audio: np.ndarray, window_s: float = WINDOW_S) -> np.ndarray:
 class WhisperASR:
     name = "whisper"
 
-    def __init__(self, threads: int = 0, compute_type: str = "int8", window_s: float = WINDOW_S):
+    def __init__(self, threads: int = 0, compute_type: str = "int8", window_s: float = WINDOW_S,
+                 min_window_s: float = MIN_WINDOW_S):
         import ctranslate2
         from tokenizers import Tokenizer
 
@@ -161,7 +162,7 @@ class WhisperASR:
         self.prompt = [self.tokenizer.token_to_id(t) for t in
                        ("<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>")]
         self.eot = self.tokenizer.token_to_id("<|endoftext|>")
-        self.window_s = window_s
+        self.window_s, self.min_window_s = window_s, min_window_s  # min_window_s = window_s: fixed windows
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="whisper")  # one decode at a time
         self.transcribe_array(np.zeros(ASR_RATE, np.float32))  # warm-up: the first decode is slow
 
@@ -177,7 +178,7 @@ class WhisperASR:
 
     def window_for(self, samples: int) -> float:
         """The window, in whole seconds, that a piece of `samples` samples is decoded in."""
-        return min(self.window_s, max(MIN_WINDOW_S, math.ceil(samples / ASR_RATE + WINDOW_PAD_S)))
+        return min(self.window_s, max(self.min_window_s, math.ceil(samples / ASR_RATE + WINDOW_PAD_S)))
 
     def _window(self, audio: np.ndarray) -> str:
         features = self._ct2.StorageView.from_array(log_mel(audio, self.window_for(len(audio)))[None])

@@ -2,6 +2,7 @@
 front end against Hugging Face's feature extractor, and both recognizers against the text that was spoken."""
 
 import asyncio
+import copy
 
 import numpy as np
 import pytest
@@ -94,6 +95,9 @@ def test_whisper_meets_the_word_error_target_on_the_question_set(whisper, tts):
 
 def test_whisper_decodes_in_a_window_that_fits_the_audio_with_two_seconds_to_spare(whisper):
     assert [whisper.window_for(int(s * ASR_RATE)) for s in (0, 1.0, 2.5, 4.2, 7.9, 8.1, 10.0)] == [5, 5, 5, 7, 10, 10, 10]
+    fixed = copy.copy(whisper)
+    fixed.min_window_s = fixed.window_s  # what `bench voice` compares it with: fixed 10 s windows
+    assert {fixed.window_for(int(s * ASR_RATE)) for s in (0, 2.5, 10.0)} == {10}
 
 
 def test_whisper_says_nothing_for_noise(whisper):
