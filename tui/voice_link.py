@@ -62,6 +62,7 @@ class VoiceLink:
         self._url: str | None = None  # the realtime server, once connected
         self._added: list[asyncio.Task] = []  # the added callers, in the order they were added
         self._added_tts: EspeakTTS | None = None  # their voice (one worker process for all of them)
+        self._adding = asyncio.Lock()  # key presses in quick succession change the added callers one after another
         self._responses: dict[str, dict] = {}  # response id -> {"text", "typed", "metrics"}
         self._user_text = ""
         self.turn_detection: dict | None = None  # the session's, as the server last confirmed it
@@ -221,23 +222,30 @@ class VoiceLink:
             raise ValueError(f"the number of added callers must be >= 0, got {n}")
         if self._url is None:
             raise RuntimeError("the voice loop is not connected")
-        if n > len(self._added) and self._added_tts is None:
-            self._added_tts = await asyncio.to_thread(EspeakTTS)
-        before = len(self._added)
-        while len(self._added) < n:
-            k = len(self._added) + 1
-            self._added.append(asyncio.create_task(self._run_added_caller(k, (k - 1 - before) * STAGGER_S)))
-        while len(self._added) > n:
-            await self._cancel(self._added.pop())
-        self.added_callers = n
+        async with self._adding:
+            if n > len(self._added) and self._added_tts is None:
+                self._added_tts = await asyncio.to_thread(EspeakTTS)
+            before = len(self._added)
+            while len(self._added) < n:
+                k = len(self._added) + 1
+                self._added.append(asyncio.create_task(self._run_added_caller(k, (k - 1 - before) * STAGGER_S)))
+            while len(self._added) > n:
+                await self._cancel(self._added.pop())
+            self.added_callers = n
         self.post(VoiceStatus(f"{n} simulated caller{'s' if n != 1 else ''} added, each on a session of its own"
                               if n else "no added callers"))
 
     async def _run_added_caller(self, k: int, delay_s: float) -> None:
+        """Caller k, until cancelled: it calls again after a turn that got no reply in time; a failed call (the server
+        went away) ends it, with a note."""
         questions = mixed_questions(offset=7 * k)  # not in step with the first caller or each other
         while True:
-            await call(self._url, questions, ENDLESS, delay_s=delay_s, tts=self._added_tts, seed=k,
-                       turn_timeout_s=CALLER_PATIENCE_S, on_turn=lambda turn: self._on_caller_turn(turn, caller=k))
+            try:
+                await call(self._url, questions, ENDLESS, delay_s=delay_s, tts=self._added_tts, seed=k,
+                           turn_timeout_s=CALLER_PATIENCE_S, on_turn=lambda turn: self._on_caller_turn(turn, caller=k))
+            except Exception as e:
+                self.post(VoiceStatus(f"added caller {k} stopped: {type(e).__name__}: {e}", error=True))
+                return
             delay_s = 0.0
             self.post(VoiceStatus(f"added caller {k} got no reply within {CALLER_PATIENCE_S} s", error=True))
 
