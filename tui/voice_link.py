@@ -229,8 +229,10 @@ class VoiceLink:
             while len(self._added) < n:
                 k = len(self._added) + 1
                 self._added.append(asyncio.create_task(self._run_added_caller(k, (k - 1 - before) * STAGGER_S)))
-            while len(self._added) > n:
-                await self._cancel(self._added.pop())
+            leaving, self._added = self._added[n:], self._added[:n]
+            for task in leaving:  # all at once: each hangs up its own connection
+                task.cancel()
+            await asyncio.gather(*leaving, return_exceptions=True)
             self.added_callers = n
         self.post(VoiceStatus(f"{n} simulated caller{'s' if n != 1 else ''} added, each on a session of its own"
                               if n else "no added callers"))

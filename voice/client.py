@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,13 +69,17 @@ class RealtimeClient:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         self.ws = await connect(self.url, additional_headers=headers, max_size=None, compression=None)
         self._receiver = asyncio.create_task(self._receive())
-        while True:
-            _, event = await self.next_event()
-            if event["type"] == "session.created":
-                self.session = event["session"]
-                return self
-            if event["type"] == "client.closed":
-                raise ConnectionError(f"{self.url} closed the connection before session.created")
+        try:
+            while True:
+                _, event = await self.next_event()
+                if event["type"] == "session.created":
+                    self.session = event["session"]
+                    return self
+                if event["type"] == "client.closed":
+                    raise ConnectionError(f"{self.url} closed the connection before session.created")
+        except BaseException:  # cancelled (or failed) before the session began: hang up, or the connection outlives us
+            await self.__aexit__()
+            raise
 
     async def __aexit__(self, *exc) -> None:
         await self.ws.close()
@@ -104,7 +109,12 @@ class RealtimeClient:
     # ---- receiving --------------------------------------------------------------------------
 
     async def next_event(self, timeout: float | None = None) -> tuple[float, dict]:
-        return await asyncio.wait_for(self.events.get(), timeout)
+        # asyncio.timeout where there is one (3.11+): wait_for loses a cancel that lands as it times out (it raises
+        # TimeoutError instead), and a caller polling every 20 ms then runs on after it was stopped
+        if sys.version_info < (3, 11):
+            return await asyncio.wait_for(self.events.get(), timeout)
+        async with asyncio.timeout(timeout):
+            return await self.events.get()
 
     async def _receive(self) -> None:
         """Read events until the connection closes (`client.closed` ends the queue; ws.close_code says why)."""

@@ -31,9 +31,11 @@ def stats_and_t0():
 
 
 def close(value, expected):
+    """Equal up to float rounding: times are t0 + offsets with t0 = time.monotonic(), whose magnitude (the machine's
+    uptime) sets the rounding of every difference, and a rate (1 / TPOT) magnifies it."""
     if isinstance(value, Distribution):
         value = asdict(value)
-    return value == pytest.approx(expected, abs=1e-9)
+    return value == pytest.approx(expected, rel=1e-9, abs=1e-9)
 
 
 def dist(values):

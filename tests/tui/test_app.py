@@ -242,9 +242,9 @@ async def test_a_adds_callers_on_sessions_of_their_own_whose_turns_are_measured_
         status = str(dash.query_one(StatusLine).render())
         assert "+1 added" in status and "goodput" in status, status
         await pilot.press("a", "a")  # 3, then 7 callers beside the first
-        await wait_for(pilot, lambda: app.link.added_callers == 7 and app.link.added_running == 7, 20, "seven")
+        await wait_for(pilot, lambda: app.link.added_callers == 7 and app.link.added_running == 7, 60, "seven")
         await pilot.press("a")  # and none
-        await wait_for(pilot, lambda: app.link.added_callers == 0 and app.link.added_running == 0, 20, "none")
+        await wait_for(pilot, lambda: app.link.added_callers == 0 and app.link.added_running == 0, 60, "none")
         assert "added" not in str(dash.query_one(StatusLine).render())
         await pilot.press("q")
 

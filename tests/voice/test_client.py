@@ -1,17 +1,20 @@
 """`tradeoff talk`: the fallback when PortAudio or devices are missing, WAV in and out, and the simulated caller."""
 
 import argparse
+import asyncio
 import sys
 
 import numpy as np
 import pytest
 import soundfile
+from websockets.asyncio.server import serve
 
 from tests.voice.conftest import closest
 from voice import sound
 from voice.audio import WIRE_RATE, resample
 from voice.caller import QUESTIONS
 from voice.cli import talk
+from voice.client import RealtimeClient
 
 
 def args(url: str, **kw) -> argparse.Namespace:
@@ -81,3 +84,27 @@ async def test_simulated_caller_from_the_command_line(server, capsys):
     heard = next(line for line in lines if line.startswith("heard>"))[6:].strip()
     assert closest(heard, QUESTIONS) == question
     assert "E2E" in out and "at the client" in out and "endpointing" in out
+
+
+async def test_a_client_cancelled_before_its_session_began_hangs_up():
+    """A caller stopped while it waits for session.created (the dashboard removing added callers) closes its
+    connection: the server sees it go, rather than a socket and a receiving task left behind."""
+    connected, closed = asyncio.Event(), asyncio.Event()
+
+    async def silent_server(ws) -> None:  # accepts, never sends session.created
+        connected.set()
+        await ws.wait_closed()
+        closed.set()
+
+    async with serve(silent_server, "127.0.0.1", 0) as srv:
+        url = f"ws://127.0.0.1:{srv.sockets[0].getsockname()[1]}/v1/realtime"
+        client = RealtimeClient(url)
+        entering = asyncio.create_task(client.__aenter__())
+        await asyncio.wait_for(connected.wait(), 30)
+        while client._receiver is None:  # the handshake is done on the client's side too: it waits for the session
+            await asyncio.sleep(0.01)
+        entering.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await entering
+        await asyncio.wait_for(closed.wait(), 30)
+        assert client._receiver.done()
