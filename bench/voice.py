@@ -325,7 +325,7 @@ def side_by_side(args: argparse.Namespace) -> int:
 
 def under_load(args: argparse.Namespace) -> int:
     """`--callers`: each level of callers at once, in each mode, against one server."""
-    specs = (args.turn_detection or "").split(",") if args.turn_detection else []
+    specs = args.turn_detection.split(",") if args.turn_detection else []
     if len(specs) > 1:
         raise SystemExit("--callers runs one turn detection: give --turn-detection one value")
     td = parse_turn_detection(specs[0]) if specs else SessionConfig().turn_detection
@@ -355,7 +355,7 @@ def under_load(args: argparse.Namespace) -> int:
                     row = load_row(mode, n, answered, n * args.caller_turns)
                     if text is not None:
                         row["text_requests"] = len(text.completed)
-                        row["text_ttft_p50_ms"] = _ms(percentile([m.ttft for m in text.completed], 50))
+                        row["text_ttft_p50_ms"] = percentile([m.ttft * 1000 for m in text.completed], 50)
                     print(table([row], LOAD_COLUMNS))
                     rows.append(row)
                     runs.append({"mode": mode, "callers": n, "turns": [per_turn(caller) for caller in turns]})
@@ -373,7 +373,3 @@ def under_load(args: argparse.Namespace) -> int:
                       slo_ms=VOICE_SLO_MS)
     print(f"JSON: {path}")
     return 0
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else seconds * 1000

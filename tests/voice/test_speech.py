@@ -105,12 +105,20 @@ def test_whisper_says_nothing_for_noise(whisper):
     assert whisper.transcribe_array(noise).text == ""
 
 
-async def test_whisper_recognizer_transcribes_everything_fed_so_far(whisper, tts):
-    first, second = "What is the capital of France?", "How do I make a cup of tea?"
-    a, b = clip(tts, first, seed=1)[0], clip(tts, second, seed=2)[0]
+TWO = ("What is the capital of France?", "How do I make a cup of tea?")
+
+
+async def first_of_two(whisper, tts):
+    """A recognizer fed the first of TWO and asked once: (the recognizer, both clips, its answer)."""
+    a, b = clip(tts, TWO[0], seed=1)[0], clip(tts, TWO[1], seed=2)[0]
     rec = whisper.open()
     rec.feed(a)
-    one = await rec.transcribe()
+    return rec, a, b, await rec.transcribe()
+
+
+async def test_whisper_recognizer_transcribes_everything_fed_so_far(whisper, tts):
+    first, second = TWO
+    rec, a, b, one = await first_of_two(whisper, tts)
     rec.feed(b)
     both = await rec.transcribe()
     assert one.audio_s == pytest.approx(len(a) / ASR_RATE) and both.audio_s == pytest.approx((len(a) + len(b)) / ASR_RATE)
@@ -123,11 +131,7 @@ async def test_whisper_recognizer_transcribes_everything_fed_so_far(whisper, tts
 
 
 async def test_whisper_recognizer_decodes_only_the_audio_after_a_settled_pause(whisper, tts):
-    first, second = "What is the capital of France?", "How do I make a cup of tea?"
-    a, b = clip(tts, first, seed=1)[0], clip(tts, second, seed=2)[0]
-    rec = whisper.open()
-    rec.feed(a)
-    one = await rec.transcribe()
+    rec, a, b, one = await first_of_two(whisper, tts)
     await rec.settle()
     assert rec.settled == one.text
     rec.feed(b)
