@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import torch
 
@@ -140,6 +141,7 @@ def plot(rows: list[dict], latency_row: dict | None, slo: SLO, knee_row: dict | 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
 

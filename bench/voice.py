@@ -57,7 +57,9 @@ from voice.tts import EspeakTTS
 from voice.wer import wer
 
 TARGETS = {"e2e_median_ms": 300, "e2e_p90_ms": 450, "barge_in_ms": 100, "wer": 0.15, "cut_off_rate": 0.1}
-TURN_DETECTIONS = ("server_vad:300", "server_vad:500", "semantic_vad:high", "semantic_vad:medium", "semantic_vad:low")
+TURN_DETECTIONS = ("server_vad:300", "server_vad:500", "semantic_vad:high:audio", "semantic_vad:high", "semantic_vad:medium",
+                   "semantic_vad:low")
+AUDIO_ONLY = ":audio"  # semantic_vad judged by Smart Turn alone, without the LLM's reading of the transcript
 STAGES = tuple(name for name, _ in TIMED_STAGES)
 
 
@@ -117,10 +119,10 @@ def serving(services: Services) -> Iterator[str]:
 
 
 def voice_services(engine: Backend, tts: EspeakTTS, max_tokens: int, first_words: int,
-                   turn_detection: TurnDetection) -> Services:
+                   turn_detection: TurnDetection, text_turn: bool = True) -> Services:
     defaults = replace(SessionConfig(), turn_detection=turn_detection)
     services = make_services(engine, tts, asr="whisper", defaults=defaults, max_output_tokens=max_tokens,
-                             first_words=first_words)
+                             first_words=first_words, text_turn=text_turn)
     if services.defaults.turn_detection != turn_detection:
         name = describe_turn_detection(turn_detection.to_dict())
         raise RuntimeError(f"the server could not run {name}: {services.turn_model_error}")
@@ -148,14 +150,20 @@ def live_loop(url: str, question_sets: list[tuple[str, ...]], barge_in_every: in
         tts.close()
 
 
-def parse_turn_detection(spec: str) -> TurnDetection:
-    """server_vad:MS or semantic_vad:EAGERNESS."""
-    kind, _, value = spec.partition(":")
+def parse_turn_detection(spec: str) -> tuple[TurnDetection, bool]:
+    """server_vad:MS or semantic_vad:EAGERNESS[:audio] -> (the turn detection, whether the LLM judges transcripts)."""
+    audio_only = spec.endswith(AUDIO_ONLY) and spec.startswith("semantic_vad:")
+    kind, _, value = spec.removesuffix(AUDIO_ONLY if audio_only else "").partition(":")
     if kind == "server_vad" and value.isdigit():
-        return TurnDetection(silence_duration_ms=int(value))
+        return TurnDetection(silence_duration_ms=int(value)), True
     if kind == "semantic_vad" and value in EAGERNESS:
-        return TurnDetection(type="semantic_vad", eagerness=value)
-    raise ValueError(f"--turn-detection: {spec!r} is not server_vad:MS or semantic_vad:{'|'.join(EAGERNESS)}")
+        return TurnDetection(type="semantic_vad", eagerness=value), not audio_only
+    raise ValueError(f"--turn-detection: {spec!r} is not server_vad:MS or semantic_vad:{'|'.join(EAGERNESS)}[:audio]")
+
+
+def describe(td: TurnDetection, text_turn: bool) -> str:
+    name = describe_turn_detection(td.to_dict())
+    return name + (", Smart Turn alone" if td.semantic and not text_turn else "")
 
 
 def _fmt(v: float | None) -> str:
@@ -176,12 +184,14 @@ def summarize(turns: list[Turn]) -> tuple[list[dict], dict]:
     paused = [t for t in turns if t.question in PAUSED_QUESTIONS]
     decided = [t.response.metrics["turn"] for t in answered]
     judged = [d["model_ms"] for d in decided if d["model_ms"] is not None]
+    read = [d["text_model_ms"] for d in decided if d.get("text_model_ms") is not None]
     summary = {
         "turns": len(turns), "answered": len(answered),
         "paused_turns": len(paused), "cut_offs": sum(t.cut_off for t in paused),
         "cut_offs_unpaused": sum(t.cut_off for t in turns if t not in paused),
         "ended_by": {reason: sum(d["reason"] == reason for d in decided) for reason in {d["reason"] for d in decided}},
         "turn_model_ms_p50": percentile(judged, 50), "turn_model_ms_p90": percentile(judged, 90),
+        "text_model_ms_p50": percentile(read, 50), "text_model_ms_p90": percentile(read, 90),
         "drafted": sum(bool(t.response.metrics.get("drafted")) for t in answered),
         "barge_in_attempts": sum(t.barge_in for t in turns), "barge_ins_measured": len(barge),
         "live_wer": wer([spoken_text(t.question) for t in heard], [t.transcript for t in heard]) if heard else None,
@@ -252,7 +262,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--first-words", type=int, default=3, help="first clause cut after this many words (default: %(default)s)")
     p.add_argument("--turn-detection", default=None,
                    help="turn detections to run the loop with, side by side: server_vad:SILENCE_MS, "
-                        f"semantic_vad:EAGERNESS (default: {','.join(TURN_DETECTIONS)}; with --callers one of them, "
+                        "semantic_vad:EAGERNESS, semantic_vad:EAGERNESS:audio (Smart Turn alone, no LLM reading of the "
+                        f"transcript) (default: {','.join(TURN_DETECTIONS)}; with --callers one of them, "
                         "default the server's own, server_vad:300)")
     p.add_argument("--paused-every", type=int, default=None,
                    help="every n-th question has a 0.5-0.7 s mid-sentence pause (0 = none; default: 3, with --callers 0)")
@@ -288,12 +299,12 @@ def side_by_side(args: argparse.Namespace) -> int:
     questions = mixed_questions(args.turns, 3 if args.paused_every is None else args.paused_every)
     engine = Engine(args.model)
     runs = []
-    for td in configs:
-        name = describe_turn_detection(td.to_dict())
+    for td, text_turn in configs:
+        name = describe(td, text_turn)
         print(f"\nLive loop, {name}: {args.turns} turns ({sum(q in PAUSED_QUESTIONS for q in questions)} with a "
               f"mid-sentence pause), barge-in every {args.barge_in_every}, engine {engine.name} "
               f"({engine.snapshot().state.mode} mode), Whisper + espeak ...", flush=True)
-        with serving(voice_services(engine, tts, args.max_tokens, args.first_words, td)) as url:
+        with serving(voice_services(engine, tts, args.max_tokens, args.first_words, td, text_turn)) as url:
             turns = live_loop(url, [questions], args.barge_in_every)[0]
         rows, summary = summarize(turns)
         print(table(rows, [("measure", "per turn", ""), ("n", "n", "d"), ("median_ms", "median ms", ".0f"),
@@ -307,13 +318,15 @@ def side_by_side(args: argparse.Namespace) -> int:
                    "cut_offs": f"{r['summary']['cut_offs']}/{r['summary']['paused_turns']}",
                    "wer": r["summary"]["live_wer"], "barge_in_p50_ms": r["summary"]["barge_in_median_ms"],
                    "turn_model_ms_p50": r["summary"]["turn_model_ms_p50"],
+                   "text_model_ms_p50": r["summary"]["text_model_ms_p50"],
                    "ended_by": ", ".join(f"{k} {v}" for k, v in sorted(r["summary"]["ended_by"].items()))} for r in runs]
     print()
     print(table(comparison, [("turn_detection", "turn detection", ""), ("answered", "answered", ""),
                              ("e2e_p50_ms", "E2E p50 ms", ".0f"), ("e2e_p90_ms", "E2E p90 ms", ".0f"),
                              ("endpointing_p50_ms", "endpointing p50", ".0f"), ("cut_offs", "cut-offs", ""),
                              ("wer", "WER", ".1%"), ("barge_in_p50_ms", "barge-in p50", ".0f"),
-                             ("turn_model_ms_p50", "Smart Turn ms", ".0f"), ("ended_by", "turns ended by", "")]))
+                             ("turn_model_ms_p50", "Smart Turn ms", ".0f"), ("text_model_ms_p50", "LLM judge ms", ".0f"),
+                             ("ended_by", "turns ended by", "")]))
     print(f"load average at start {load[0]:.1f}; targets: E2E median <= {TARGETS['e2e_median_ms']} ms, "
           f"p90 <= {TARGETS['e2e_p90_ms']} ms, cut-offs <= 1 in 10, barge-in <= {TARGETS['barge_in_ms']} ms, WER <= 15%"
           + (f"; WER (whisper, question set) {asr_rows[0]['wer']:.1%}" if asr_rows else ""))
@@ -328,21 +341,21 @@ def under_load(args: argparse.Namespace) -> int:
     specs = args.turn_detection.split(",") if args.turn_detection else []
     if len(specs) > 1:
         raise SystemExit("--callers runs one turn detection: give --turn-detection one value")
-    td = parse_turn_detection(specs[0]) if specs else SessionConfig().turn_detection
+    td, text_turn = parse_turn_detection(specs[0]) if specs else (SessionConfig().turn_detection, True)
     paused_every = 0 if args.paused_every is None else args.paused_every
     load = os.getloadavg()
     tts = EspeakTTS()  # the server's voice
     engine = Engine(args.model)
     rows, runs = [], []
     try:
-        with serving(voice_services(engine, tts, args.max_tokens, args.first_words, td)) as url:
+        with serving(voice_services(engine, tts, args.max_tokens, args.first_words, td, text_turn)) as url:
             for mode in args.modes:
                 engine.control(Controls(mode=mode))
                 for n in args.callers:
                     sets = [mixed_questions(args.caller_turns, paused_every, offset=k * args.caller_turns) for k in range(n)]
                     print(f"\n{mode} mode, {n} caller{'s' if n > 1 else ''} at once, {args.caller_turns} turns each"
                           + (f", {args.text_users} synthetic text users beside them" if args.text_users else "")
-                          + f", {describe_turn_detection(td.to_dict())} ...", flush=True)
+                          + f", {describe(td, text_turn)} ...", flush=True)
                     text = LoadGenerator(engine) if args.text_users else None
                     if text is not None:
                         text.start(args.text_users)

@@ -184,7 +184,7 @@ def emit(seq: Sequence, logits: torch.Tensor, t: float, pick: int | None, mode: 
             token = pick
         else:
             token = choose_tokens([], None, logits[None] if masked is None else masked, seq.params, seq.generator)[0]
-        seq.append([token], mode, t)
+        seq.append([token], mode, t, logits[None])
     except Exception as e:  # bad sampling state fails this request only
         seq.fail(e)
     if not seq.finished and len(seq.prompt_ids) + len(seq.output_ids) >= max_seq_len:

@@ -121,9 +121,9 @@ class LatencyRunner:
         seq.metrics.cached_tokens = min(cached, len(seq.prompt_ids))
         logits = self._forward(ids[cached:], 1)
         self._prefilled = True
-        if (masked := seq.mask_stops(logits)) is not None:  # min_tokens
-            logits = masked
-        seq.append(choose_tokens([], None, logits, seq.params, seq.generator), MODE)
+        masked = seq.mask_stops(logits)  # min_tokens
+        tokens = choose_tokens([], None, logits if masked is None else masked, seq.params, seq.generator)
+        seq.append(tokens, MODE, logits=logits)
 
     def _decode(self, seq: Sequence) -> None:
         t0 = time.perf_counter()
@@ -141,15 +141,15 @@ class LatencyRunner:
         else:
             logits, best = self._forward(step, len(step)), None
         if (masked := seq.mask_stops(logits)) is not None:  # min_tokens: stop tokens are out, so the graph's argmax is too
-            logits, best = masked, None
-        tokens = choose_tokens(drafts, draft_probs, logits, seq.params, seq.generator, best)
+            best = None
+        tokens = choose_tokens(drafts, draft_probs, logits if masked is None else masked, seq.params, seq.generator, best)
         accepted = len(tokens) - 1
         self.cache.truncate(kept + 1 + accepted)  # forget the rejected drafts
         t2 = time.perf_counter()
         max_drafts = self.adaptive.k_max if self.drafter else 0
         for stats in (self.spec, seq.metrics.spec):  # before `append`, which may end the request and report its metrics
             stats.add(len(drafts), accepted, len(tokens), t1 - t0, t2 - t0, max_drafts)
-        seq.append(tokens, MODE)
+        seq.append(tokens, MODE, logits=logits)
         if self.drafter and timed:
             self.adaptive.update(k, len(drafts), accepted, t1 - t0, t2 - t1)
 

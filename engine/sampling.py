@@ -15,6 +15,7 @@ from torch import Tensor
 # 1e-3, and dividing logits by a far tinier one (1e-300, 5e-324) overflows float32 to inf and NaN; vLLM draws the
 # line at the same place (its _SAMPLING_EPS).
 MIN_TEMPERATURE = 1e-5
+MAX_LOGPROBS = 20  # as OpenAI's top_logprobs
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # end the output before the first of these strings (which is not emitted)
     # vLLM's min_tokens: no stop token can be chosen, and no stop string ends the output, before this many tokens
     min_tokens: int = 0
+    # vLLM's logprobs: with each output token, the log-probabilities of the model's this-many most likely tokens at
+    # its position (the model's own distribution, before temperature or top-k/top-p)
+    logprobs: int = 0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -44,6 +48,8 @@ class SamplingParams:
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be in [0, max_tokens = {self.max_tokens}], got {self.min_tokens}")
+        if not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
@@ -84,3 +90,9 @@ def forbid(logits: Tensor, token_ids: Collection[int], rows: int) -> Tensor:
     out = logits.clone()
     out[:rows, torch.tensor(sorted(token_ids), device=out.device)] = float("-inf")
     return out
+
+
+def top_logprobs(logits: Tensor, k: int) -> tuple[dict[int, float], ...]:
+    """Per row of `logits` [n, V]: the k most likely token ids -> their log-probabilities under the model."""
+    values, ids = torch.topk(torch.log_softmax(logits.float(), dim=-1), k, dim=-1)
+    return tuple(dict(zip(row_ids, row_values)) for row_ids, row_values in zip(ids.tolist(), values.tolist()))

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from engine.metrics import RequestMetrics
-from engine.sampling import SamplingParams, forbid, make_generator
+from engine.sampling import SamplingParams, forbid, make_generator, top_logprobs
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 if TYPE_CHECKING:
@@ -45,6 +45,8 @@ class TokenEvent:
     token_ids: list[int]
     text: str
     t: float  # time.monotonic() when the tokens left the engine
+    # SamplingParams.logprobs > 0: per token of token_ids, its position's most likely token ids -> log-probabilities
+    logprobs: tuple[dict[int, float], ...] = ()
 
 
 class EngineError(RuntimeError):
@@ -134,8 +136,9 @@ class Sequence:
             return None
         return forbid(logits, self.stop_ids, rows)
 
-    def append(self, tokens: list[int], mode: str, t: float | None = None) -> None:
-        """Emit tokens produced by one step (all at time t); finish on a stop token or the token limit."""
+    def append(self, tokens: list[int], mode: str, t: float | None = None, logits: Tensor | None = None) -> None:
+        """Emit tokens produced by one step (all at time t); finish on a stop token or the token limit. `logits`
+        [>= len(tokens), V]: the rows the tokens were chosen from, row i for tokens[i] (read when logprobs are asked for)."""
         t = time.monotonic() if t is None else t
         accepted: list[int] = []
         reason = None
@@ -156,7 +159,8 @@ class Sequence:
             if early < len(accepted):
                 more, stopped = self._stops.feed(self._detok.add(accepted[early:]))
                 text += more
-            self.stream.put(TokenEvent(accepted, text, t))
+            logprobs = top_logprobs(logits[:len(accepted)], self.params.logprobs) if self.params.logprobs else ()
+            self.stream.put(TokenEvent(accepted, text, t, logprobs))
             if stopped:
                 reason = "stop"
         if reason:

@@ -166,18 +166,24 @@ class Tokenizer:
         `limit` as for `encode`."""
         return _encode(self.text_tok, text, limit)
 
-    def encode_chat(self, messages: list[dict], limit: int | None = None) -> list[int]:
+    def encode_chat(self, messages: list[dict], limit: int | None = None, open_last: bool = False) -> list[int]:
         """The rendered template's ids, its markers as control tokens and every message's content as plain text.
+        `open_last`: the last message left open, the ids ending with its content (no end marker, no generation prompt),
+        so the next token's probabilities say whether the speaker would end their turn there.
 
         The template renders with a placeholder for each content, so what it writes around the content (and what it
         does with it: repeat it, drop it) is known exactly; each piece between placeholders is encoded on its own. (A
         template that edits content, such as trimming it, edits the placeholder: the content goes in as sent.)
         `limit` as for `encode`."""
         contents = [m.get("content") for m in messages]
+        if open_last and not isinstance(contents[-1], str):
+            raise ValueError("open_last needs a last message with text content")
         mark = _unused_private_char([c for c in contents if isinstance(c, str)])
         placeholders = [{**m, "content": f"{mark}{i}{mark}"} if isinstance(c, str) else m
                         for i, (m, c) in enumerate(zip(messages, contents))]
-        pieces = re.split(f"{mark}(\\d+){mark}", self.render_chat(placeholders))
+        pieces = re.split(f"{mark}(\\d+){mark}", self.render_chat(placeholders, add_generation_prompt=not open_last))
+        if open_last:  # up to the last message's content, where the template would write its end marker
+            pieces = pieces[:max(j for j in range(1, len(pieces), 2) if int(pieces[j]) == len(messages) - 1) + 1]
         ids: list[int] = []
         for j, piece in enumerate(pieces):  # template text, a content's index, template text, ...
             if limit is not None and len(ids) > limit:

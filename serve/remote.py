@@ -119,6 +119,8 @@ class RemoteEngine:
         if self._closed:
             raise RuntimeError("remote engine is closed")
         request.check()
+        if request.sampling.logprobs:  # its answers name tokens by their text, not by the local tokenizer's ids
+            raise ValueError("logprobs are not asked of a remote server")
         if len(self._admission) >= self.max_waiting:
             self.stats.record_rejected()
             raise OverloadedError(f"{self.max_waiting} requests already wait for {self.url}; retry later")

@@ -290,6 +290,8 @@ class VoiceTurn:
     turn_reason: str | None = None  # what ended the user's turn: silence | semantic | too_long | commit
     turn_probability: float | None = None  # semantic_vad: Smart Turn's P(complete) at the pause it judged last
     turn_model_ms: float | None = None
+    text_probability: float | None = None  # semantic_vad: the LLM's P(end of turn) after that pause's transcript
+    text_model_ms: float | None = None
     cut_off: bool = False  # the simulated caller was cut off mid-sentence in this turn
     caller: int = 0  # which simulated caller spoke it: 0 is the one in the transcript, 1.. the callers added as load
 
@@ -306,14 +308,17 @@ class VoiceTurn:
         return cls(user_text, reply_text, status, tuple(parts),
                    client_e2e_ms if client_e2e_ms is not None else server_e2e,
                    llm.get("ttft_ms"), (event.get("tbt_ms") or {}).get("p50"), typed,
-                   turn.get("reason"), turn.get("probability"), turn.get("model_ms"), cut_off, caller)
+                   turn.get("reason"), turn.get("probability"), turn.get("model_ms"), turn.get("text_probability"),
+                   turn.get("text_model_ms"), cut_off, caller)
 
     def decision(self) -> str | None:
         """What ended the turn, in a few words (None for a typed turn)."""
         if self.typed or self.turn_reason is None:
             return None
-        judged = (f"Smart Turn {self.turn_probability:.2f} in {self.turn_model_ms:.0f} ms"
-                  if self.turn_probability is not None and self.turn_model_ms is not None else None)
+        judgments = [f"{who} {p:.2f} in {ms:.0f} ms" for who, p, ms in (
+            ("LLM", self.text_probability, self.text_model_ms), ("Smart Turn", self.turn_probability, self.turn_model_ms))
+            if p is not None and ms is not None]
+        judged = ", ".join(judgments) or None
         if self.turn_reason == "semantic":
             return judged
         said = {"silence": "silence", "too_long": "buffer full", "commit": "client commit"}.get(self.turn_reason,

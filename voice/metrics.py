@@ -41,8 +41,10 @@ class TurnTimes:
     asr_audio_s: float | None = None
     drafted: bool = False  # the reply was drafted before the end-of-turn decision
     turn_reason: str | None = None  # what ended the turn: silence | semantic | too_long | commit
-    turn_probability: float | None = None  # semantic_vad: the turn model's last P(complete) in this turn
+    turn_probability: float | None = None  # semantic_vad: Smart Turn's P(complete) at the pause that ended the turn
     turn_model_s: float | None = None  # ... and how long that judgment took
+    text_probability: float | None = None  # semantic_vad: the LLM's P(end of turn) after that pause's transcript
+    text_model_s: float | None = None  # ... and how long that took, from the transcript to the answer
 
     def stamp(self, **times: float | bool | None) -> None:
         """The one way stages are recorded: each is set once, the first time it happens (later calls keep it)."""
@@ -76,7 +78,8 @@ class TurnTimes:
                            **{attr: getattr(self, attr) for _, attr in STAGES}},
             "drafted": self.drafted,
             "turn": {"reason": self.turn_reason, "probability": self.turn_probability,
-                     "model_ms": _ms(self.turn_model_s)},
+                     "model_ms": _ms(self.turn_model_s), "text_probability": self.text_probability,
+                     "text_model_ms": _ms(self.text_model_s)},
             "breakdown_ms": parts,
             "e2e_ms": sum(parts.values()) if parts else None,
             "asr": {"compute_ms": _ms(self.asr_compute_s), "audio_ms": _ms(self.asr_audio_s)},

@@ -4,7 +4,9 @@ the recognizer, keeps its conversation, and starts and stops responses.
 Input audio (24 kHz) is resampled to 16 kHz and fed to the turn detector as it arrives. From speech start
 (minus the prefix padding) the audio also goes to the recognizer. At a pause the recognizer transcribes; at a pause
 semantic_vad judges, what was transcribed becomes settled: later decodes start after it (Whisper), and it goes out as
-a transcription delta as soon as the turn is committed, the rest once decoded, then the completed transcript. When
+a transcription delta as soon as the turn is committed, the rest once decoded, then the completed transcript. Under
+semantic_vad two judges read a pause: the LLM itself (voice/text_turn.py: how likely the transcript so far ends the
+user's turn) and Smart Turn (the audio's prosody); their log odds add up (voice/turns.py). When
 a pause's transcript is ready and the user is still silent, a reply is drafted (engine + TTS) but nothing is sent.
 When the turn ends the draft, if the conversation still matches it, starts playing at once. Speech that starts
 during a reply stops it within the chunk that detected it (barge-in).
@@ -20,7 +22,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from engine import Backend, SamplingParams
+from engine import Backend, EngineError, OverloadedError, SamplingParams
+from voice import text_turn
 from voice.asr import ASR, Recognizer, RecognizerLimitError, Transcript
 from voice.audio import ASR_RATE, WIRE_RATE, Resampler, b64_to_pcm16, pcm16_to_float
 from voice.conversation import MAX_BYTES, MAX_ITEMS, Conversation, Item
@@ -47,6 +50,7 @@ from voice.turns import (
     TurnDetector,
     TurnEnded,
     TurnEvent,
+    combined,
     complete_enough,
 )
 
@@ -69,6 +73,7 @@ class Services:
     max_conversation_bytes: int = MAX_BYTES
     turn_model: SmartTurn | None = None  # semantic_vad's; None: only server_vad (turn_model_error says why)
     turn_model_error: str = "no turn model was loaded"
+    text_turn: bool = True  # semantic_vad also asks the LLM whether the transcript ends the turn (voice/text_turn.py)
 
 
 class Session:
@@ -92,7 +97,15 @@ class Session:
         self.fed_until = 0  # the recognizer has had the utterance's audio up to this sample
         self.speech_item_id: str | None = None
         self.asr_task: asyncio.Task | None = None  # transcript of the utterance up to its latest pause
-        self.judgment: Judgment | None = None  # semantic_vad: the turn model's latest judgment in this utterance
+        # semantic_vad: the turn models' judgments of the utterance at its latest pause (Smart Turn's of the audio, the
+        # LLM's of the transcript), whether the LLM's is still on its way, and which pause that is (judgments that
+        # come back after the user went on are for an earlier one)
+        self.judgment: Judgment | None = None
+        self.text_judgment: Judgment | None = None
+        self.text_judging = False
+        self.pauses = 0
+        # one client event at a time, and a text judgment that ends the turn waits its turn among them
+        self.lock = asyncio.Lock()
         # server_vad's idle_timeout_ms counts silence from here (a 16 kHz sample of the turn detector's input: once the
         # last response has played); None: not counting (no response yet, or speech since)
         self.idle_from: int | None = None
@@ -131,7 +144,8 @@ class Session:
         event: dict = {}
         try:
             event = parse_client_event(raw)
-            await getattr(self, "_on_" + event["type"].replace(".", "_"))(event)
+            async with self.lock:
+                await getattr(self, "_on_" + event["type"].replace(".", "_"))(event)
         except ProtocolError as e:
             if e.event_id is None and isinstance(event.get("event_id"), str):
                 e.event_id = event["event_id"]  # so the client knows which of its events failed
@@ -285,30 +299,82 @@ class Session:
             self.speech_item_id = new_id("item")
             self.idle_from = None  # the user spoke: no idle timeout until the next response has played
             self.recognizer.reset()
-            self.asr_task = self.judgment = None
+            self.asr_task = None
+            self._forget_judgments()
             self._feed_recognizer(ev.start)
             await self.send(server_event("input_audio_buffer.speech_started", item_id=self.speech_item_id,
                                          audio_start_ms=ev.start * 1000 // ASR_RATE))
         elif isinstance(ev, SpeechPaused):
             self.asr_task = self._spawn(self._transcribe())
-            self.asr_task.add_done_callback(self._maybe_draft)
+            self.pauses += 1
+            if self.config.turn_detection.semantic and self.services.text_turn:
+                self.text_judging = True
+                self.asr_task.add_done_callback(lambda task, pause=self.pauses: self._spawn(self._judge_text(task, pause)))
+            else:
+                self.asr_task.add_done_callback(self._maybe_draft)
         elif isinstance(ev, PauseToJudge):
             self._spawn(self.recognizer.settle())  # a real pause: the speech before it is decoded once, now
             await self._judge()
         elif isinstance(ev, SpeechResumed):
             self._discard_draft()
             self.asr_task = None  # it covers the speech only up to the pause
+            self._forget_judgments()
         elif isinstance(ev, TurnEnded):
             await self._end_of_turn(ev)
 
     async def _judge(self) -> None:
-        """semantic_vad: the turn model judges the utterance so far (off the event loop: tens of ms); if it is complete
-        enough for the session's eagerness the turn ends now. Audio events wait meanwhile: this session's handler is
-        awaited message by message, so the turn cannot change under the judgment."""
+        """semantic_vad: Smart Turn judges the utterance so far (off the event loop: tens of ms), then the turn ends if
+        the judgments say so. Client events wait meanwhile (the session's lock), so the turn cannot change under it."""
         audio = self.turns.audio(self.turns.start)
         self.judgment = await asyncio.to_thread(self.services.turn_model.judge, audio)
-        if complete_enough(self.config.turn_detection, self.judgment.probability):
+        await self._decide()
+
+    async def _judge_text(self, asr_task: asyncio.Task, pause: int) -> None:
+        """semantic_vad: the pause's transcript is ready; the LLM judges it (voice/text_turn.py), then the turn ends if
+        the judgments say so. The reply is drafted once the judgment's request is queued: in latency mode it runs
+        next and prefills only the template's few tokens after the judgment's prefix."""
+        t0 = time.perf_counter()
+        stream = None
+        if not asr_task.cancelled() and asr_task.exception() is None and (text := asr_task.result()[0].text):
+            system, history = _split_system(self.conversation.messages(self.config.instructions))
+            history.append({"role": "user", "content": text})
+            try:
+                stream = await asyncio.to_thread(text_turn.submit, self.services.engine, system, history,
+                                                 asyncio.get_running_loop())
+            except (OverloadedError, ValueError) as e:  # a full queue, a backend without log-probabilities
+                log.info("no text judgment of the turn: %s", e)
+        self._maybe_draft(asr_task)
+        probability = None
+        if stream is not None:
+            try:
+                probability = await text_turn.probability(self.services.engine, stream)
+            except EngineError as e:
+                log.warning("the text judgment of the turn failed: %s", e)
+        async with self.lock:
+            if pause != self.pauses or not self.text_judging:  # the user went on, or the turn ended
+                return
+            self.text_judging = False
+            if probability is not None:
+                self.text_judgment = Judgment(probability, time.perf_counter() - t0)
+            await self._decide()
+
+    async def _decide(self) -> None:
+        """semantic_vad, at a pause: end the turn if P(complete) reaches the eagerness's threshold. P is the LLM's
+        alone until Smart Turn has judged too (the LLM's usually comes first: the transcript is decoded from the
+        pause's first silent chunk), then both combined; Smart Turn's alone only when no text judgment is coming."""
+        text, audio = self.text_judgment, self.judgment
+        if not (self.turns.in_turn and self.turns.paused) or (text is None and (audio is None or self.text_judging)):
+            return
+        if text is None or audio is None:
+            probability = (text or audio).probability
+        else:
+            probability = combined(text.probability, audio.probability)
+        if complete_enough(self.config.turn_detection, probability):
             await self._end_of_turn(self.turns.end_turn("semantic"))
+
+    def _forget_judgments(self) -> None:
+        self.judgment = self.text_judgment = None
+        self.text_judging = False
 
     def _feed_recognizer(self, start: int | None = None) -> None:
         """Feed the recognizer the audio it has not had yet (from `start` on a new utterance)."""
@@ -351,7 +417,9 @@ class Session:
         times.stamp(speech_end=ended.sent_at, vad_decision=time.monotonic(), turn_reason=ended.reason)
         if self.judgment is not None:
             times.stamp(turn_probability=self.judgment.probability, turn_model_s=self.judgment.seconds)
-        self.judgment = None
+        if self.text_judgment is not None:
+            times.stamp(text_probability=self.text_judgment.probability, text_model_s=self.text_judgment.seconds)
+        self._forget_judgments()
         item = Item(self.speech_item_id or new_id("item"), "user", text=None, audio=True)
         asr_task = self.asr_task or self._spawn(self._transcribe())  # no pause-time transcript covers the speech
         draft, draft_messages = self.draft, self.draft_messages
@@ -371,7 +439,8 @@ class Session:
         if draft is not None:  # the draft recorded its LLM and TTS times already: the turn's times are its
             draft.times.stamp(speech_end=times.speech_end, vad_decision=times.vad_decision, drafted=True,
                               turn_reason=times.turn_reason, turn_probability=times.turn_probability,
-                              turn_model_s=times.turn_model_s)
+                              turn_model_s=times.turn_model_s, text_probability=times.text_probability,
+                              text_model_s=times.text_model_s)
             times = draft.times
         previous = await self._add_item(item)
         await self.send(server_event("input_audio_buffer.committed", previous_item_id=previous, item_id=item.id))
@@ -419,6 +488,7 @@ class Session:
 
     def _drop_utterance(self) -> None:
         self._discard_draft()
+        self._forget_judgments()
         self.turns.reset()
         self.speech_item_id = self.asr_task = None
         self.recognizer.reset()

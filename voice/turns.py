@@ -2,13 +2,14 @@
 events (speech started, paused, resumed, turn ended, with sample positions); the session only reacts to them.
 
 Two policies, as OpenAI's Realtime API names them. `server_vad`: Silero finds speech (voice/vad.py), and a silence
-of `silence_duration_ms` ends the turn. `semantic_vad`: Silero finds speech and pauses; once a pause has lasted
-JUDGE_AFTER_MS, the detector asks for a judgment (`PauseToJudge`), the session runs the turn model on the utterance
-so far (voice/smart_turn.py) and ends the turn at once if P(complete) reaches the eagerness's threshold; otherwise
-the turn goes on until the user speaks again or the eagerness's longest wait (8 / 4 / 2 s for low / medium / high,
-the API's documented maxima) has passed in silence. Either way a pause (the first silent chunk) comes first, so the
-session can transcribe and draft a reply meanwhile. A turn also ends when it outgrows the input buffer, or when the
-client commits it.
+of `silence_duration_ms` ends the turn. `semantic_vad`: Silero finds speech and pauses, and two turn models judge each
+pause: the LLM reads its transcript (voice/text_turn.py, as soon as the transcript is ready) and Smart Turn hears the
+audio (voice/smart_turn.py) once the pause has lasted JUDGE_AFTER_MS (the detector's `PauseToJudge`). The session ends
+the turn as soon as P(complete) reaches the eagerness's threshold: the LLM's alone until Smart Turn has judged, then
+both `combined`. Otherwise the turn goes on until the user speaks again or the eagerness's longest wait (8 / 4 / 2 s
+for low / medium / high, the API's documented maxima) has passed in silence. Either way a pause (the first silent
+chunk) comes first, so the session can transcribe and draft a reply meanwhile. A turn also ends when it outgrows the
+input buffer, or when the client commits it.
 
 The detector keeps the last few seconds of audio (the utterance's prefix padding and the recognizer's input are
 cut from it) and when each chunk arrived, so a turn's end is dated to when the client sent its last speech,
@@ -17,6 +18,7 @@ not to when the silence after it was noticed.
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left
 from dataclasses import dataclass
 
@@ -28,7 +30,9 @@ from voice.vad import SileroVAD
 
 HISTORY_S = 8  # audio kept: the turn model's window (8 s), and any prefix_padding_ms before speech
 JUDGE_AFTER_MS = 200  # semantic_vad: the pause a judgment waits for (see EAGERNESS)
-# semantic_vad's eagerness -> (P(complete) that ends the turn at a pause, the longest silence it waits)
+# semantic_vad's eagerness -> (P(complete) that ends the turn at a pause, the longest silence it waits). The thresholds
+# were chosen for Smart Turn alone; read by the LLM, 16 sentences cut at a mid-sentence pause scored at most 0.12 and
+# 22 of 24 complete questions at least 0.32 (bench/RESULTS.md), so they hold for its judgments too.
 EAGERNESS = {"high": (0.3, 2000), "medium": (0.5, 4000), "low": (0.7, 8000)}
 EAGERNESS["auto"] = EAGERNESS["medium"]
 
@@ -69,8 +73,16 @@ def end_silence_ms(config: TurnDetection) -> int:
 
 
 def complete_enough(config: TurnDetection, probability: float) -> bool:
-    """semantic_vad: does the turn model's P(complete) end the turn at this pause?"""
+    """semantic_vad: does this P(complete) end the turn at this pause?"""
     return probability >= EAGERNESS[config.eagerness][0]
+
+
+def combined(text: float, audio: float) -> float:
+    """P(complete) from both turn models at one pause, as independent evidence: their log-odds add. Each alone is
+    wrong in its own way (Smart Turn hears "I was wondering," as complete; the LLM reads a misheard question as an
+    unfinished statement), and one that is sure outweighs one that is unsure."""
+    logit = sum(math.log(p / (1 - p)) for p in (min(max(q, 1e-4), 1 - 1e-4) for q in (text, audio)))
+    return 1 / (1 + math.exp(-logit))
 
 
 class TurnDetector:

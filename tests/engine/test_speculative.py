@@ -16,7 +16,8 @@ from engine.speculative import AdaptiveK, ModelDrafter, NgramDrafter, choose_tok
 TEXT = ("The Amazon rainforest covers much of the Amazon basin of South America. Most of it lies in Brazil, "
         "followed by Peru and Colombia. It holds the largest variety of plants and animals of any rainforest.")
 # Prompts where prompt lookup and the draft are mostly right (rewrites, summaries of a given text)
-# mixed with open questions where drafts are mostly wrong.
+# mixed with open questions where drafts are mostly wrong. Twelve of them: fp32 decoding (exact, so greedy ties cannot
+# split the runs) takes ~17 tok/s on an AVX2 CPU, and each drafter runs them all.
 PROMPTS = [
     f"Summarise this text in one sentence: {TEXT}",
     f"Repeat the following text exactly: {TEXT}",
@@ -28,16 +29,8 @@ PROMPTS = [
     "Translate to French: Good morning, how are you today?",
     "What is the capital of France?",
     "Write a short poem about the sea.",
-    "Give me three tips for sleeping better.",
-    "Explain what photosynthesis is.",
     "What is 17 times 23?",
-    "Write a Python function that reverses a string.",
     "Who wrote Romeo and Juliet?",
-    "Describe a sunset in two sentences.",
-    "Name five fruits that are red.",
-    "What are the benefits of regular exercise?",
-    "Tell me a fun fact about octopuses.",
-    "How do I boil an egg?",
 ]
 GREEDY = SamplingParams(max_tokens=128)
 
@@ -213,6 +206,19 @@ def test_adaptive_k_stops_speculating_when_drafts_fail_and_resumes_when_they_suc
         k = max(a.choose(), 1)
         a.update(k, k, k, draft_s=0.002 * k, verify_s=0.010 * (1 + 0.05 * k))
     assert a.choose() >= 3
+
+
+def test_adaptive_k_stops_speculating_where_a_verify_step_costs_nearly_its_rows_in_plain_steps():
+    """A compute-bound CPU (AVX2: a step of T rows costs ~1 + 0.9 (T - 1) plain steps): drafts accepted half the time
+    do not pay for their rows, so it settles at k = 0, however costly its first guess was."""
+    a = AdaptiveK(k_max=6, probe_every=16)
+    ks = []
+    for _ in range(64):
+        k = a.choose()
+        ks.append(k)
+        a.update(k, k, k // 2, draft_s=0.0005 * k, verify_s=0.010 * (1 + 0.9 * k))
+    assert ks[1] == 0  # after the first guess it times a plain step
+    assert ks[-32:].count(0) >= 30  # then no speculation, but an occasional probe
 
 
 def test_cancellation_mid_speculation_leaves_caches_reusable(default_model):

@@ -39,6 +39,21 @@ def test_chat_template_matches_hf(default_model, hf_tokenizer):
         assert default_model.tokenizer.encode_chat(msgs) == hf_tokenizer.encode(ref, add_special_tokens=False)
 
 
+def test_a_chat_with_its_last_message_left_open_ends_with_that_content(default_model, hf_tokenizer):
+    """open_last: the ids up to the last message's words, so the next token says whether its speaker ends there: the
+    full prompt's ids go on with the end-of-turn marker, and nothing of the assistant's prompt comes before it."""
+    tok = default_model.tokenizer
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "I would like to know"}]
+    open_ids = tok.encode_chat(messages, open_last=True)
+    full = hf_tokenizer.encode(hf_tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)
+    assert full[:len(open_ids)] == open_ids
+    assert full[len(open_ids)] == tok.tok.token_to_id("<|im_end|>")
+    assert open_ids[-len(tok.encode_text("I would like to know")):] == tok.encode_text("I would like to know")
+    with pytest.raises(ValueError, match="open_last"):
+        tok.encode_chat([{"role": "user", "content": None}], open_last=True)
+
+
 def test_stop_ids_include_end_of_turn(default_model):
     tok = default_model.tokenizer
     assert tok.tok.token_to_id("<|im_end|>") in tok.stop_ids

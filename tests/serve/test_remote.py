@@ -35,6 +35,13 @@ def test_backend_urls():
         base_url("gpu-node:8000")
 
 
+def test_logprobs_are_refused_at_once(remote):
+    """The server would name tokens by their text, not by the local tokenizer's ids: refused before anything is sent."""
+    with pytest.raises(ValueError, match="logprobs"):
+        remote.submit(Request(messages=QUESTION, sampling=SamplingParams(max_tokens=1, logprobs=5)))
+    assert idle(remote)
+
+
 def test_unreachable_or_wrong_endpoints_are_named(api_server):
     with pytest.raises(RemoteError, match="127.0.0.1:9/v1/models"):
         RemoteEngine("openai://127.0.0.1:9/v1", connect_timeout_s=2)

@@ -195,6 +195,18 @@ def test_voice_stats_last_and_median_over_spoken_turns():
     assert stats.goodput == 0.25  # 500 of 700, 500, 900, 650 meets the 500 ms voice SLO; the typed turn is not counted
 
 
+def test_a_turns_decision_names_the_judgments_that_made_it():
+    def turn(reason, **turn_fields):
+        event = {"breakdown_ms": {}, "e2e_ms": None, "turn": {"reason": reason, **turn_fields}}
+        return VoiceTurn.from_metrics(event, "q", "a", "completed")
+
+    both = {"probability": 0.91, "model_ms": 80.4, "text_probability": 0.02, "text_model_ms": 41.0}
+    assert turn("semantic", text_probability=0.83, text_model_ms=45.2).decision() == "LLM 0.83 in 45 ms"
+    assert turn("silence", **both).decision() == "silence (after LLM 0.02 in 41 ms, Smart Turn 0.91 in 80 ms)"
+    assert turn("silence").decision() == "silence"
+    assert VoiceTurn("", "typed", "completed", (), None, None, None, typed=True).decision() is None
+
+
 def test_a_cycles_the_added_callers_one_three_seven_then_none():
     seen, n = [], 0
     for _ in range(5):

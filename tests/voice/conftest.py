@@ -16,8 +16,8 @@ from voice.wer import wer
 
 MAX_TOKENS = 8  # short replies keep the real-time tests short
 COMPLETE = "What is the capital of France?"
-PAUSED = f"If you could{MID_PAUSE}tell me a joke."
-PAUSED_CUT = "If you could,"  # PAUSED up to its pause: a sentence cut before its verb
+PAUSED = f"I would like to know{MID_PAUSE}how far away the moon is."
+PAUSED_CUT = "I would like to know,"  # PAUSED up to its pause: a sentence cut before its object
 
 
 def closest(hypothesis: str, candidates: list[str] | tuple[str, ...]) -> str:
@@ -58,10 +58,11 @@ async def server(services):
 
 @pytest.fixture(scope="session")
 def spoken() -> dict:
-    """24 kHz espeak speech of the turn tests' sentences (COMPLETE, PAUSED, and PAUSED_CUT cut from it), from a worker of
-    their own. espeak's output
-    varies a little with what it spoke before (Smart Turn's P(complete) of PAUSED cut at its pause ranged 0.07-0.25 over
-    six orders), so a fresh worker speaks them first: the same audio every run, whatever ran before."""
+    """24 kHz espeak speech of the turn tests' sentences (COMPLETE, PAUSED, PAUSED_CUT cut from it), from a worker of
+    their own. espeak's output varies a little with what it spoke before (Smart Turn's P(complete) of "If you could,"
+    cut at its pause ranged 0.07-0.25 over six orders on one CPU, 0.65-0.88 on another), so a fresh worker speaks them
+    first: the same audio every run, whatever ran before. PAUSED_CUT is a cut Smart Turn scored unfinished on the AMD
+    EPYC for either pause drawn (0.04-0.05)."""
     fresh = EspeakTTS()
     try:
         spoken = {text: speak(fresh, text) for text in (COMPLETE, PAUSED)}

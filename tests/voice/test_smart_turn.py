@@ -53,7 +53,7 @@ def test_the_front_end_equals_the_wheels_own(tts, seconds):
 
 def test_a_complete_question_scores_complete_and_a_sentence_cut_before_its_verb_does_not(model, spoken):
     complete = model.judge(with_silence(spoken[COMPLETE]))
-    incomplete = model.judge(with_silence(spoken[PAUSED_CUT]))  # "If you could, tell me a joke." cut before its verb
+    incomplete = model.judge(with_silence(spoken[PAUSED_CUT]))  # PAUSED cut at its pause
     assert complete.probability > 0.5 > incomplete.probability, (complete, incomplete)
     assert complete.seconds > 0 and incomplete.seconds > 0
 
