@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from engine import Controls, Engine
+from engine.kv_cache import StaticKVCache
 from engine.sampling import SamplingParams
 from engine.sequence import Request, Sequence, Stream
 
@@ -24,8 +25,6 @@ def engine(default_model):
 
 def reference_logprobs(fp32_model, ids: list[int]) -> torch.Tensor:
     """log_softmax of one full fp32 forward: row i is the distribution of the token after ids[: i + 1]."""
-    from engine.kv_cache import StaticKVCache
-
     cache = StaticKVCache(fp32_model.cfg, len(ids), torch.float32)
     with torch.no_grad():
         return torch.log_softmax(fp32_model.logits(fp32_model(torch.tensor(ids), cache.begin(len(ids)), cache)), -1)
