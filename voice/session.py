@@ -336,8 +336,7 @@ class Session:
         t0 = time.perf_counter()
         stream = None
         if not asr_task.cancelled() and asr_task.exception() is None and (text := asr_task.result()[0].text):
-            system, history = _split_system(self.conversation.messages(self.config.instructions))
-            history.append({"role": "user", "content": text})
+            system, history = _split_system(self._messages_with(text))
             try:
                 stream = await asyncio.to_thread(text_turn.submit, self.services.engine, system, history,
                                                  asyncio.get_running_loop())
@@ -399,12 +398,15 @@ class Session:
         transcript = task.result()[0]
         if not transcript.text:
             return
-        messages = self.conversation.messages(self.config.instructions)
-        messages.append({"role": "user", "content": transcript.text})
+        messages = self._messages_with(transcript.text)
         self.draft = self._new_response(TurnTimes())
         self.draft_messages = messages
         system, history = _split_system(messages)
         self.draft.prepare(system, history)
+
+    def _messages_with(self, transcript: str) -> list[dict]:
+        """The conversation as the reply would read it if the turn ended with `transcript` (a pause's)."""
+        return self.conversation.messages(self.config.instructions) + [{"role": "user", "content": transcript}]
 
     def _discard_draft(self) -> None:
         if self.draft is not None:

@@ -1,5 +1,5 @@
 """The text turn model on the default LLM: a complete question reads as the end of a turn and a sentence cut before
-its verb does not; the reply drafted after a judgment reuses all of the judgment's prefill; a backend without a
+its object does not; the reply drafted after a judgment reuses all of the judgment's prefill; a backend without a
 tokenizer gives no judgment."""
 
 import asyncio
