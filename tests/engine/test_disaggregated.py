@@ -125,7 +125,7 @@ def test_a_killed_worker_fails_its_requests_and_the_engine_serves_the_next(defau
     """Prefill worker killed while a long prompt is on it: that request fails with an error naming it, and the users
     decoding meanwhile go on. Decode worker killed: every decoding stream ends with an error naming it. Each time a
     new worker serves the next request, and closing the engine leaves no process and no engine thread behind."""
-    before = children()
+    before, threads_before = children(), set(threading.enumerate())  # (other tests' engines may still run)
     engine = Engine(default_model, mode="disaggregated", spec="off", kv_cache_tokens=8192)
     try:
         users = [engine.submit(Request(prompt_ids=[1, 2, 3, 4 + i], sampling=LONG)) for i in range(3)]
@@ -152,7 +152,7 @@ def test_a_killed_worker_fails_its_requests_and_the_engine_serves_the_next(defau
     finally:
         engine.close()
     assert children() <= before
-    assert not [t for t in threading.enumerate() if t.name == "engine" and t.is_alive()]
+    assert not [t for t in threading.enumerate() if t.name == "engine" and t.is_alive() and t not in threads_before]
 
 
 def test_a_worker_that_dies_while_starting_again_makes_the_engine_fall_back_to_batched_mode(default_model):
