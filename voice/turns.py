@@ -31,8 +31,8 @@ from voice.vad import SileroVAD
 HISTORY_S = 8  # audio kept: the turn model's window (8 s), and any prefix_padding_ms before speech
 JUDGE_AFTER_MS = 200  # semantic_vad: the pause a judgment waits for (see EAGERNESS)
 # semantic_vad's eagerness -> (P(complete) that ends the turn at a pause, the longest silence it waits). The thresholds
-# were chosen for Smart Turn alone; read by the LLM, 16 sentences cut at a mid-sentence pause scored at most 0.12 and
-# 22 of 24 complete questions at least 0.32 (bench/RESULTS.md), so they hold for its judgments too.
+# were chosen for Smart Turn alone; read by the LLM, 16 sentences cut at a mid-sentence pause scored at most 0.07 and
+# 43 of 48 complete questions at least 0.32, the rest misheard (bench/RESULTS.md), so they hold for its judgments too.
 EAGERNESS = {"high": (0.3, 2000), "medium": (0.5, 4000), "low": (0.7, 8000)}
 EAGERNESS["auto"] = EAGERNESS["medium"]
 
