@@ -1,15 +1,15 @@
 """One client's realtime session: dispatches its events, feeds its audio to the turn detector (voice/turns.py) and
 the recognizer, keeps its conversation, and starts and stops responses.
 
-Input audio (24 kHz) is resampled to 16 kHz and fed to the turn detector as it arrives. From speech start
-(minus the prefix padding) the audio also goes to the recognizer. At a pause the recognizer transcribes; at a pause
-semantic_vad judges, what was transcribed becomes settled: later decodes start after it (Whisper), and it goes out as
-a transcription delta as soon as the turn is committed, the rest once decoded, then the completed transcript. Under
+Input audio (24 kHz) is resampled to 16 kHz and fed to the turn detector as it arrives. From speech start (minus the
+prefix padding) the audio also goes to the recognizer. At a pause the recognizer transcribes; at a pause semantic_vad
+judges, what was transcribed becomes settled: later decodes start after it (Whisper), and it goes out as a
+transcription delta as soon as the turn is committed, the rest once decoded, then the completed transcript. Under
 semantic_vad two judges read a pause: the LLM itself (voice/text_turn.py: how likely the transcript so far ends the
-user's turn) and Smart Turn (the audio's prosody); their log odds add up (voice/turns.py). When
-a pause's transcript is ready and the user is still silent, a reply is drafted (engine + TTS) but nothing is sent.
-When the turn ends the draft, if the conversation still matches it, starts playing at once. Speech that starts
-during a reply stops it within the chunk that detected it (barge-in).
+user's turn) and, only where its reading leaves the turn open, Smart Turn (the audio's prosody); their log odds add up
+(voice/turns.py). When a pause's transcript is ready and the user is still silent, a reply is drafted (engine + TTS)
+but nothing is sent. When the turn ends the draft, if the conversation still matches it, starts playing at once.
+Speech that starts during a reply stops it within the chunk that detected it (barge-in).
 """
 
 from __future__ import annotations
@@ -98,11 +98,12 @@ class Session:
         self.speech_item_id: str | None = None
         self.asr_task: asyncio.Task | None = None  # transcript of the utterance up to its latest pause
         # semantic_vad: the turn models' judgments of the utterance at its latest pause (Smart Turn's of the audio, the
-        # LLM's of the transcript), whether the LLM's is still on its way, and which pause that is (judgments that
-        # come back after the user went on are for an earlier one)
+        # LLM's of the transcript), whether the LLM's is still on its way, whether Smart Turn waits for it, and which
+        # pause that is (judgments that come back after the user went on are for an earlier one)
         self.judgment: Judgment | None = None
         self.text_judgment: Judgment | None = None
         self.text_judging = False
+        self.audio_due = False
         self.pauses = 0
         # one client event at a time, and a text judgment that ends the turn waits its turn among them
         self.lock = asyncio.Lock()
@@ -314,7 +315,10 @@ class Session:
                 self.asr_task.add_done_callback(self._maybe_draft)
         elif isinstance(ev, PauseToJudge):
             self._spawn(self.recognizer.settle())  # a real pause: the speech before it is decoded once, now
-            await self._judge()
+            if self.text_judging:  # Smart Turn is asked only if the LLM's reading does not end the turn
+                self.audio_due = True
+            else:
+                await self._judge()
         elif isinstance(ev, SpeechResumed):
             self._discard_draft()
             self.asr_task = None  # it covers the speech only up to the pause
@@ -323,8 +327,10 @@ class Session:
             await self._end_of_turn(ev)
 
     async def _judge(self) -> None:
-        """semantic_vad: Smart Turn judges the utterance so far (off the event loop: tens of ms), then the turn ends if
-        the judgments say so. Client events wait meanwhile (the session's lock), so the turn cannot change under it."""
+        """semantic_vad: Smart Turn judges the utterance so far (off the event loop: ~100 ms on 2 cores), then the turn
+        ends if the judgments say so. Client events wait meanwhile (the session's lock), so the turn cannot change
+        under it."""
+        self.audio_due = False
         audio = self.turns.audio(self.turns.start)
         self.judgment = await asyncio.to_thread(self.services.turn_model.judge, audio)
         await self._decide()
@@ -356,11 +362,15 @@ class Session:
             if probability is not None:
                 self.text_judgment = Judgment(probability, time.perf_counter() - t0)
             await self._decide()
+            if self.audio_due and self.turns.in_turn and self.turns.paused:
+                await self._judge()
 
     async def _decide(self) -> None:
         """semantic_vad, at a pause: end the turn if P(complete) reaches the eagerness's threshold. P is the LLM's
-        alone until Smart Turn has judged too (the LLM's usually comes first: the transcript is decoded from the
-        pause's first silent chunk), then both combined; Smart Turn's alone only when no text judgment is coming."""
+        alone until Smart Turn has judged too, then both combined; Smart Turn's alone only when no text judgment is
+        coming. The LLM reads first (the transcript is decoded from the pause's first silent chunk) and Smart Turn
+        only where that does not end the turn: run side by side on 2 cores, Smart Turn's ~100 ms of inference slowed
+        Whisper and the LLM's judgment, the turn's critical path, by as much (bench/RESULTS.md)."""
         text, audio = self.text_judgment, self.judgment
         if not (self.turns.in_turn and self.turns.paused) or (text is None and (audio is None or self.text_judging)):
             return
@@ -373,7 +383,7 @@ class Session:
 
     def _forget_judgments(self) -> None:
         self.judgment = self.text_judgment = None
-        self.text_judging = False
+        self.text_judging = self.audio_due = False
 
     def _feed_recognizer(self, start: int | None = None) -> None:
         """Feed the recognizer the audio it has not had yet (from `start` on a new utterance)."""

@@ -1,15 +1,15 @@
 """Turn-taking, as its own object: a `TurnDetector` consumes a session's input audio (16 kHz) and emits typed turn
 events (speech started, paused, resumed, turn ended, with sample positions); the session only reacts to them.
 
-Two policies, as OpenAI's Realtime API names them. `server_vad`: Silero finds speech (voice/vad.py), and a silence
-of `silence_duration_ms` ends the turn. `semantic_vad`: Silero finds speech and pauses, and two turn models judge each
-pause: the LLM reads its transcript (voice/text_turn.py, as soon as the transcript is ready) and Smart Turn hears the
-audio (voice/smart_turn.py) once the pause has lasted JUDGE_AFTER_MS (the detector's `PauseToJudge`). The session ends
-the turn as soon as P(complete) reaches the eagerness's threshold: the LLM's alone until Smart Turn has judged, then
-both `combined`. Otherwise the turn goes on until the user speaks again or the eagerness's longest wait (8 / 4 / 2 s
-for low / medium / high, the API's documented maxima) has passed in silence. Either way a pause (the first silent
-chunk) comes first, so the session can transcribe and draft a reply meanwhile. A turn also ends when it outgrows the
-input buffer, or when the client commits it.
+Two policies, as OpenAI's Realtime API names them. `server_vad`: Silero finds speech (voice/vad.py), and a silence of
+`silence_duration_ms` ends the turn. `semantic_vad`: Silero finds speech and pauses, and two turn models judge each
+pause: the LLM reads its transcript (voice/text_turn.py, as soon as the transcript is ready), and Smart Turn hears the
+audio (voice/smart_turn.py) once the pause has lasted JUDGE_AFTER_MS (the detector's `PauseToJudge`) and the LLM's
+reading has not ended the turn. The session ends the turn as soon as P(complete) reaches the eagerness's threshold:
+the LLM's alone until Smart Turn has judged, then both `combined`. Otherwise the turn goes on until the user speaks
+again or the eagerness's longest wait (8 / 4 / 2 s for low / medium / high, the API's documented maxima) has passed in
+silence. Either way a pause (the first silent chunk) comes first, so the session can transcribe and draft a reply
+meanwhile. A turn also ends when it outgrows the input buffer, or when the client commits it.
 
 The detector keeps the last few seconds of audio (the utterance's prefix padding and the recognizer's input are
 cut from it) and when each chunk arrived, so a turn's end is dated to when the client sent its last speech,

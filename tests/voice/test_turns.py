@@ -10,7 +10,8 @@ comes back while audio goes on arriving, so these tests send the next chunk only
 time). An utterance with a mid-sentence pause is not committed at its pause; each eagerness waits its longest silence,
 and no longer, for an utterance judged incomplete; a question the LLM reads as complete is committed at the pause,
 before Smart Turn would judge; a cut sentence that Smart Turn is sure is complete stays open (Smart Turn alone does
-misjudge such cuts: "If you could," 0.88 on an AMD EPYC). How the two combine: `combined`'s own test."""
+misjudge such cuts: "If you could," 0.88 on an AMD EPYC); Smart Turn hears a pause only once the LLM's reading has left
+the turn open. How the two combine: `combined`'s own test."""
 
 import asyncio
 import json
@@ -187,6 +188,23 @@ async def test_the_llm_keeps_open_a_cut_sentence_that_smart_turn_is_sure_is_comp
         end_of_speech = int(0.3 * WIRE_RATE) + len(speech)
         commits = recorder.at("input_audio_buffer.committed")
         assert heard and len(commits) == 1 and commits[0] >= end_of_speech, (heard, commits, end_of_speech)
+    finally:
+        await session.close()
+
+
+async def test_smart_turn_hears_a_pause_only_after_the_llm_has_read_it_and_left_the_turn_open(judged_services, spoken,
+                                                                                                smart_turn, monkeypatch):
+    """Sent as fast as the session takes it, the pause lasts JUDGE_AFTER_MS while the transcript is still being read."""
+    asked = []  # at each of Smart Turn's judgments: was the LLM's still on its way, and had it come back
+    judge = smart_turn.judge
+    monkeypatch.setattr(smart_turn, "judge", lambda audio: asked.append(
+        (session.text_judging, session.text_judgment is not None)) or judge(audio))
+    session, recorder = await session_with(judged_services, {"type": "semantic_vad", "eagerness": "low"})
+    try:
+        await send(session, recorder, np.concatenate([silence(0.3), spoken[PAUSED_CUT], silence(0.5)]))
+        await until(lambda: session.judgment is not None)
+        assert asked == [(False, True)], asked  # once, after the LLM's judgment of the cut sentence kept the turn open
+        assert session.text_judgment.probability < EAGERNESS["low"][0] and not recorder.at("input_audio_buffer.committed")
     finally:
         await session.close()
 
