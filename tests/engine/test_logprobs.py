@@ -1,6 +1,10 @@
 """SamplingParams.logprobs: each output token comes with its position's most likely tokens and their
 log-probabilities, in every mode, against a plain fp32 forward of the whole sequence; the rows a sequence emits are
-exactly its accepted tokens' (a remote backend refuses them: tests/serve/test_remote.py)."""
+exactly its accepted tokens' (a remote backend refuses them: tests/serve/test_remote.py).
+
+The engines run named setups, not the one measured for this machine: the measured one may run bf16 weights, whose
+log-probabilities are the model's only to bf16's precision (0.14-0.38 nats off fp32 seen on the Xeon), and which
+setup a noisy machine measures varies run to run. Its accuracy is the setup's agreement bar's to vouch for."""
 
 import math
 
@@ -11,14 +15,26 @@ from engine import Controls, Engine
 from engine.kv_cache import StaticKVCache
 from engine.sampling import SamplingParams
 from engine.sequence import Request, Sequence, Stream
+from engine.setup import Setup
+from kernels import native
+
+# fp32 weights everywhere; and the native int4 kernel's decode steps (exact: the GGUF's int4 and Q8_0 codes, fp32
+# activations), whose prompt rows run on fp32 dense copies
+SETUPS = {"fp32": Setup(decode="fp32", prefill="fp32", batched="fp32", threads=1),
+          "native": Setup(decode="native", prefill="fp32", batched="fp32", threads=1)}
+# The prompt's last row, the first token's, leaves the dense model through its per-row int8 head (engine/quant.py
+# Int8Linear, bf16 activations) where the native kernel's head is exact: 0.06-0.07 nats off fp32 on two prompts.
+INT8_HEAD_NATS = 0.15
 
 PROMPT = [{"role": "user", "content": "Name the three primary colours."}]
 K = 5
 
 
-@pytest.fixture(scope="module")
-def engine(default_model):
-    e = Engine(default_model, spec="ngram")
+@pytest.fixture(scope="module", params=list(SETUPS))
+def engine(request, default_model):
+    if request.param == "native" and not native.available():
+        pytest.skip(f"the native kernel is unavailable here: {native.why_unavailable()}")
+    e = Engine(default_model, spec="ngram", setup=SETUPS[request.param])
     yield e
     e.close()
 
@@ -40,9 +56,9 @@ def test_each_token_carries_its_positions_top_logprobs(engine, fp32_model, defau
     rows = [row for ev in events for row in ev.logprobs]
     assert len(tokens) >= 4 and len(rows) == len(tokens)  # one per token, however many a step emitted
     ref = reference_logprobs(fp32_model, prompt + tokens)
-    # batched mode's weights may be bf16 (where the setup chose it): its numbers are the model's to bf16's precision
-    tol = 0.15 if engine.batched_dtype == torch.bfloat16 and mode == "batched" else 2e-3
     for i, (token, row) in enumerate(zip(tokens, rows)):
+        head_q = i == 0 and mode == "latency" and engine.model.head_q is not None
+        tol = INT8_HEAD_NATS if head_q else 2e-3
         assert len(row) == K
         assert max(row, key=row.get) == token  # greedy: the emitted token is its position's likeliest
         want = ref[len(prompt) - 1 + i]
