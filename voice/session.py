@@ -339,6 +339,8 @@ class Session:
         """semantic_vad: the pause's transcript is ready; the LLM judges it (voice/text_turn.py), then the turn ends if
         the judgments say so. The reply is drafted once the judgment's request is queued: in latency mode it runs
         next and prefills only the template's few tokens after the judgment's prefix."""
+        if pause != self.pauses or not self.text_judging:  # the user went on before the transcript was ready
+            return
         t0 = time.perf_counter()
         stream = None
         if not asr_task.cancelled() and asr_task.exception() is None and (text := asr_task.result()[0].text):

@@ -8,7 +8,9 @@ the TorchScript model (tests/voice/test_speech.py).
 The state machine follows OpenAI's `server_vad` parameters: `threshold` (speech probability that starts
 speech) and `silence_duration_ms` (silence that ends a turn). Between the first silent chunk (`pause`)
 and the end-of-turn decision (`end`) the caller can already transcribe, so little ASR work remains when
-the decision comes.
+the decision comes. Silero notices a pause ~110 ms after the voice stops (p50 on the caller's questions); the
+audio's energy tells sooner: FADE_MS of audio near the noise floor measured before the speech pauses it at once,
+and louder audio before Silero agrees resumes it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,19 @@ CHUNK = 512  # samples per model call at 16 kHz (32 ms): the size Silero v5 is t
 CONTEXT = 64  # samples of the previous chunk the model sees in front of each chunk
 NEG_MARGIN = 0.15  # speech stops below threshold - margin (Silero's own hysteresis)
 SHARPEN_AFTER = 2 * CHUNK  # silence needed to measure the noise floor that sharpens the end of speech
+FRAME = ASR_RATE // 100  # 10 ms: the energy's resolution
+# A pause by energy: FADE_MS of frames within FADE_MARGIN_DB of the floor. On the caller's 32 questions (espeak-ng,
+# some with a pause inside) over a 30 dB floor this came 61 ms after the voice's end (p50, max 73; Silero's own
+# pause 110, max 170), with ~0.1 false pauses per question inside the speech; over a 20 dB floor 53 ms and ~0.3
+# (bench/RESULTS.md). A false one costs a transcription that is thrown away when the voice comes back.
+FADE_MS = 60
+FADE_MARGIN_DB = 6.0
+
+
+def frame_energies(audio: np.ndarray) -> np.ndarray:
+    """Mean square of each whole 10 ms frame, the last frame ending at the end of `audio`."""
+    n = len(audio) // FRAME
+    return np.square(audio[len(audio) - n * FRAME:].reshape(n, FRAME)).mean(axis=1)
 
 
 def silero_data() -> Path:
@@ -119,6 +134,9 @@ class SileroVAD:
         self.speech_end = 0  # where speech ended: the last speech chunk's end, sharpened once a pause is measurable
         self.sharpened = False
         self.recent = np.zeros(0, np.float32)  # the last second of audio, ending at `samples`
+        self.tail = np.zeros(0, np.float32)  # the last FADE_MS of audio fed, ending at `samples + len(pending)`
+        self.quiet: float | None = None  # frame energy below which audio is the floor (None: not measured)
+        self.faded = False  # the current pause was found by energy, and Silero has not yet agreed
 
     def configure(self, threshold: float, silence_duration_ms: int) -> None:
         self.threshold = threshold
@@ -130,12 +148,16 @@ class SileroVAD:
         self.samples += len(self.pending)
         self.recent = np.zeros(0, np.float32)
         self.pending = np.zeros(0, np.float32)
+        self.tail = np.zeros(0, np.float32)
         self.speaking = False
         self.pause_at = None
+        self.quiet, self.faded = None, False
 
     def process(self, audio: np.ndarray) -> list[VadEvent]:
         """Feed 16 kHz audio; return the events it caused, in order."""
-        self.pending = np.concatenate([self.pending, audio.astype(np.float32)])
+        audio = audio.astype(np.float32)
+        self.pending = np.concatenate([self.pending, audio])
+        self.tail = np.concatenate([self.tail, audio])[-FADE_MS * ASR_RATE // 1000:]
         events = []
         while len(self.pending) >= CHUNK:
             chunk, self.pending = self.pending[:CHUNK], self.pending[CHUNK:]
@@ -147,14 +169,16 @@ class SileroVAD:
                 self.speech_end = self.samples
                 if not self.speaking:
                     self.speaking = True
+                    self.quiet = self._floor()
                     events.append(VadEvent("start", at))
-                elif self.pause_at is not None:
+                elif self.pause_at is not None and not self.faded:  # a faded pause resumes on energy, not on the lag
                     self.pause_at = None
                     events.append(VadEvent("resume", at))
             elif self.speaking and prob < self.threshold - NEG_MARGIN:
                 if self.pause_at is None:
                     self.pause_at, self.sharpened = at, False
                     events.append(VadEvent("pause", self.speech_end))
+                self.faded = False
                 if not self.sharpened and self.samples - self.speech_end >= SHARPEN_AFTER:
                     # The silence is measured from where the voice really stopped, not from where Silero
                     # noticed (60-120 ms later).
@@ -165,7 +189,30 @@ class SileroVAD:
                     events.append(VadEvent("end", self.speech_end))
                     self.speaking = False
                     self.pause_at = None
-        return events
+        return events + self._fade(audio)
+
+    def _floor(self) -> float | None:
+        """At speech start: the frame energy below which audio counts as the floor, from the quietest tenth of the
+        second before it (None when less than a quarter second has been heard)."""
+        energies = frame_energies(self.recent)
+        if len(energies) < 25:
+            return None
+        return max(float(np.percentile(energies, 10)), 1e-10) * 10 ** (FADE_MARGIN_DB / 10)
+
+    def _fade(self, audio: np.ndarray) -> list[VadEvent]:
+        """The energy's pauses and resumes, for the audio just fed: speech that fell to the floor for FADE_MS pauses;
+        a pause found so, and not yet Silero's too, resumes at the first louder frame."""
+        if not self.speaking or self.quiet is None:
+            return []
+        fed = self.samples + len(self.pending)
+        if self.pause_at is None:
+            if len(self.tail) * 1000 >= FADE_MS * ASR_RATE and (frame_energies(self.tail) < self.quiet).all():
+                self.pause_at, self.sharpened, self.faded = fed - len(self.tail), False, True
+                return [VadEvent("pause", self.pause_at)]
+        elif self.faded and (loud := np.flatnonzero(frame_energies(audio) >= self.quiet)).size:
+            self.pause_at, self.faded = None, False
+            return [VadEvent("resume", fed - len(audio) // FRAME * FRAME + int(loud[0]) * FRAME)]
+        return []
 
 
 def sharpen_end(audio: np.ndarray, end: int, max_back_ms: int = 200, margin_db: float = 10.0) -> int:

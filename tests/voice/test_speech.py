@@ -12,7 +12,7 @@ from tests.voice.conftest import closest
 from voice.asr import SphinxASR, log_mel
 from voice.audio import ASR_RATE, WIRE_RATE, float_to_pcm16, resample, with_noise_floor
 from voice.caller import QUESTIONS, speak, spoken_question
-from voice.vad import CHUNK, SileroModel, SileroVAD, silero_data
+from voice.vad import CHUNK, FADE_MS, SileroModel, SileroVAD, silero_data
 from voice.wer import wer
 
 
@@ -69,6 +69,40 @@ def test_vad_finds_speech_and_its_end(tts):
     _, end_sample, decided_at = events[-1]
     assert abs(end_sample - end) <= 0.03 * ASR_RATE  # within 30 ms of where the voice stopped
     assert 0.3 * ASR_RATE <= decided_at - end_sample < 0.3 * ASR_RATE + 2 * CHUNK
+
+
+def vad_events(audio: np.ndarray) -> list[tuple[str, int, int]]:
+    """(kind, sample, samples fed when it came) for `audio` fed in 20 ms pieces, as a client sends it."""
+    vad = SileroVAD(threshold=0.5, silence_duration_ms=300)
+    events = []
+    for i in range(0, len(audio), 320):
+        events += [(e.kind, e.sample, min(i + 320, len(audio))) for e in vad.process(audio[i:i + 320])]
+    return events
+
+
+FADE = FADE_MS * ASR_RATE // 1000
+
+
+@pytest.mark.parametrize("text", ["How many legs does a spider have?", "Who wrote Romeo and Juliet?"])
+def test_vad_pauses_once_the_voice_has_been_at_the_floor_for_the_fade(tts, text):
+    audio, _, end = clip(tts, text)
+    paused_at = [fed for kind, _, fed in vad_events(audio) if kind == "pause" and fed > end]
+    # Silero alone notices these 100-110 ms after the voice stops; the energy within a 20 ms piece of the fade (the
+    # voice's last 10 ms frame may already be near the floor)
+    assert paused_at and FADE - 320 <= paused_at[0] - end <= FADE + 320, (paused_at, end)
+
+
+def test_a_pause_found_by_energy_resumes_where_the_voice_comes_back(tts):
+    first, _, first_end = clip(tts, "How many legs", tail_s=0.0)
+    second, second_start, _ = clip(tts, "does a spider have?", seed=1, lead_s=0.08)
+    audio = np.concatenate([first[:first_end], second])  # the voice stops for 80 ms, too short for Silero to notice
+    events = vad_events(audio)
+    resumed = first_end + second_start
+    kinds = [kind for kind, _, _ in events]
+    assert kinds.count("start") == 1 and kinds[-1] == "end", events
+    i = next(i for i, (kind, _, fed) in enumerate(events) if kind == "pause" and fed > first_end)
+    assert kinds[i + 1] == "resume" and abs(events[i + 1][1] - resumed) <= 0.02 * ASR_RATE, (events, resumed)
+    assert events[i][2] - first_end <= FADE + 320  # paused once the floor had lasted the fade
 
 
 def test_vad_ignores_the_noise_floor():
