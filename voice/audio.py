@@ -91,14 +91,19 @@ def with_noise_floor(audio: np.ndarray, snr_db: float = 30.0, seed: int | None =
     return (audio + noise).astype(np.float32)
 
 
+def frame_energies(audio: np.ndarray, rate: int) -> np.ndarray:
+    """Mean square of each whole 10 ms frame of `audio` from its start (a partial last frame is left out)."""
+    frame = rate // 100
+    return np.square(audio[: len(audio) // frame * frame].reshape(-1, frame)).mean(axis=1)
+
+
 def trim_to_voice(audio: np.ndarray, rate: int = WIRE_RATE, margin_db: float = 10.0) -> np.ndarray:
     """Cut leading and trailing silence: keep from the first to the last 10 ms frame that is `margin_db`
     above the recording's floor (its quietest tenth), so "end of speech" means the end of the voice."""
     frame = rate // 100
-    n = len(audio) // frame
-    if n == 0:
+    if len(audio) < frame:
         return audio
-    rms = np.sqrt(np.mean(np.square(audio[: n * frame].reshape(n, frame)), axis=1))
+    rms = np.sqrt(frame_energies(audio, rate))
     floor = np.percentile(rms, 10)
     voiced = np.flatnonzero(rms > max(floor * 10 ** (margin_db / 20), 1e-4))
     return audio[voiced[0] * frame: (voiced[-1] + 1) * frame] if len(voiced) else audio[:0]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from voice.audio import WIRE_RATE, trim_to_voice, with_noise_floor
+from voice.audio import WIRE_RATE, frame_energies, trim_to_voice, with_noise_floor
 from voice.client import Heard, RealtimeClient
 from voice.tts import EspeakTTS
 from voice.wer import wer
@@ -83,7 +83,7 @@ def stretch_first_pause(speech: np.ndarray, pause_s: float, rate: int = WIRE_RAT
     """`speech` with its first silent gap of at least `min_gap_s` (10 ms frames 40 dB below the loudest) replaced by
     `pause_s` of silence."""
     frame = rate // 100
-    energy = np.square(speech[: len(speech) // frame * frame].reshape(-1, frame)).mean(axis=1)
+    energy = frame_energies(speech, rate)
     quiet = energy < energy.max() * 1e-4
     run = 0
     for i, q in enumerate(quiet):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from voice.audio import ASR_RATE
+from voice.audio import ASR_RATE, frame_energies
 
 CHUNK = 512  # samples per model call at 16 kHz (32 ms): the size Silero v5 is trained on
 CONTEXT = 64  # samples of the previous chunk the model sees in front of each chunk
@@ -34,13 +34,8 @@ FRAME = ASR_RATE // 100  # 10 ms: the energy's resolution
 # pause 110, max 170), with ~0.1 false pauses per question inside the speech; over a 20 dB floor 53 ms and ~0.3
 # (bench/RESULTS.md). A false one costs a transcription that is thrown away when the voice comes back.
 FADE_MS = 60
+FADE = FADE_MS * ASR_RATE // 1000  # in samples
 FADE_MARGIN_DB = 6.0
-
-
-def frame_energies(audio: np.ndarray) -> np.ndarray:
-    """Mean square of each whole 10 ms frame, the last frame ending at the end of `audio`."""
-    n = len(audio) // FRAME
-    return np.square(audio[len(audio) - n * FRAME:].reshape(n, FRAME)).mean(axis=1)
 
 
 def silero_data() -> Path:
@@ -157,7 +152,7 @@ class SileroVAD:
         """Feed 16 kHz audio; return the events it caused, in order."""
         audio = audio.astype(np.float32)
         self.pending = np.concatenate([self.pending, audio])
-        self.tail = np.concatenate([self.tail, audio])[-FADE_MS * ASR_RATE // 1000:]
+        self.tail = np.concatenate([self.tail, audio])[-FADE:]
         events = []
         while len(self.pending) >= CHUNK:
             chunk, self.pending = self.pending[:CHUNK], self.pending[CHUNK:]
@@ -194,7 +189,7 @@ class SileroVAD:
     def _floor(self) -> float | None:
         """At speech start: the frame energy below which audio counts as the floor, from the quietest tenth of the
         second before it (None when less than a quarter second has been heard)."""
-        energies = frame_energies(self.recent)
+        energies = frame_energies(self.recent, ASR_RATE)
         if len(energies) < 25:
             return None
         return max(float(np.percentile(energies, 10)), 1e-10) * 10 ** (FADE_MARGIN_DB / 10)
@@ -206,12 +201,12 @@ class SileroVAD:
             return []
         fed = self.samples + len(self.pending)
         if self.pause_at is None:
-            if len(self.tail) * 1000 >= FADE_MS * ASR_RATE and (frame_energies(self.tail) < self.quiet).all():
+            if len(self.tail) == FADE and (frame_energies(self.tail, ASR_RATE) < self.quiet).all():
                 self.pause_at, self.sharpened, self.faded = fed - len(self.tail), False, True
                 return [VadEvent("pause", self.pause_at)]
-        elif self.faded and (loud := np.flatnonzero(frame_energies(audio) >= self.quiet)).size:
+        elif self.faded and (loud := np.flatnonzero(frame_energies(audio, ASR_RATE) >= self.quiet)).size:
             self.pause_at, self.faded = None, False
-            return [VadEvent("resume", fed - len(audio) // FRAME * FRAME + int(loud[0]) * FRAME)]
+            return [VadEvent("resume", fed - len(audio) + int(loud[0]) * FRAME)]
         return []
 
 
@@ -221,12 +216,10 @@ def sharpen_end(audio: np.ndarray, end: int, max_back_ms: int = 200, margin_db: 
 
     Silero flags a chunk as silent only some 60-120 ms after the voice stops; energy against the
     measured noise floor finds the real end to within a frame."""
-    frame = ASR_RATE // 100
     tail = audio[end:]
-    if len(tail) < 4 * frame or end <= 0:
+    if len(tail) < 4 * FRAME or end <= 0:
         return end
-    floor = np.median(np.square(tail[: len(tail) // frame * frame].reshape(-1, frame)).mean(axis=1))
+    floor = np.median(frame_energies(tail, ASR_RATE))
     start = max(0, end - max_back_ms * ASR_RATE // 1000)
-    frames = audio[start: start + (end - start) // frame * frame].reshape(-1, frame)
-    loud = np.flatnonzero(np.square(frames).mean(axis=1) > floor * 10 ** (margin_db / 10))
-    return start + int(loud[-1] + 1) * frame if len(loud) else end
+    loud = np.flatnonzero(frame_energies(audio[start:end], ASR_RATE) > floor * 10 ** (margin_db / 10))
+    return start + int(loud[-1] + 1) * FRAME if len(loud) else end
