@@ -8,7 +8,8 @@ emitted token plus k drafted tokens through the target at once, emits what verif
 
 On a CPU, where the engine's setup (engine/setup.py) chose it, the native kernel (engine/native.py) runs the decode
 and verify steps, each in one call, and prompt chunks too if it was chosen for them; other prompt chunks run
-through the model's dense weights. Either way only the rows whose logits are needed go through the head. On CUDA the
+through the model's dense weights and then the native step's int8 head, so every row's logits come from one head.
+Either way only the rows whose logits are needed go through the head. On CUDA the
 decode step replays a captured CUDA graph and chooses tokens on the device (engine/cuda_graph.py); prefill, and a
 step whose shape no graph covers, run eagerly.
 """
@@ -160,4 +161,6 @@ class LatencyRunner:
                 self.native.forward(ids[i:i + self.prefill_rows], self.cache, 0)
             return self.native.forward(ids[-((len(ids) - 1) % self.prefill_rows + 1):], self.cache, logit_rows)
         hidden = self.model(torch.tensor(ids, device=self.model.device), self.cache.extend(ids), self.cache)
+        if self.native is not None:  # the head every native step uses, exact, and faster than the dense model's
+            return self.native.head(hidden[-logit_rows:])
         return self.model.logits(hidden[-logit_rows:])

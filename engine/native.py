@@ -6,7 +6,8 @@ which are quantized here the same way) and returns a `NativeModel`, or None and 
 The head is int8 (kernels.native.quantize_q8), built from the model's own `lm_head` rather than the int4 copy
 `quantize` makes of it: from fp32 weights it is the GGUF's Q8_0 embedding exactly. A trained draft
 (`engine.draft.Draft`) runs too: the kernel's head is its subset head, and the logits come back full-vocabulary.
-`NativeModel.forward` is latency mode's step on a StaticKVCache: embedding lookup in torch, then the kernel.
+`NativeModel.forward` is latency mode's step on a StaticKVCache: embedding lookup in torch, then the kernel;
+`NativeModel.head` gives a dense prefill's last rows the same head.
 
 Imports engine.model, engine.quant, engine.draft, engine.kv_cache and kernels.native; never voice or tui.
 """
@@ -38,10 +39,17 @@ class NativeModel:
         logits [logit_rows, vocab] of the last `logit_rows` of them (-inf outside a draft's subset, as Draft.logits)."""
         x = F.embedding(torch.tensor(ids), self.embed).float()
         start = cache.record(ids)
-        logits = self.decoder.forward(x, start, cache.k, cache.v, logit_rows)
+        return self._full_vocab(self.decoder.forward(x, start, cache.k, cache.v, logit_rows))
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """The int8 head's fp32 logits of final hidden states [T, dim] computed elsewhere (a dense prefill): the
+        checkpoint's Q8_0 head, as every native step's, rather than the dense model's own quantized copy."""
+        return self._full_vocab(self.decoder.head(hidden.float().contiguous()))
+
+    def _full_vocab(self, logits: Tensor) -> Tensor:
         if self.vocab_ids is None:
             return logits
-        return logits.new_full((logit_rows, self.vocab_size), float("-inf")).index_copy_(-1, self.vocab_ids, logits)
+        return logits.new_full((logits.shape[0], self.vocab_size), float("-inf")).index_copy_(-1, self.vocab_ids, logits)
 
 
 def build(model: Transformer, n_threads: int | None = None) -> tuple[NativeModel | None, str]:

@@ -278,6 +278,8 @@ def library(march: str | None = None) -> ctypes.CDLL:
             lib.tradeoff_forward.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                                              ctypes.c_int]
+            lib.tradeoff_head.restype = ctypes.c_int
+            lib.tradeoff_head.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
             _loaded[march] = lib
         except NativeUnavailable as e:
             _loaded[march] = e
@@ -312,7 +314,8 @@ class NativeDecoder:
     def __init__(self, weights: NativeWeights, n_threads: int | None = None, march: str | None = None):
         self.weights = weights
         self.n_threads = n_threads or torch.get_num_threads()
-        self._forward = library(march).tradeoff_forward
+        lib = library(march)
+        self._forward, self._head = lib.tradeoff_forward, lib.tradeoff_head
         w = weights
         D, H, KV, dim = w.head_dim, w.n_heads, w.n_kv_heads, w.dim
         if not w.layers:
@@ -377,4 +380,14 @@ class NativeDecoder:
                            logits.data_ptr(), n_logit_rows, self.n_threads)
         if rc:
             raise RuntimeError(f"native step failed (code {rc})")
+        return logits
+
+    def head(self, x: Tensor) -> Tensor:
+        """The int8 head's fp32 logits [T, vocab] of final-normed rows x [T, dim] (fp32, contiguous, on the CPU)."""
+        w = self.weights
+        if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.dim() != 2 or x.shape[1] != w.dim:
+            raise ValueError(f"x must be a contiguous fp32 CPU tensor [T, {w.dim}], got {x.dtype} {tuple(x.shape)}")
+        logits = torch.empty(x.shape[0], w.vocab)
+        if x.shape[0] and (rc := self._head(self._model_ref, x.data_ptr(), x.shape[0], logits.data_ptr(), self.n_threads)):
+            raise RuntimeError(f"native head failed (code {rc})")
         return logits

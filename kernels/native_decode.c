@@ -4,6 +4,8 @@
  * headers. tradeoff_forward runs T rows (a decode step, a speculative verify of k + 1 tokens, or a prompt
  * chunk) through every layer and the head. Rows go through the weights in blocks of up to MAX_ROWS: each
  * weight group is unpacked once and used for every row of the block, so a verify step reads the weights once.
+ * tradeoff_head runs the head alone, on rows normed elsewhere (a prompt prefilled by dense GEMMs gets its logits
+ * from the same int8 head as every decode step).
  *
  * Weight packing (one matrix [n, k], k a multiple of 32, groups of 32 consecutive k): w = d * q + m, q in
  * 0..15, d and m fp32 per group. qs [n, k / 2] uint8 holds each group as 16 bytes in the GGUF Q4_1 order:
@@ -702,6 +704,7 @@ struct job {
     const float *x;
     int T, start, cache_len, n_logit_rows;
     float *k_cache, *v_cache, *logits;
+    int head_only; /* x are T final-normed rows; logits [T, vocab] are the head's, and no layer runs */
 };
 static struct job job; /* the current call's arguments, set before the workers are released */
 
@@ -869,6 +872,16 @@ static void layer_step(const struct job *j, const struct layer *L, int l, int T,
     barrier();
 }
 
+/* The head's rows n0..n1 for T (1..MAX_ROWS) normed rows x [T, ldx]: out [T, vocab], shared out in work units. */
+static void head_rows(const struct model *m, const float *x, int ldx, int T, float *out, int nth, struct cursor *cur) {
+    const int rows = unit_rows(m->head.k, m->vocab, nth);
+    FOR_EACH_UNIT(u, cur, ceil_div(m->vocab, rows)) {
+        const int n0 = (int)u * rows, n1 = n0 + rows < m->vocab ? n0 + rows : m->vocab;
+        gemv8(&m->head, n0, n1, x, ldx, T, out + n0, m->vocab);
+    }
+    barrier(); /* before the caller returns */
+}
+
 static void run_step(int tid) {
     /* a copy: after this thread's last barrier the caller may already be setting up the next call */
     const struct job j = job;
@@ -877,6 +890,12 @@ static void run_step(int tid) {
     const int nth = pool.n, dim = m->dim;
     struct cursor cur = {0, 0};
     draw(&cur);
+    if (j.head_only) {
+        for (int b0 = 0; b0 < n_rows; b0 += MAX_ROWS)
+            head_rows(m, j.x + (int64_t)b0 * dim, dim, n_rows - b0 < MAX_ROWS ? n_rows - b0 : MAX_ROWS,
+                      j.logits + (int64_t)b0 * m->vocab, nth, &cur);
+        return;
+    }
     for (int b0 = 0; b0 < n_rows; b0 += MAX_ROWS) {
         const int T = n_rows - b0 < MAX_ROWS ? n_rows - b0 : MAX_ROWS, pos0 = j.start + b0;
         if (tid == 0) memcpy(ws.x, j.x + (int64_t)b0 * dim, (size_t)T * dim * sizeof(float));
@@ -887,13 +906,8 @@ static void run_step(int tid) {
         if (r0 >= T) continue;
         const struct scratch *own = &ws.own[tid];
         for (int t = r0; t < T; t++) rms_norm(ws.x + t * dim, m->norm, dim, m->eps, own->xn + (t - r0) * ws.ldxn);
-        float *out = j.logits + (int64_t)(b0 + r0 - first_logit_row) * m->vocab;
-        const int rows = unit_rows(m->head.k, m->vocab, nth);
-        FOR_EACH_UNIT(u, &cur, ceil_div(m->vocab, rows)) {
-            const int n0 = (int)u * rows, n1 = n0 + rows < m->vocab ? n0 + rows : m->vocab;
-            gemv8(&m->head, n0, n1, own->xn, ws.ldxn, T - r0, out + n0, m->vocab);
-        }
-        barrier(); /* before the next block overwrites ws.x, and before the caller returns */
+        /* its barrier also keeps the next block from overwriting ws.x too soon */
+        head_rows(m, own->xn, ws.ldxn, T - r0, j.logits + (int64_t)(b0 + r0 - first_logit_row) * m->vocab, nth, &cur);
     }
 }
 
@@ -988,30 +1002,17 @@ static int reserve_workspace(const struct model *m, int nth) {
     return 0;
 }
 
-/* Run T rows (embeddings x [T, dim]) at positions start..start + T - 1 through the model: their k/v go into
- * the cache, and logits [n_logit_rows, vocab] are those of the last n_logit_rows rows. Returns 0, or -1 for
- * arguments out of range, -2 if memory for the scratch buffers could not be had. */
-int tradeoff_forward(const struct model *m, const float *x, int T, int start, float *k_cache, float *v_cache, int cache_len,
-                     float *logits, int n_logit_rows, int n_threads) {
-    if (T < 1 || start < 0 || start + T > cache_len || start + T > m->max_pos || n_logit_rows < 0 || n_logit_rows > T)
-        return -1;
+/* Run `set` on the pool (the calling thread included); 0, or -2 if memory for the scratch buffers could not be had. */
+static int run_job(const struct job *set, int n_threads) {
     if (n_threads < 1) n_threads = 1;
     if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
     static pthread_once_t once = PTHREAD_ONCE_INIT;
     pthread_once(&once, register_fork_handler);
     pthread_mutex_lock(&call_lock);
     if (n_threads != pool.n) start_pool(n_threads);
-    int rc = reserve_workspace(m, pool.n);
+    int rc = reserve_workspace(set->m, pool.n);
     if (rc == 0) {
-        job.m = m;
-        job.x = x;
-        job.T = T;
-        job.start = start;
-        job.k_cache = k_cache;
-        job.v_cache = v_cache;
-        job.cache_len = cache_len;
-        job.logits = logits;
-        job.n_logit_rows = n_logit_rows;
+        job = *set;
         atomic_store(&pool.tickets, 0);
         atomic_fetch_add(&pool.work, 1);
         if (atomic_load(&pool.sleepers) > 0) {
@@ -1023,4 +1024,23 @@ int tradeoff_forward(const struct model *m, const float *x, int T, int start, fl
     }
     pthread_mutex_unlock(&call_lock);
     return rc == 0 ? 0 : -2;
+}
+
+/* Run T rows (embeddings x [T, dim]) at positions start..start + T - 1 through the model: their k/v go into
+ * the cache, and logits [n_logit_rows, vocab] are those of the last n_logit_rows rows. Returns 0, or -1 for
+ * arguments out of range, -2 if memory for the scratch buffers could not be had. */
+int tradeoff_forward(const struct model *m, const float *x, int T, int start, float *k_cache, float *v_cache, int cache_len,
+                     float *logits, int n_logit_rows, int n_threads) {
+    if (T < 1 || start < 0 || start + T > cache_len || start + T > m->max_pos || n_logit_rows < 0 || n_logit_rows > T)
+        return -1;
+    const struct job set = {.m = m, .x = x, .T = T, .start = start, .cache_len = cache_len, .n_logit_rows = n_logit_rows,
+                            .k_cache = k_cache, .v_cache = v_cache, .logits = logits};
+    return run_job(&set, n_threads);
+}
+
+/* The head's logits [T, vocab] of T final-normed rows x [T, dim] (the norm already applied). Returns as above. */
+int tradeoff_head(const struct model *m, const float *x, int T, float *logits, int n_threads) {
+    if (T < 1) return -1;
+    const struct job set = {.m = m, .x = x, .T = T, .n_logit_rows = T, .logits = logits, .head_only = 1};
+    return run_job(&set, n_threads);
 }

@@ -116,6 +116,20 @@ def test_int8_head_at_every_row_count(march, n_threads):
 
 
 @pytest.mark.parametrize("march", MARCHES, ids=lambda m: m or "default")
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_head_alone_is_the_int8_head_of_the_rows_given(march, n_threads):
+    """tradeoff_head: 1-8 rows and beyond (a second block), vocab rows no multiple of a work unit; no layer runs."""
+    torch.manual_seed(4)
+    w = random_weights(dim=96, n_layers=1, n_heads=3, n_kv_heads=1, head_dim=32, ffn_dim=64, vocab=1001, bias=False)
+    decoder = native.NativeDecoder(w, n_threads=n_threads, march=march)
+    for T in (1, 2, 8, 11):
+        x = torch.randn(T, w.dim)
+        assert_close(decoder.head(x), x @ w.head.dequantize().T)
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        decoder.head(torch.randn(2, w.dim, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("march", MARCHES, ids=lambda m: m or "default")
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "qkv_bias"])
 @pytest.mark.parametrize("head_dim", [16, 64])  # 64: the vector attention path; 16: its generic remainder
