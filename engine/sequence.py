@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from engine.metrics import RequestMetrics
 from engine.sampling import SamplingParams, forbid, make_generator, top_logprobs
+from engine.snapshot import USER_CLASSES
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 if TYPE_CHECKING:
@@ -33,11 +34,13 @@ class Request:
     prompt_ids: list[int] | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-    user_class: str = "user"  # metrics are aggregated per class ("user" = the real user, "synthetic" = load)
+    user_class: str = "user"  # metrics are aggregated per class: one of engine.snapshot.USER_CLASSES
 
     def check(self) -> None:
         if sum(x is not None for x in (self.prompt, self.messages, self.prompt_ids)) != 1:
             raise ValueError("a request needs exactly one of prompt, messages or prompt_ids")
+        if self.user_class not in USER_CLASSES:  # its metrics would count in no class
+            raise ValueError(f"unknown user_class {self.user_class!r}; one of {USER_CLASSES}")
 
 
 @dataclass(frozen=True)

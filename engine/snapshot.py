@@ -19,7 +19,10 @@ import typing
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-USER_CLASSES = ("user", "synthetic")  # "user" = the real user; "synthetic" = generated load
+# "user" = the real user; "synthetic" = generated load; "judge" = the voice loop's own one-token turn judgments
+# (voice/text_turn.py), kept apart so that they do not pass for short replies in the user's or anyone's TTFT and E2E
+USER_CLASSES = ("user", "synthetic", "judge")
+REPLIES = ("user", "synthetic")  # the classes WindowStats.all covers
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,8 @@ class WindowStats:
     batch_size_mean: float
     user: ClassStats
     synthetic: ClassStats
-    all: ClassStats
+    judge: ClassStats
+    all: ClassStats  # the replies: user and synthetic together (what the dashboard plots)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """Rolling-window aggregation of request metrics: what the dashboard shows and the sweep records.
 
 Over the last `window_s` seconds: p50/p90/p99 of TTFT, TBT, TPOT and E2E per user class ("user" = the
-real user, "synthetic" = generated load, and "all"), output tokens/s, mean running batch size, and
-goodput against SLOs. A sample belongs to the window by the time it was observed: a TTFT by its first
-token, a TBT by the later of its two tokens, a TPOT or E2E by the request's last token. Goodput counts
+real user, "synthetic" = generated load, "judge" = the voice loop's turn judgments, and "all" = the replies),
+output tokens/s, mean running batch size, and goodput against SLOs. A sample belongs to the window by the time
+it was observed: a TTFT by its first token, a TBT by the later of its two tokens, a TPOT or E2E by the request's
+last token. Goodput counts
 requests per second that finished in the window meeting every SLO; the TBT SLO is checked against the
 request's TPOT (its mean time between tokens), as vLLM's `--goodput tpot:` does, so a speculative step
 that emits several tokens at once is judged per token.
@@ -17,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from engine.metrics import RequestMetrics, percentile
-from engine.snapshot import USER_CLASSES, ClassStats, Distribution, WindowStats
+from engine.snapshot import REPLIES, USER_CLASSES, ClassStats, Distribution, WindowStats
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ class RollingStats:
         return WindowStats(
             window_s=span, slo_ttft_s=self.slo.ttft_s, slo_tbt_s=self.slo.tbt_s, rejected=self.rejected,
             steps_per_s=len(steps) / span, batch_size_mean=sum(steps) / len(steps) if steps else 0.0,
-            all=summarize(requests, now - span, now, self.slo), **by_class,
+            all=summarize([m for m in requests if m.user_class in REPLIES], now - span, now, self.slo), **by_class,
         )
 
     def _prune(self, now: float) -> None:

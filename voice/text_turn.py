@@ -30,7 +30,7 @@ def submit(engine: Backend, system: str | None, history: list[dict], loop: async
     head = [{"role": "system", "content": system}] if system else []
     ids = engine.tokenizer.encode_chat(head + newest_that_fit(engine, head, history), open_last=True)
     sampling = SamplingParams(max_tokens=1, logprobs=TOP_TOKENS, ignore_eos=True)
-    return engine.submit(Request(prompt_ids=ids, sampling=sampling), loop)
+    return engine.submit(Request(prompt_ids=ids, sampling=sampling, user_class="judge"), loop)
 
 
 async def probability(engine: Backend, stream: Stream) -> float | None:

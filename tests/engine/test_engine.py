@@ -143,6 +143,8 @@ def test_bad_requests(engine):
         engine.submit(Request(prompt="a", messages=[{"role": "user", "content": "b"}]))
     with pytest.raises(ValueError, match="empty"):
         engine.submit(Request(prompt=""))
+    with pytest.raises(ValueError, match="unknown user_class 'judges'"):
+        engine.submit(Request(prompt="a", user_class="judges"))
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
 

@@ -67,6 +67,15 @@ def test_samples_are_taken_by_when_they_were_observed(stats_and_t0):
     assert close(everyone.output_tok_s, 1.0) and everyone.finished == 3
 
 
+def test_a_judgment_counts_in_its_own_class_only(stats_and_t0):
+    stats, t0 = stats_and_t0
+    stats.track(request(t0, 93, [(93.05, 1)], "judge", "length"))  # the voice loop's one-token turn judgment
+    snap = stats.window(now=t0 + 100)
+    assert snap.judge.finished == 1 and close(snap.judge.ttft_s, dist([0.05]))
+    assert snap.user.finished == 2 and close(snap.user.ttft_s, dist([0.1, 0.3]))
+    assert snap.all.finished == 3 and close(snap.all.ttft_s, dist([0.1, 0.3, 0.2]))  # `all` is the replies
+
+
 def test_old_requests_leave_the_window_but_running_ones_stay(stats_and_t0):
     stats, t0 = stats_and_t0
     everyone = stats.window(now=t0 + 200).all

@@ -40,6 +40,8 @@ async def test_the_reply_after_a_judgment_prefills_only_what_follows_its_prefix(
     stream = await asyncio.to_thread(text_turn.submit, latency, SYSTEM, history, asyncio.get_running_loop())
     await text_turn.probability(latency, stream)
     judged = stream.metrics.prompt_tokens
+    # a judgment is the loop's own request: counted as one, never as a short reply to the user
+    assert stream.metrics.user_class == "judge" and latency.snapshot().stats.judge.finished >= 1
     messages = [{"role": "system", "content": SYSTEM}, *history]
     reply = latency.submit(Request(messages=messages, sampling=SamplingParams(max_tokens=1)), asyncio.get_running_loop())
     async for _ in reply:
