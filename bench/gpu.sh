@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/gpu.sh: everything that needs a GPU, in one call of under 5 minutes on an H200 or H100.
 #   1. installs the wheels this Python lacks from .whl/ (`make gpu-wheels`: pytest and its deps) into /tmp/site;
-#   2. checks every Triton kernel against its reference on CUDA: pytest tests/kernels, fp16 and bf16, several shapes;
+#   2. checks every Triton kernel against its reference on CUDA: pytest tests/tradeoff_kernels, fp16 and bf16, several shapes;
 #   3. times each kernel against its PyTorch equivalent (bench/kernels.py, medians of triton.testing.do_bench);
 #   4. the engine on the GPU (bench/gpu_decode.py, random weights in the default model's shape and a 1B one):
 #      correctness of the fused path on a tiny model against the CPU, batch-1 decode tok/s and MBU eager vs CUDA
@@ -10,7 +10,7 @@
 # then prints one summary table last. JSON, logs and the tests' JUnit XML go under $OUT (default: bench/out).
 # The steps' time limits add up to 290 s. Nothing travels but this working tree and .whl/ (~10 MB together): no
 # model (the default GGUF is 98 MB, the tree 64 MiB at most), no network; the engine's model path imports with torch
-# alone, and tests/kernels needs pytest besides.
+# alone, and tests/tradeoff_kernels needs pytest besides.
 #
 #   make gpu-wheels         here, first: fills .whl/ (ignored by git: carry it, `run`'s carry [".whl"])
 #   bench/gpu.sh            on a GPU machine
@@ -88,13 +88,13 @@ record wheels "${PIPESTATUS[0]}" "$start" -
 export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
 if [ "$DRY" = 1 ]; then
     echo "dry run: CPU only; kernels run under the Triton interpreter, CUDA-only timings are skipped"
-    step kernel_tests 240 env TRITON_INTERPRET=1 "$PY" -m pytest tests/kernels -q -p no:cacheprovider \
+    step kernel_tests 240 env TRITON_INTERPRET=1 "$PY" -m pytest tests/tradeoff_kernels -q -p no:cacheprovider \
         --junitxml="$OUT/kernel_tests.xml"
     step kernel_bench 120 "$PY" -m bench.kernels --dry-run --json "$OUT/kernels.json"
     step engine 120 "$PY" -m bench.gpu_decode --dry-run --json "$OUT/gpu_decode.json"
 else
     # fp32 is covered by CI under the interpreter; on the GPU check the dtypes the engine runs in
-    step kernel_tests 75 env TRITON_INTERPRET=0 "$PY" -m pytest tests/kernels -q -p no:cacheprovider -k "not float32" \
+    step kernel_tests 75 env TRITON_INTERPRET=0 "$PY" -m pytest tests/tradeoff_kernels -q -p no:cacheprovider -k "not float32" \
         --junitxml="$OUT/kernel_tests.xml"
     step kernel_bench 35 "$PY" -m bench.kernels --dtype bf16 --json "$OUT/kernels.json"
     step engine 50 "$PY" -m bench.gpu_decode --paths eager,graphs --json "$OUT/gpu_decode.json"

@@ -30,7 +30,7 @@ from functools import partial
 
 import torch
 
-import kernels
+import tradeoff_kernels
 from bench.report import table, write_json
 from engine.cuda_graph import BatchedDecodeGraphs, DecodeGraphs
 from engine.kv_cache import PagedKVCache, StaticKVCache
@@ -56,7 +56,7 @@ def random_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, fus
                  seed: int = 0) -> Transformer:
     """Random weights (std 0.02, norms 1) in the engine's model; fused: the Triton kernels (imported on this first
     call, after main has set TRITON_INTERPRET on a CPU); weights: bf16 | int4."""
-    model = Transformer(cfg, dtype=dtype, device=device, kernels=kernels.triton_kernels() if fused else None)
+    model = Transformer(cfg, dtype=dtype, device=device, kernels=tradeoff_kernels.triton_kernels() if fused else None)
     g = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -122,7 +122,7 @@ def check_correctness(device: torch.device, dtype: torch.dtype) -> list[dict]:
                 for rb, fb in zip(ref.layers, fused.layers):
                     for name in ("qkv", "o", "gate_up", "down"):
                         q = getattr(fb, name)
-                        getattr(rb, name).weight.copy_(kernels.dequantize_w4(q.qweight, q.scales, q.zeros, 32).cpu())
+                        getattr(rb, name).weight.copy_(tradeoff_kernels.dequantize_w4(q.qweight, q.scales, q.zeros, 32).cpu())
                         q.dense.copy_(getattr(rb, name).weight)  # and the dense prompt path the same values
         want, got = script_logits(ref), script_logits(fused)
         err = max(((g.float().cpu() - w).abs().max() / w.pow(2).mean().sqrt()).item() for g, w in zip(got, want))

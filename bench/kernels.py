@@ -58,7 +58,7 @@ def torch_int4mm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, grou
 
 def build_cases(device: torch.device, dtype: torch.dtype, tiny: bool) -> tuple[list[Case], list[str]]:
     """The decode-path shapes of a 7B-class model (tiny ones for a dry run), and notes on anything left out."""
-    from kernels import (
+    from tradeoff_kernels import (
         kv_write_triton,
         paged_attention_triton,
         reference,

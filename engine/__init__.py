@@ -2,7 +2,7 @@
 
 Everything outside talks to it through `engine.backend.Backend` (implemented by `Engine`), with live state as a
 `engine.snapshot.Snapshot`. It imports torch, numpy, the model-format libraries (gguf, safetensors, tokenizers,
-jinja2) and `kernels` only: no web library (the serving layer is `serve/`), and never serve, voice, tui or bench.
+jinja2) and `tradeoff_kernels` only: no web library (the serving layer is `serve/`), and never serve, voice, tui or bench.
 
 The names below load on first use, so that the model path (engine.model, engine.kv_cache, engine.cuda_graph,
 engine.quant) imports with torch alone: the GPU benchmark (bench/gpu_decode.py) runs where no model-format library

@@ -26,10 +26,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-import kernels
+import tradeoff_kernels
 from engine.kv_cache import PagedKVCache, StaticKVCache
 from engine.model import Transformer
-from kernels import Kernels
+from tradeoff_kernels import Kernels
 
 MIN_WINDOW = 256  # keys attended by the smallest window; small enough that short chats read little padding
 
@@ -208,8 +208,8 @@ class PagedGraphAttention:
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
-        kernels.write_kv_cache(k, v, k_cache, v_cache, self.slots)
-        out = kernels.paged_decode_attention(q.unsqueeze(1), k_cache, v_cache, self.tables, self.lens)
+        tradeoff_kernels.write_kv_cache(k, v, k_cache, v_cache, self.slots)
+        out = tradeoff_kernels.paged_decode_attention(q.unsqueeze(1), k_cache, v_cache, self.tables, self.lens)
         return out.reshape(q.shape[0], -1)
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-import kernels
+import tradeoff_kernels
 from engine.backend import ControlError, Controls, check_mode
 from engine.batched import BatchedRunner, StepProfile, batched_model, cuda_dtype
 from engine.disaggregated import DisaggregatedRunner, WorkerStartError
@@ -71,7 +71,7 @@ class Engine:
     """How the model runs: on a CPU, the setup measured and cached for this machine (engine/setup.py), with `quant`
     (latency mode's weight format) and `dtype` (dense weights: prompt chunks and batched mode) imposed when given,
     or `setup` itself; `progress` hears about a first measurement. On CUDA, bf16 (or `dtype`) weights (int4 runs the
-    Triton W4A16 kernel), and `cuda_path` (CUDA_PATHS): "graphs", the fused Triton kernels (kernels/) with both modes'
+    Triton W4A16 kernel), and `cuda_path` (CUDA_PATHS): "graphs", the fused Triton kernels (tradeoff_kernels/) with both modes'
     decode steps replayed from CUDA graphs; "compile", plain PyTorch ops with latency mode's decode steps compiled by
     torch.compile (mode "reduce-overhead"), batched mode's captured; "eager", plain ops, no graphs (for comparison).
     `disagg_threads`: disaggregated mode's (prefill worker, decode worker) threads."""
@@ -104,7 +104,7 @@ class Engine:
             self.batched_dtype = dtype or cuda_dtype()
             if cuda_path not in CUDA_PATHS:
                 raise ValueError(f"unknown CUDA path {cuda_path!r} (choose from {', '.join(CUDA_PATHS)})")
-            ops = kernels.triton_kernels() if cuda_path == "graphs" else None
+            ops = tradeoff_kernels.triton_kernels() if cuda_path == "graphs" else None
             self.model = Transformer(loaded.config, dtype=self.dtype, device=self.device, kernels=ops)
             self.model.load_canonical(loaded.weights)
             quantize(self.model, self.quant)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import kernels
+import tradeoff_kernels
 from engine.model import ModelConfig
 
 
@@ -177,7 +177,7 @@ class PagedKVCache:
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         k_cache, v_cache = self.k[layer], self.v[layer]
         if self.device.type == "cuda":
-            kernels.write_kv_cache(k, v, k_cache, v_cache, self._slots)
+            tradeoff_kernels.write_kv_cache(k, v, k_cache, v_cache, self._slots)
         else:
             k_cache.view(-1, *k.shape[1:])[self._slots] = k
             v_cache.view(-1, *v.shape[1:])[self._slots] = v
@@ -196,7 +196,7 @@ class PagedKVCache:
                         pad: Tensor) -> Tensor:
         """q [B, H, D], one new token per sequence, over blocks `tables` [B, width] -> [B, H, D]."""
         if self.device.type == "cuda":
-            return kernels.paged_decode_attention(q.unsqueeze(1), k_cache, v_cache, tables, lens)[:, 0]
+            return tradeoff_kernels.paged_decode_attention(q.unsqueeze(1), k_cache, v_cache, tables, lens)[:, 0]
         B, width = tables.shape
         blocks = tables.view(-1)  # index_select gathers ~6x faster than indexing with the table
         keys = k_cache.index_select(0, blocks).view(B, width * self.block_size, *k_cache.shape[2:])

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels import Kernels
+from tradeoff_kernels import Kernels
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 

@@ -1,15 +1,15 @@
-"""The native batch-1 step for an engine Transformer: its weights handed to kernels.native, a step in one C call.
+"""The native batch-1 step for an engine Transformer: its weights handed to tradeoff_kernels.native, a step in one C call.
 
 `build(model)` reads the norms, RoPE tables, biases and int4 codes of an `engine.model.Transformer` (after
 `engine.quant.quantize(model, "int4")`, whose Int4Linear layers keep their exact codes, or with full weights,
 which are quantized here the same way) and returns a `NativeModel`, or None and the reason it cannot run natively.
-The head is int8 (kernels.native.quantize_q8), built from the model's own `lm_head` rather than the int4 copy
+The head is int8 (tradeoff_kernels.native.quantize_q8), built from the model's own `lm_head` rather than the int4 copy
 `quantize` makes of it: from fp32 weights it is the GGUF's Q8_0 embedding exactly. A trained draft
 (`engine.draft.Draft`) runs too: the kernel's head is its subset head, and the logits come back full-vocabulary.
 `NativeModel.forward` is latency mode's step on a StaticKVCache: embedding lookup in torch, then the kernel;
 `NativeModel.head` gives a dense prefill's last rows the same head.
 
-Imports engine.model, engine.quant, engine.draft, engine.kv_cache and kernels.native; never voice or tui.
+Imports engine.model, engine.quant, engine.draft, engine.kv_cache and tradeoff_kernels.native; never voice or tui.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from engine.draft import Draft
 from engine.kv_cache import StaticKVCache
 from engine.model import Linear, Transformer
 from engine.quant import INT4_GROUP, Int4Linear, int4_quantize
-from kernels import native
-from kernels.native import NativeDecoder, NativeLayer, NativeWeights, PackedQ4, pack_q4, quantize_q8
+from tradeoff_kernels import native
+from tradeoff_kernels.native import NativeDecoder, NativeLayer, NativeWeights, PackedQ4, pack_q4, quantize_q8
 
 
 class NativeModel:

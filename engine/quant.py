@@ -2,7 +2,7 @@
 
 - int8: one scale per output channel, `torch.ops.aten._weight_int8pack_mm` (fused on CPU).
 - int4: group-wise scale and zero (group 32, GGUF Q4_1's block, with its fp16 scale and minimum, so the default
-  model's Q4_1 blocks are recovered exactly), from one quantization step (`kernels.quantize_w4`) packed for the
+  model's Q4_1 blocks are recovered exactly), from one quantization step (`tradeoff_kernels.quantize_w4`) packed for the
   device: on the CPU for `torch.ops.aten._weight_int4pack_mm_for_cpu` (`Int4Linear`; torch's formula is
   w = (q - 8) * scale + zero_t, so zero_t = group min + 8 * scale) and the native kernel, on the fused (Triton)
   path for the W4A16 kernel (`W4A16Linear`).
@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import kernels
+import tradeoff_kernels
 from engine.model import Linear, Transformer
-from kernels.native import pack_q4
+from tradeoff_kernels.native import pack_q4
 
 QUANT_MODES = ("none", "int8", "int4")
 INT4_GROUP = 32
@@ -52,7 +52,7 @@ def int4_quantize(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The int4 codes of a weight: (q uint8 [N, K] in 0..15, scale, group_min fp16 [N, K/32]); w = q * scale + min."""
     if weight.shape[1] % INT4_GROUP:
         raise ValueError(f"int4 needs the input dim ({weight.shape[1]}) to be a multiple of the group size {INT4_GROUP}")
-    return kernels.quantize_w4(weight, INT4_GROUP)
+    return tradeoff_kernels.quantize_w4(weight, INT4_GROUP)
 
 
 class Int4Linear(nn.Module):
@@ -102,10 +102,10 @@ class W4A16Linear(nn.Module):
     MAX_ROWS = 16
 
     def __init__(self, weight: Tensor, bias: Tensor | None, dtype: torch.dtype,
-                 w4a16: Callable[..., Tensor] = kernels.w4a16_linear):
+                 w4a16: Callable[..., Tensor] = tradeoff_kernels.w4a16_linear):
         super().__init__()
         q, scales, zeros = int4_quantize(weight)
-        self.register_buffer("qweight", kernels.pack_w4(q))
+        self.register_buffer("qweight", tradeoff_kernels.pack_w4(q))
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)
         self.dense = weight.to(dtype)
@@ -136,7 +136,7 @@ def quantize(model: Transformer, mode: str, dense_dtype: torch.dtype | None = No
                 layer = Int8Linear(child.weight, child.bias, dtype)
             elif w4a16:
                 layer = W4A16Linear(child.weight, child.bias, dtype,
-                                    model.kernels.w4a16_linear if model.kernels else kernels.w4a16_linear)
+                                    model.kernels.w4a16_linear if model.kernels else tradeoff_kernels.w4a16_linear)
             else:
                 layer = Int4Linear(child.weight, child.bias, dtype)
             setattr(block, name, layer)

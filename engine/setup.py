@@ -6,7 +6,7 @@ on the other. So at first start on a machine the engine times this model's own s
 model load takes, and picks:
 
 - `decode`: what runs latency mode's decode and verify steps (1 to k+1 rows): the native int4 kernel
-  (kernels/native.py: int4 weights, fp32 activations, a whole step in one call), torch's int4 kernel (bf16
+  (tradeoff_kernels/native.py: int4 weights, fp32 activations, a whole step in one call), torch's int4 kernel (bf16
   activations), int8, or bf16 or fp32 weights;
 - `prefill`: what runs prompt chunks: dense fp32 or bf16 weights (one GEMM per projection), or the native
   kernel in chunks of NATIVE_PREFILL_ROWS;
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-import kernels.native
+import tradeoff_kernels.native
 from engine import native
 from engine.kv_cache import DECODE_ATTENTION, PagedKVCache, StaticKVCache
 from engine.loader import LoadedModel
@@ -117,7 +117,7 @@ def pick(timings: list[Timing], bar: float = ACCURACY_BAR) -> Timing:
 
 def cache_key(loaded: LoadedModel) -> dict:
     """What a cached choice is valid for: this CPU (as torch and our kernel see it), torch, the model, the kernel."""
-    source = kernels.native.SOURCE
+    source = tradeoff_kernels.native.SOURCE
     kernel = hashlib.sha256(source.read_bytes()).hexdigest()[:16] if source.is_file() else None
     return {"schema": SCHEMA, "cpu": cpu().key, "cores": cpu().cores, "torch": torch.__version__,
             "model": f"{loaded.name}|{loaded.folder}|{loaded.config}", "kernel": kernel}
@@ -371,7 +371,7 @@ def resolve(loaded: LoadedModel, quant: str | None = None, dtype: torch.dtype | 
     format: none, int8, int4) and `dtype` (the dense weights: prompt chunks, batched mode) imposed. Given both,
     nothing is measured."""
     if quant is not None and dtype is not None:
-        decode = "native" if quant == "int4" and kernels.native.available() else "int4"
+        decode = "native" if quant == "int4" and tradeoff_kernels.native.available() else "int4"
         base = Setup(decode=decode, prefill="fp32", batched="fp32", threads=max(1, torch.get_num_threads()),
                      why="--quant and --dtype given")
     else:
@@ -390,7 +390,7 @@ def impose(setup: Setup, quant: str | None, dtype: torch.dtype | None) -> Setup:
     elif quant == "int8":
         decode = "int8"
     elif quant == "int4" and decode not in ("native", "int4"):
-        decode = "native" if kernels.native.available() else "int4"
+        decode = "native" if tradeoff_kernels.native.available() else "int4"
     elif quant is None and dense is not None and decode in DTYPES:
         decode = dense
     forced = forced.with_decode(decode)

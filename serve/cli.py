@@ -35,7 +35,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="dense weights: prompt chunks and batched mode (default on a CPU: measured, as --quant)")
     p.add_argument("--cuda-path", choices=CUDA_PATHS, default=CUDA_PATHS[0],
-                   help="on a GPU, how decode steps run: graphs (the Triton kernels of kernels/, replayed from CUDA "
+                   help="on a GPU, how decode steps run: graphs (the Triton kernels of tradeoff_kernels/, replayed from CUDA "
                         "graphs; default), compile (plain PyTorch ops under torch.compile, reduce-overhead), eager")
     p.add_argument("--mode", choices=MODES, default="latency",
                    help="how requests run: latency (batch 1, speculative decoding; default), batched (continuous "

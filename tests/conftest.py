@@ -1,7 +1,7 @@
 """Shared fixtures and helpers: the default model, loaded once per test session (fetched by `make setup`), a tiny
 random-weight model in its canonical layout, and `wait_until`, which waits on a condition (never a fixed sleep).
 
-Without a GPU, the Triton kernels that tests call (tests/kernels, and the engine's fused path) run under Triton's
+Without a GPU, the Triton kernels that tests call (tests/tradeoff_kernels, and the engine's fused path) run under Triton's
 interpreter on CPU tensors: TRITON_INTERPRET=1 must be set before any kernel is defined, so it is set here, before
 any test module imports one."""
 
@@ -37,7 +37,7 @@ def idle(backend) -> bool:
     return state.running == state.waiting == 0
 
 
-# The loader is imported in the fixtures that need it: tests/kernels then run where only torch, triton and pytest are
+# The loader is imported in the fixtures that need it: tests/tradeoff_kernels then run where only torch, triton and pytest are
 # installed (bench/gpu.sh on the GPU machine).
 
 

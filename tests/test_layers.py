@@ -2,14 +2,17 @@
 the packages below it, and the engine core and the kernels import no web or screen library."""
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # bottom to top: a package may import itself and the packages before it
-LAYERS = ("kernels", "engine", "serve", "voice", "tui", "bench", "tradeoff")
+LAYERS = ("tradeoff_kernels", "engine", "serve", "voice", "tui", "bench", "tradeoff")
 WEB_AND_SCREEN = {"starlette", "uvicorn", "httpx", "websockets", "prometheus_client", "textual", "textual_plotext",
                   "sounddevice"}
-FORBIDDEN_LIBRARIES = {"kernels": WEB_AND_SCREEN, "engine": WEB_AND_SCREEN, "serve": {"textual", "textual_plotext"},
+FORBIDDEN_LIBRARIES = {"tradeoff_kernels": WEB_AND_SCREEN, "engine": WEB_AND_SCREEN, "serve": {"textual", "textual_plotext"},
                        "voice": {"textual", "textual_plotext"}}
 
 
@@ -49,3 +52,14 @@ def test_the_check_sees_a_forbidden_import(tmp_path):
     (fake / "leak.py").write_text("def f():\n    from tui.model import Sample\n    import httpx\n")
     assert violations(tmp_path) == ["engine/leak.py:2 imports tui (above engine)",
                                     "engine/leak.py:3 imports httpx (engine must not)"]
+
+
+def test_each_package_is_imported_from_this_checkout(tmp_path):
+    """As the installed `tradeoff` command imports them (from outside the checkout, no PYTHONPATH): a distribution
+    with the same top-level name, such as Hugging Face's `kernels` that transformers installs, must not win."""
+    code = "import importlib, sys; print(*(importlib.import_module(p).__file__ for p in sys.argv[1:]), sep='\\n')"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code, *LAYERS], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    where = dict(zip(LAYERS, out.stdout.split("\n")))
+    assert {p: Path(f).parent for p, f in where.items()} == {p: ROOT / p for p in LAYERS}

@@ -10,7 +10,7 @@ from engine.latency import LatencyRunner
 from engine.model import Transformer
 from engine.native import build
 from engine.setup import Setup, latency_model
-from kernels import native
+from tradeoff_kernels import native
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernel unavailable: {native.why_unavailable()}")
 

@@ -16,7 +16,7 @@ from engine.kv_cache import StaticKVCache
 from engine.sampling import SamplingParams
 from engine.sequence import Request, Sequence, Stream
 from engine.setup import Setup
-from kernels import native
+from tradeoff_kernels import native
 
 # fp32 weights everywhere; and the native int4 kernel's decode steps (exact: the GGUF's int4 and Q8_0 codes, fp32
 # activations), whose prompt rows run on fp32 dense copies and then the kernel's head, so the first token's row is exact too

@@ -7,7 +7,7 @@ cache. On a GPU, bench/gpu.sh checks the same path natively."""
 import pytest
 import torch
 
-import kernels
+import tradeoff_kernels
 from engine.cuda_graph import BatchedDecodeGraphs, DecodeGraphs, KernelAttention
 from engine.kv_cache import StaticKVCache
 from engine.model import Transformer
@@ -22,7 +22,7 @@ SCRIPT = [([5], None), ([3, 9, 11, 2], PROMPT_LEN + 3), ([8, 1, 4], None), ([7],
 TOLERANCE = 1e-4  # fp32: summation order, relative to the reference logits' RMS
 
 
-def model_from(tiny_loaded, dtype: torch.dtype, ops: kernels.Kernels | None, weights=None) -> Transformer:
+def model_from(tiny_loaded, dtype: torch.dtype, ops: tradeoff_kernels.Kernels | None, weights=None) -> Transformer:
     model = Transformer(tiny_loaded.config, dtype=dtype, kernels=ops)
     model.load_canonical(weights or tiny_loaded.weights)
     return model
@@ -34,8 +34,8 @@ def on_int4_grid(tiny_loaded) -> dict[str, torch.Tensor]:
     grid = dict(tiny_loaded.weights)
     for name, w in grid.items():
         if name.startswith("model.layers.") and name.endswith("proj.weight"):
-            q, scales, zeros = kernels.quantize_w4(w, 32)
-            grid[name] = kernels.dequantize_w4(kernels.pack_w4(q), scales, zeros, 32)
+            q, scales, zeros = tradeoff_kernels.quantize_w4(w, 32)
+            grid[name] = tradeoff_kernels.dequantize_w4(tradeoff_kernels.pack_w4(q), scales, zeros, 32)
     return grid
 
 
@@ -65,8 +65,8 @@ def run(model: Transformer, prompt: list[int]) -> list[torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def triton_ops() -> kernels.Kernels:
-    return kernels.triton_kernels()
+def triton_ops() -> tradeoff_kernels.Kernels:
+    return tradeoff_kernels.triton_kernels()
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +108,8 @@ def test_batched_steps_on_the_kernel_path_give_the_plain_paths_logits(tiny_loade
 def test_decode_steps_attend_through_the_kernels(tiny_loaded, triton_ops, prompt, monkeypatch):
     """The decode steps really take the kernel attention (not the plain one), and the plain path never calls a kernel."""
     calls = []
-    for name in ("paged_decode_attention", "write_kv_cache", "rotary_embedding", "rms_norm", "swiglu"):
-        monkeypatch.setattr(kernels, name, lambda *a, name=name: calls.append(name))  # the dispatchers the plain path could reach
+    for name in ("paged_decode_attention", "write_kv_cache", "rotary_embedding", "rms_norm", "swiglu"):  # the dispatchers the
+        monkeypatch.setattr(tradeoff_kernels, name, lambda *a, name=name: calls.append(name))  # plain path could reach
     model = model_from(tiny_loaded, torch.float32, triton_ops)
     steps = {}
     original = KernelAttention.attend
@@ -134,6 +134,6 @@ def test_int4_on_the_kernel_path_runs_the_w4a16_kernel_on_the_same_codes(tiny_lo
     assert all(isinstance(layer, W4A16Linear) and layer.w4a16 is triton_ops.w4a16_linear for layer in layers)
     assert fused.head_q is None  # the head stays dense on the W4A16 path
     for layer in layers:  # the codes stand for the very weights the dense prompt path uses
-        torch.testing.assert_close(kernels.dequantize_w4(layer.qweight, layer.scales, layer.zeros, 32), layer.dense)
+        torch.testing.assert_close(tradeoff_kernels.dequantize_w4(layer.qweight, layer.scales, layer.zeros, 32), layer.dense)
     for g, w in zip(run(fused, prompt), want):
         assert_close(g, w)

@@ -11,8 +11,8 @@ from engine import native as engine_native
 from engine.kv_cache import StaticKVCache
 from engine.model import Transformer
 from engine.quant import quantize
-from kernels import native
 from tests.engine.conftest import load_dequantized
+from tradeoff_kernels import native
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernel unavailable: {native.why_unavailable()}")
 

@@ -12,8 +12,8 @@ from engine.model import Transformer
 from engine.quant import quantize
 from engine.sampling import SamplingParams
 from engine.speculative import ModelDrafter
-from kernels import native
 from tests.engine.conftest import load_dequantized
+from tradeoff_kernels import native
 
 pytestmark = [pytest.mark.skipif(not native.available(), reason=f"native kernel unavailable: {native.why_unavailable()}"),
               pytest.mark.skipif(not DEFAULT_DRAFT_PATH.is_file(), reason="no committed draft")]

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import tradeoff_kernels
 from engine.kv_cache import StaticKVCache
 from engine.model import Transformer
 from engine.quant import INT4_GROUP, Int4Linear, Int8Linear, W4A16Linear, int4_quantize, quantize
@@ -40,7 +40,7 @@ def test_the_cpu_and_gpu_int4_packings_hold_the_same_codes_scales_and_minima():
     assert torch.equal(gpu.scales, scale) and torch.equal(gpu.zeros, lo)
     deq = (q.float().view(96, -1, INT4_GROUP) * scale.float()[..., None] + lo.float()[..., None]).view(w.shape)
     assert torch.equal(cpu.q4.dequantize(), deq)
-    assert torch.equal(kernels.dequantize_w4(gpu.qweight, gpu.scales, gpu.zeros, INT4_GROUP), deq)
+    assert torch.equal(tradeoff_kernels.dequantize_w4(gpu.qweight, gpu.scales, gpu.zeros, INT4_GROUP), deq)
 
 
 def test_int4_kernel_matches_the_dequantized_matmul():

@@ -1,5 +1,5 @@
 """Rotary embedding applied in place to q and k: one program per token rotates all its q and k heads.
-Reference: kernels.reference.rotary_embedding."""
+Reference: tradeoff_kernels.reference.rotary_embedding."""
 
 from __future__ import annotations
 

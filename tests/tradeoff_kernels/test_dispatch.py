@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-import kernels
-from kernels import reference
+import tradeoff_kernels
+from tradeoff_kernels import reference
 
 TRITON_MODULE = {"rms_norm": "rms_norm_triton", "rotary_embedding": "rotary_triton",
                  "paged_decode_attention": "paged_attention_triton", "w4a16_linear": "w4a16_triton",
@@ -26,8 +26,8 @@ def arguments(op: str, device: str) -> tuple:
         seq_lens = torch.tensor([6], dtype=torch.int32, device=device)
         return r(1, 1, 2, 16), r(2, 4, 1, 16), r(2, 4, 1, 16), table, seq_lens, None, None
     if op == "w4a16_linear":
-        q, scales, zeros = kernels.quantize_w4(r(16, 64), 32)
-        return r(1, 64), kernels.pack_w4(q), scales, zeros, 32, None
+        q, scales, zeros = tradeoff_kernels.quantize_w4(r(16, 64), 32)
+        return r(1, 64), tradeoff_kernels.pack_w4(q), scales, zeros, 32, None
     if op == "write_kv_cache":
         return r(2, 1, 16), r(2, 1, 16), r(2, 4, 1, 16), r(2, 4, 1, 16), torch.tensor([0, 5], device=device)
     return r(2, 8), r(2, 8)
@@ -48,7 +48,7 @@ def spy_on(monkeypatch, module, name: str) -> list:
 def test_cpu_tensors_use_the_reference(monkeypatch, op):
     calls = spy_on(monkeypatch, reference, op)
     args = arguments(op, "cpu")
-    getattr(kernels, op)(*args)
+    getattr(tradeoff_kernels, op)(*args)
     assert len(calls) == 1 and all(a is b for a, b in zip(calls[0], args))
 
 
@@ -61,20 +61,21 @@ def test_importing_kernels_without_a_gpu_does_not_import_triton():
 
 @pytest.mark.parametrize("op", TRITON_MODULE)
 def test_the_triton_set_holds_each_ops_triton_kernel(op):
-    assert getattr(kernels.triton_kernels(), op) is getattr(importlib.import_module(f"kernels.{TRITON_MODULE[op]}"), op)
+    module = importlib.import_module(f"tradeoff_kernels.{TRITON_MODULE[op]}")
+    assert getattr(tradeoff_kernels.triton_kernels(), op) is getattr(module, op)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("op", TRITON_MODULE)
 def test_cuda_tensors_use_triton(monkeypatch, op):
-    triton_calls, original = [], getattr(kernels._TRITON, op)
+    triton_calls, original = [], getattr(tradeoff_kernels._TRITON, op)
 
     def spy(*args):
         triton_calls.append(args)
         return original(*args)
 
-    monkeypatch.setattr(kernels, "_TRITON", dataclasses.replace(kernels._TRITON, **{op: spy}))
+    monkeypatch.setattr(tradeoff_kernels, "_TRITON", dataclasses.replace(tradeoff_kernels._TRITON, **{op: spy}))
     reference_calls = spy_on(monkeypatch, reference, op)
-    getattr(kernels, op)(*arguments(op, "cuda"))
+    getattr(tradeoff_kernels, op)(*arguments(op, "cuda"))
     torch.cuda.synchronize()
     assert len(triton_calls) == 1 and not reference_calls

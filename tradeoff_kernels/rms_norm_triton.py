@@ -1,5 +1,5 @@
 """RMSNorm with an optional fused residual add: one program per row, one read of x and of the residual,
-one write of the normed row and of the new residual. Reference: kernels.reference.rms_norm."""
+one write of the normed row and of the new residual. Reference: tradeoff_kernels.reference.rms_norm."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from kernels import reference
-from kernels.paged_attention_triton import MIN_SPLIT_TOKENS, choose_num_splits, paged_decode_attention
+from tradeoff_kernels import reference
+from tradeoff_kernels.paged_attention_triton import MIN_SPLIT_TOKENS, choose_num_splits, paged_decode_attention
 
 
 def paged_cache(keys: list[torch.Tensor], values: list[torch.Tensor], block_size: int):

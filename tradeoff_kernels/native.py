@@ -1,4 +1,4 @@
-"""The native batch-1 step (kernels/native_decode.c): build it, load it, call it, and its PyTorch reference.
+"""The native batch-1 step (tradeoff_kernels/native_decode.c): build it, load it, call it, and its PyTorch reference.
 
 Imports torch and the standard library only, never engine, voice or tui; nothing is compiled at import.
 
@@ -75,7 +75,7 @@ class PackedQ4:
 
 
 def pack_q4(q: Tensor, scale: Tensor, lo: Tensor) -> PackedQ4:
-    """Codes q [N, K] in 0..15 with scale, lo [N, K/32] (w = q * scale + lo, kernels.quantize_w4's output)."""
+    """Codes q [N, K] in 0..15 with scale, lo [N, K/32] (w = q * scale + lo, tradeoff_kernels.quantize_w4's output)."""
     N, K = q.shape
     if K % GROUP or scale.shape != (N, K // GROUP) or lo.shape != scale.shape:
         raise ValueError(f"q {tuple(q.shape)} needs K a multiple of {GROUP} and scale, lo of shape {(N, K // GROUP)}")

@@ -1,5 +1,5 @@
 """Fused KV-cache write: new k and v [T, n_kv_heads, D] into their paged slots in one launch, one program
-per token. Reference: kernels.reference.write_kv_cache."""
+per token. Reference: tradeoff_kernels.reference.write_kv_cache."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Fused SwiGLU, silu(gate) * up, in float32 with one rounding. gate and up may be the two halves of one
-fused gate/up projection (strided views). Reference: kernels.reference.swiglu."""
+fused gate/up projection (strided views). Reference: tradeoff_kernels.reference.swiglu."""
 
 from __future__ import annotations
 

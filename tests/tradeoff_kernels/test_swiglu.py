@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from kernels import reference
-from kernels.swiglu_triton import swiglu
+from tradeoff_kernels import reference
+from tradeoff_kernels.swiglu_triton import swiglu
 
 
 def test_reference_is_silu_gate_times_up():

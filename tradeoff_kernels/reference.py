@@ -1,8 +1,8 @@
 """Plain-PyTorch references: the definition of what each kernel computes, and the path on CPU tensors.
 
-Every function here has the same signature as its Triton twin in kernels/*_triton.py; tuning arguments
+Every function here has the same signature as its Triton twin in tradeoff_kernels/*_triton.py; tuning arguments
 the math does not depend on (`num_splits`, `split_k`) are accepted and ignored. Layouts are described in
-kernels/__init__.py.
+tradeoff_kernels/__init__.py.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def quantize_w4(weight: Tensor, group_size: int, dtype: torch.dtype = torch.floa
     Returns (q uint8 [N, K] in 0..15, scales, zeros [N, K//group] in `dtype`), w ~= q * scale + zero. fp16 by
     default, as GGUF's Q4_1 stores d and m: from the default model's dequantised Q4_1 weights this gives back its
     codes, scales and minima exactly. Both int4 packings come from this output (`pack_w4` for the Triton kernel,
-    kernels.native.pack_q4 and torch's CPU int4 pack for the CPU), so a model converts once for either device.
+    tradeoff_kernels.native.pack_q4 and torch's CPU int4 pack for the CPU), so a model converts once for either device.
     """
     N, K = weight.shape
     if K % group_size or group_size % 2:

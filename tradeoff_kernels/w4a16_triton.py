@@ -1,5 +1,5 @@
 """Weight-only 4-bit GEMV/GEMM for 1..16 activation rows (decode and speculative verification).
-Reference: kernels.reference.w4a16_linear; the packed layout is described in kernels/__init__.py.
+Reference: tradeoff_kernels.reference.w4a16_linear; the packed layout is described in tradeoff_kernels/__init__.py.
 
 One program computes BLOCK_N outputs for all rows. It streams packed bytes [BLOCK_N, BLOCK_K/2], splits
 them into the even (low nibble) and odd (high nibble) columns, dequantises both in float32 with each
@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.device import num_sms
+from tradeoff_kernels.device import num_sms
 
 BLOCK_M = 16  # the smallest tile tl.dot accepts; rows past M are masked
 BLOCK_N = 64

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from kernels import reference
-from kernels.rotary_triton import rotary_embedding
+from tradeoff_kernels import reference
+from tradeoff_kernels.rotary_triton import rotary_embedding
 
 
 def rotate_half_hf(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from kernels import reference
-from kernels.rms_norm_triton import rms_norm
+from tradeoff_kernels import reference
+from tradeoff_kernels.rms_norm_triton import rms_norm
 
 
 def naive_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """Triton kernels for the hot decode path, each beside a plain-PyTorch reference with the same signature.
 
-Pure functions over tensors: imports torch and triton only, never engine, voice or tui.
+Pure functions over tensors: imports torch and triton only, never engine, voice or tui. Not named `kernels`:
+that is Hugging Face's package, which transformers (from 5.25) installs, and it would shadow this one.
 
-Each public function below runs the Triton kernel (kernels/*_triton.py) for CUDA tensors and the reference
-(kernels/reference.py) otherwise. Triton is imported only where CUDA exists, so CPU-only machines need
+Each public function below runs the Triton kernel (tradeoff_kernels/*_triton.py) for CUDA tensors and the reference
+(tradeoff_kernels/reference.py) otherwise. Triton is imported only where CUDA exists, so CPU-only machines need
 neither, and tests can turn on TRITON_INTERPRET=1 before any kernel is defined. `Kernels` names one
 implementation of every op, for a caller that must choose it itself: the engine's fused decode path takes
 `triton_kernels()` on CUDA, and the tests give it the same kernels on CPU tensors under the interpreter.
@@ -28,8 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernels import reference
-from kernels.reference import dequantize_w4, pack_w4, quantize_w4
+from tradeoff_kernels import reference
+from tradeoff_kernels.reference import dequantize_w4, pack_w4, quantize_w4
 
 __all__ = ["Kernels", "dequantize_w4", "pack_w4", "paged_decode_attention", "quantize_w4", "rms_norm",
            "rotary_embedding", "swiglu", "triton_kernels", "w4a16_linear", "write_kv_cache"]
@@ -50,7 +51,7 @@ class Kernels:
 
 def triton_kernels() -> Kernels:
     """The Triton kernels (imports triton): for CUDA tensors, or for CPU tensors under TRITON_INTERPRET=1."""
-    from kernels import (
+    from tradeoff_kernels import (
         kv_write_triton,
         paged_attention_triton,
         rms_norm_triton,

@@ -1,6 +1,6 @@
 /* One batch-1 model step of a Llama-family transformer in one call: int4 weights, fp32 activations.
  *
- * Built by kernels/native.py with the machine's C compiler and loaded with ctypes; it uses no Python or torch
+ * Built by tradeoff_kernels/native.py with the machine's C compiler and loaded with ctypes; it uses no Python or torch
  * headers. tradeoff_forward runs T rows (a decode step, a speculative verify of k + 1 tokens, or a prompt
  * chunk) through every layer and the head. Rows go through the weights in blocks of up to MAX_ROWS: each
  * weight group is unpacked once and used for every row of the block, so a verify step reads the weights once.

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from kernels import reference
-from kernels.kv_write_triton import write_kv_cache
+from tradeoff_kernels import reference
+from tradeoff_kernels.kv_write_triton import write_kv_cache
 
 
 def test_reference_writes_each_token_to_its_slot_and_skips_padding():

@@ -1,4 +1,4 @@
-"""Paged decode attention, flash-decoding style. Reference: kernels.reference.paged_decode_attention.
+"""Paged decode attention, flash-decoding style. Reference: tradeoff_kernels.reference.paged_decode_attention.
 
 Stage 1: one program per (sequence, KV head, split). It loads every query row that shares the KV head
 (new tokens x query heads of the group, so GQA reads each key once), walks its share of the sequence in
@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.device import num_sms
+from tradeoff_kernels.device import num_sms
 
 BLOCK_N = 64  # keys per tile; independent of the cache's block size (pages are gathered per token)
 MIN_SPLIT_TOKENS = 128  # two tiles: a shorter split does too little to pay for its share of the merge (untuned)

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from kernels import reference
-from kernels.w4a16_triton import BLOCK_M, w4a16_linear
+from tradeoff_kernels import reference
+from tradeoff_kernels.w4a16_triton import BLOCK_M, w4a16_linear
 
 
 def packed(w: torch.Tensor, group: int, dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, ...]:

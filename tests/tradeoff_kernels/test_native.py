@@ -1,4 +1,4 @@
-"""The native step (kernels/native_decode.c) against its PyTorch reference on small random models, and the int8
+"""The native step (tradeoff_kernels/native_decode.c) against its PyTorch reference on small random models, and the int8
 head's packing.
 
 Each build variant runs: the default (-march=native), the AVX2 target (x86-64-v3) where the CPU has AVX2, and
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import native
+from tradeoff_kernels import native
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernel unavailable: {native.why_unavailable()}")
 
