@@ -56,6 +56,14 @@ async def server(services):
         yield s
 
 
+@pytest.fixture
+def fresh_tts():
+    """An espeak worker that has spoken nothing yet: its audio is the same every run, whatever ran before (see `spoken`)."""
+    t = EspeakTTS()
+    yield t
+    t.close()
+
+
 @pytest.fixture(scope="session")
 def spoken() -> dict:
     """24 kHz espeak speech of the turn tests' sentences (COMPLETE, PAUSED, PAUSED_CUT cut from it), from a worker of
