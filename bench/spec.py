@@ -8,6 +8,10 @@ decode tok/s (median over prompts) and the speedup over `off` measured in the sa
 under its default environment and the same thread count (bench/llama_peer.py), and the table shows our ratio
 to it. Target MBU: the target's weight bytes per forward x target forwards/s over the device's measured copy
 bandwidth (the draft's reads left out).
+
+Where latency mode runs the native step (a CPU), the benchmark also times that step with T rows (a plain decode step,
+T = 1, or the verify of T - 1 drafts) at 120 cached tokens: what a verify costs in plain steps is what decides
+whether speculation can pay on this CPU (k drafts accepted at rate a emit (1 - a^(k+1)) / (1 - a) tokens a step).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -25,10 +30,15 @@ import torch
 from bench.decode import copy_bandwidth, weight_bytes
 from bench.report import table, write_json
 from engine.engine import Engine, Request
+from engine.kv_cache import StaticKVCache
 from engine.loader import load
 from engine.metrics import SpecStats
+from engine.native import build as build_native
 from engine.registry import DEFAULT_MODEL, resolve
 from engine.sampling import SamplingParams
+from engine.setup import NATIVE_PREFILL_ROWS, latency_model
+from engine.setup import resolve as resolve_setup
+from engine.speculative import AdaptiveK
 
 TEXT = ("Honeybees live in colonies of up to sixty thousand workers, one queen and a few hundred drones. Workers "
         "collect nectar and pollen, build wax comb, cool the hive by fanning their wings and defend the entrance. "
@@ -85,6 +95,37 @@ def run_engine(loaded, spec: str, max_tokens: int, quant: str | None, copy_bw: f
     finally:
         engine.close()
 
+
+def step_cost(loaded, quant: str | None, context: int = 120, repeats: int = 20) -> list[dict] | None:
+    """The native step of T = 1 .. k_max + 1 rows after `context` cached tokens: median ms of `repeats` and the ratio
+    to T = 1. None where latency mode does not run the native step (a GPU, another --quant, no C compiler)."""
+    if torch.cuda.is_available():
+        return None
+    setup = resolve_setup(loaded, quant)
+    if setup.decode != "native":
+        return None
+    model = latency_model(loaded, setup)
+    native, _ = build_native(model, setup.threads)
+    if native is None:
+        return None
+    rows = AdaptiveK.k_max + 1  # a plain step and a verify of each draft length latency mode tries
+    cache = StaticKVCache(model.cfg, context + rows, model.dtype, model.device)
+    ids = [100 + i % 1000 for i in range(context + rows)]
+    for i in range(0, context, NATIVE_PREFILL_ROWS):  # the cached context, in prompt chunks as latency mode runs them
+        native.forward(ids[i:min(i + NATIVE_PREFILL_ROWS, context)], cache, 0)
+    ms = {}
+    for t in range(1, rows + 1):
+        times = []
+        for _ in range(repeats):
+            cache.truncate(context)
+            start = time.perf_counter()
+            native.forward(ids[context:context + t], cache, t)
+            times.append(time.perf_counter() - start)
+        ms[t] = statistics.median(times) * 1000
+    return [{"rows": t, "ms": v, "vs_one_row": v / ms[1]} for t, v in ms.items()]
+
+
+STEP_COLUMNS = [("rows", "rows (1 + drafts)", "d"), ("ms", "native step ms", ".2f"), ("vs_one_row", "x a plain step", ".2f")]
 
 PEER = Path(__file__).with_name("llama_peer.py")
 
@@ -155,5 +196,8 @@ def main(args: argparse.Namespace) -> int:
     print(table(rows, COLUMNS))
     if ref is None:
         print("llama.cpp: not measured (pip install '.[bench]', or give --peer-python, to compare in the same run)")
-    print(f"JSON: {write_json(args.json, 'spec', rows)}")
+    steps = step_cost(loaded, args.quant)
+    if steps is not None:
+        print(f"\nwhat a verify step costs here (the native step at 120 cached tokens):\n{table(steps, STEP_COLUMNS)}")
+    print(f"JSON: {write_json(args.json, 'spec', rows, step_cost=steps)}")
     return 0
