@@ -31,7 +31,7 @@ from bench.decode import copy_bandwidth, weight_bytes
 from bench.report import table, write_json
 from engine.engine import Engine, Request
 from engine.kv_cache import StaticKVCache
-from engine.loader import load
+from engine.loader import LoadedModel, load
 from engine.metrics import SpecStats
 from engine.native import build as build_native
 from engine.registry import DEFAULT_MODEL, resolve
@@ -96,7 +96,10 @@ def run_engine(loaded, spec: str, max_tokens: int, quant: str | None, copy_bw: f
         engine.close()
 
 
-def step_cost(loaded, quant: str | None, context: int = 120, repeats: int = 20) -> list[dict] | None:
+STEP_CONTEXT = 120  # cached tokens before the timed step: a short conversation
+
+
+def step_cost(loaded: LoadedModel, quant: str | None, context: int = STEP_CONTEXT, repeats: int = 20) -> list[dict] | None:
     """The native step of T = 1 .. k_max + 1 rows after `context` cached tokens: median ms of `repeats` and the ratio
     to T = 1. None where latency mode does not run the native step (a GPU, another --quant, no C compiler)."""
     if torch.cuda.is_available():
@@ -198,6 +201,6 @@ def main(args: argparse.Namespace) -> int:
         print("llama.cpp: not measured (pip install '.[bench]', or give --peer-python, to compare in the same run)")
     steps = step_cost(loaded, args.quant)
     if steps is not None:
-        print(f"\nwhat a verify step costs here (the native step at 120 cached tokens):\n{table(steps, STEP_COLUMNS)}")
+        print(f"\nwhat a verify step costs here (the native step at {STEP_CONTEXT} cached tokens):\n{table(steps, STEP_COLUMNS)}")
     print(f"JSON: {write_json(args.json, 'spec', rows, step_cost=steps)}")
     return 0
